@@ -1,0 +1,3 @@
+from mmwatchd.cli import main
+
+raise SystemExit(main())

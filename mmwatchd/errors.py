@@ -1,0 +1,90 @@
+"""The one error hierarchy of mmwatchd.
+
+    MmwatchdError                 anything mmwatchd reports to a person
+    ├── ConfigError               the YAML is wrong: every problem, with file:line and key path
+    ├── MediaError                this file cannot be sent (permanent for this file version)
+    │   ├── UnsupportedMedia      not an image/video we can read ("looks like text", "empty file")
+    │   ├── DecodeError           looks like media but does not decode (truncated, corrupt)
+    │   ├── MediaTooLarge         over a pixel/size limit (decompression bombs)
+    │   └── BudgetExceeded        cannot be made to fit endpoint.max_request_bytes
+    ├── VLMError                  the model call failed
+    │   ├── VLMUnavailable        transient: connection, timeout, 408/409/429, 5xx (retry later)
+    │   ├── VLMRejected           permanent: the server refused this request (4xx)
+    │   └── VLMBadReply           the reply was unusable (invalid JSON after a retry)
+    └── SidecarError              the sidecar cannot be written
+        └── ForeignSidecar        a file we did not write sits at the sidecar path
+
+Messages say what is wrong, with which file, and what to do. They never contain payloads or secrets.
+Every class has a short ``kind`` that sidecars and logs record.
+"""
+
+from __future__ import annotations
+
+
+class MmwatchdError(Exception):
+    """An error a person can act on; its message is shown as is, without a traceback."""
+
+    kind = "error"
+    #: Transient errors leave no sidecar and are retried later.
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(MmwatchdError):
+    """One or more problems in a config file; ``problems`` holds one line per problem."""
+
+    kind = "config"
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class MediaError(MmwatchdError):
+    kind = "media"
+
+
+class UnsupportedMedia(MediaError):
+    kind = "unsupported"
+
+
+class DecodeError(MediaError):
+    kind = "decode"
+
+
+class MediaTooLarge(MediaError):
+    kind = "too_large"
+
+
+class BudgetExceeded(MediaError):
+    kind = "budget"
+
+
+class VLMError(MmwatchdError):
+    kind = "vlm"
+
+
+class VLMUnavailable(VLMError):
+    kind = "unavailable"
+    retryable = True
+
+
+class VLMRejected(VLMError):
+    kind = "rejected"
+
+
+class VLMBadReply(VLMError):
+    kind = "bad_reply"
+
+
+class SidecarError(MmwatchdError):
+    kind = "sidecar"
+    retryable = True
+
+
+class ForeignSidecar(SidecarError):
+    kind = "foreign_sidecar"
+    retryable = False
