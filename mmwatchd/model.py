@@ -6,10 +6,27 @@ import base64
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
 
 MediaKind = Literal["image", "video"]
 ImageFormat = Literal["jpeg", "png", "webp"]
+
+# Config values are validated by pydantic straight from these dataclasses (see config.py): the constraints below are
+# the only place they are stated, and an unknown key is an error, never silently ignored.
+_STRICT = {"extra": "forbid"}
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value) < 10:
+        raise ValueError("must be an http:// or https:// URL, like http://127.0.0.1:11434/v1")
+    return value.rstrip("/")
+
 
 MIME_BY_FORMAT: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -32,24 +49,28 @@ def data_url_len(mime: str, n_bytes: int) -> int:
 class ImageSpec:
     """How a rule wants images encoded."""
 
-    max_side: int = 1536
-    max_pixels: int = 2_500_000
+    __pydantic_config__ = _STRICT
+
+    max_side: Annotated[int, Field(ge=16)] = 1536
+    max_pixels: Annotated[int, Field(ge=256)] = 2_500_000
     format: ImageFormat = "jpeg"
-    quality: int = 85
+    quality: Annotated[int, Field(ge=1, le=100)] = 85
     #: The budget search never goes below this JPEG/WebP quality before it scales down instead.
-    min_quality: int = 50
+    min_quality: Annotated[int, Field(ge=1, le=100)] = 50
     #: Send the original bytes when they are already small enough and in a format every server takes.
     passthrough: bool = True
     #: Colour transparent areas are flattened onto for formats without alpha.
-    background: tuple[int, int, int] = (255, 255, 255)
+    background: tuple[Byte, Byte, Byte] = (255, 255, 255)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     """Hard limits that keep a hostile file from exhausting the machine."""
 
-    max_pixels: int = 200_000_000
-    max_file_bytes: int = 2_000_000_000
+    __pydantic_config__ = _STRICT
+
+    max_pixels: Positive = 200_000_000
+    max_file_bytes: Positive = 2_000_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,23 +130,27 @@ class ImageFacts:
 class EndpointConfig:
     """Where and how to call the model."""
 
-    base_url: str = "http://127.0.0.1:11434/v1"
+    __pydantic_config__ = _STRICT
+
+    base_url: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:11434/v1"
     model: str = "qwen2.5vl:7b"
     #: Name of the environment variable holding the API key (the key itself never sits in the config).
     api_key_env: str | None = "OPENAI_API_KEY"
-    concurrency: int = 4
-    timeout_s: float = 120.0
+    concurrency: Annotated[int, Field(ge=1, le=256)] = 4
+    timeout_s: PositiveFloat = 120.0
     #: Cap on the whole HTTP request body, JSON included.
-    max_request_bytes: int = 20_000_000
-    max_tokens: int = 512
-    temperature: float | None = None
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 20_000_000
+    max_tokens: Positive = 512
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     #: Retries the openai SDK makes itself for connection errors, 408/409/429 and 5xx.
-    max_retries: int = 2
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatchRoot:
     """One watched folder."""
+
+    __pydantic_config__ = _STRICT
 
     path: Path
     recursive: bool = True
@@ -133,7 +158,10 @@ class WatchRoot:
     exclude: tuple[str, ...] = ()
     #: Use the polling observer (NFS/SMB/container mounts deliver no inotify events).
     polling: bool = False
-    poll_interval_s: float = 5.0
+    poll_interval_s: PositiveFloat = 5.0
+    #: Create the folder when it is missing (off by default: a missing mount point should be an error, not a new
+    #: empty folder on the root filesystem).
+    create: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
