@@ -70,6 +70,8 @@ class VLMError(MmwatchdError):
 class VLMUnavailable(VLMError):
     kind = "unavailable"
     retryable = True
+    #: Seconds the server asked us to wait (Retry-After), when it said.
+    retry_after: float | None = None
 
 
 class VLMRejected(VLMError):

@@ -1,0 +1,485 @@
+"""The model call: request building, the HTTP call, error translation, reply parsing, redaction.
+
+The only module that imports ``openai``. Everything the SDK raises is translated here, once:
+
+    openai.APITimeoutError, APIConnectionError  → VLMUnavailable   (retry_after None)
+    APIStatusError 408 / 409 / 429 / 5xx         → VLMUnavailable   (retry_after from Retry-After)
+    APIStatusError other 4xx                     → VLMRejected      (401/403, 404 and 413 say what to change)
+    200 that is not a chat completion            → VLMBadReply
+    reply not JSON / not matching the schema     → asked once more, then VLMBadReply
+
+Every ``VLMUnavailable`` raised here carries ``retry_after: float | None`` (seconds the server asked us to wait).
+Messages name the endpoint and what to do; they never contain the API key or base64 payloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import email.utils
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
+import openai
+
+from .errors import VLMBadReply, VLMRejected, VLMUnavailable
+from .model import EndpointConfig, Reply, VLMRequest
+
+__all__ = [
+    "NO_KEY",
+    "VLMClient",
+    "budget_for_parts",
+    "build_body",
+    "build_messages",
+    "redact",
+    "request_bytes",
+]
+
+#: Sent as the bearer token when no key is configured: the SDK insists on one, local servers ignore it.
+NO_KEY = "sk-no-key-needed"
+
+PartType = Literal["image_url", "video_url"]
+
+_SERVER_MESSAGE_CHARS = 300
+_REPLY_SNIPPET_CHARS = 200
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request building (pure)
+
+
+def build_messages(req: VLMRequest, *, with_payload: bool = True) -> list[dict[str, Any]]:
+    """The chat messages: an optional system message, then one user message: the prompt, then the parts in order.
+
+    ``with_payload=False`` puts ``""`` for every URL (for size arithmetic and logs).
+    """
+    content: list[dict[str, Any]] = [{"type": "text", "text": _clean_text(req.prompt)}]
+    for part in req.parts:
+        content.append({"type": part.type, part.type: {"url": part.url() if with_payload else ""}})
+    messages: list[dict[str, Any]] = []
+    if req.system:
+        messages.append({"role": "system", "content": _clean_text(req.system)})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def build_body(req: VLMRequest, *, with_payload: bool = True) -> dict[str, Any]:
+    """Exactly the JSON body sent to ``/chat/completions``."""
+    body: dict[str, Any] = {
+        "model": req.model,
+        "messages": build_messages(req, with_payload=with_payload),
+        "max_tokens": req.max_tokens,
+    }
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
+    if req.schema:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": req.schema_name, "schema": _plain(req.schema)},
+        }
+    return body
+
+
+# Why this is an upper bound of the Content-Length the SDK sends (openai 3.57, httpx2 2.16):
+# `_base_client._build_request` serialises the body with `_utils._json.openapi_dumps`, i.e.
+# `json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()` (UTF-8), and httpx2 sends
+# those bytes as they are, with a Content-Length (request bodies are not compressed). The SDK's `maybe_transform`
+# drops only omitted arguments, so the dict it serialises equals `build_body(req)` (tests/test_vlm.py checks the
+# received JSON). Compare that with default `json.dumps` (ensure_ascii=True, separators ", " and ": ") token by token:
+#   - keys, numbers, literals and structure are identical; every separator is one byte longer here;
+#   - ASCII characters are escaped identically in both modes (`\"`, `\\`, `\n`, `\u00XX` for controls);
+#   - a non-ASCII code point is 2-4 bytes of UTF-8 there, but 6 bytes (`\uXXXX`) or, outside the BMP, 12 bytes
+#     (a surrogate pair) here; lone surrogates never reach either (`_clean_text`), as UTF-8 cannot encode them;
+#   - each URL is "" here and its exact length is added instead: a data URL is ASCII (`data:<mime>;base64,`, the
+#     base64 alphabet, commas between frames) and JSON escapes none of it (Python does not escape "/").
+# So request_bytes() >= the real length, and the excess is one byte per separator plus a few bytes per non-ASCII
+# character: noise next to the image payloads the budget is about.
+
+
+def request_bytes(req: VLMRequest) -> int:
+    """An upper bound of the HTTP body length for ``req``, without building any base64."""
+    return _json_len(build_body(req, with_payload=False)) + sum(part.url_len for part in req.parts)
+
+
+def budget_for_parts(
+    req: VLMRequest,
+    max_request_bytes: int,
+    *,
+    pending: Sequence[PartType] = ("image_url",),
+) -> int:
+    """How many data-URL bytes the ``pending`` parts (not yet encoded) may use in total.
+
+    ``req.parts`` are the parts already fixed (e.g. a rule's reference images); ``pending`` names the types of the
+    parts still to come, in order, so their JSON wrappers are counted. The result may be negative: the request is
+    already over ``max_request_bytes`` by that much without them.
+    """
+    body = build_body(req, with_payload=False)
+    user = body["messages"][-1]["content"]
+    user.extend({"type": kind, kind: {"url": ""}} for kind in pending)
+    return max_request_bytes - _json_len(body) - sum(part.url_len for part in req.parts)
+
+
+def _json_len(obj: Any) -> int:
+    # Default separators and ensure_ascii on purpose: see the note above request_bytes().
+    return len(json.dumps(obj).encode())
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean_text(text: str) -> str:
+    # A file name that is not valid UTF-8 reaches a prompt as lone surrogates (surrogateescape); the SDK's UTF-8
+    # body encoding would fail on them, so each becomes U+FFFD.
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _plain(obj: Any) -> Any:
+    """Plain dicts/lists/cleaned strings: the SDK's json.dumps cannot serialise a MappingProxyType or frozen mapping."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, str):
+        return _clean_text(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Redaction
+
+_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,([A-Za-z0-9+/=,]*)")
+
+
+def _redact_text(text: str) -> str:
+    return _DATA_URL.sub(lambda m: f"data:{m[1]};base64,…({len(m[2])} bytes)", text)
+
+
+def redact(obj: Any) -> Any:
+    """A deep copy with every ``data:<mime>;base64,<payload>`` replaced by ``data:<mime>;base64,…(<N> bytes)``.
+
+    N is the length of the payload text as sent. Data URLs inside longer strings (error messages) are caught too.
+    """
+    if isinstance(obj, str):
+        return _redact_text(obj)
+    if isinstance(obj, Mapping):
+        return {k: redact(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(redact(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reply parsing (pure)
+
+
+def _schema_problem(data: Any, schema: Mapping[str, Any]) -> str | None:
+    plain = _plain(schema)
+    cls = jsonschema.validators.validator_for(plain, default=jsonschema.Draft202012Validator)
+    error = jsonschema.exceptions.best_match(cls(plain).iter_errors(data))
+    if error is None:
+        return None
+    return f"the reply does not match the schema: at {error.json_path}: {_clip(error.message, _REPLY_SNIPPET_CHARS)}"
+
+
+_THINK = re.compile(r"\A\s*<think>.*?</think>", re.S)
+_WHOLE_FENCE = re.compile(r"\A```[\w-]*[ \t]*\n?(.*?)\n?```\Z", re.S)
+_ANY_FENCE = re.compile(r"```[\w-]*[ \t]*\n(.*?)\n?```", re.S)
+
+
+def _judge(text: str, schema: Mapping[str, Any] | None) -> tuple[Any, str | None]:
+    """(parsed data or None, None) for a usable reply; (None, what is wrong) otherwise."""
+    if not schema:
+        return None, None if text.strip() else "the reply is empty"
+    data, problem = _parse_json(text)
+    if problem is None:
+        problem = _schema_problem(data, schema)
+    return data, problem
+
+
+def _parse_json(text: str) -> tuple[Any, str | None]:
+    """(data, None), or (None, what is wrong). Accepts ```/```json fences and a leading <think> block."""
+    stripped = _THINK.sub("", text, count=1).strip()
+    whole = _WHOLE_FENCE.match(stripped)
+    try:
+        return json.loads(whole.group(1) if whole else stripped), None
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    except (ValueError, RecursionError) as exc:  # ints over sys.get_int_max_str_digits(), absurd nesting
+        detail = str(exc) or type(exc).__name__
+    embedded = None if whole else _ANY_FENCE.search(stripped)  # prose around one fenced block
+    if embedded is not None:
+        try:
+            return json.loads(embedded.group(1)), None
+        except (ValueError, RecursionError):
+            pass
+    return None, f"the reply is not valid JSON ({detail})"
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), or None."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _safe_url(url: str) -> str:
+    """The base URL as messages show it: without user:password or query."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The client
+
+
+class VLMClient:
+    """One shared synchronous ``openai.OpenAI`` client (thread-safe) and the translation around it."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        *,
+        api_key: str | None,
+        openai_client: openai.OpenAI | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._api_key = api_key or None
+        self._url = _safe_url(endpoint.base_url)
+        # An injected client belongs to the caller, who closes it.
+        self._owns_client = openai_client is None
+        self._client = openai_client or openai.OpenAI(
+            base_url=endpoint.base_url,
+            # Never None: the SDK would fall back to $OPENAI_API_KEY and send that key to whatever server this is.
+            api_key=api_key or NO_KEY,
+            timeout=endpoint.timeout_s,
+            max_retries=endpoint.max_retries,
+        )
+
+    def __repr__(self) -> str:
+        return f"VLMClient({self._url!r}, model={self.endpoint.model!r})"
+
+    def __enter__(self) -> VLMClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    def list_models(self) -> list[str]:
+        """The model ids the endpoint serves (``GET /models``)."""
+        try:
+            raw = self._client.models.with_raw_response.list()
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, None) from exc
+        except openai.APIConnectionError as exc:
+            raise self._connection_error(exc) from exc
+        data = self._read_json(raw, "/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise VLMBadReply(f"{self._url}/models answered without a model list: {self._snippet(json.dumps(data))}")
+        return [str(item["id"]) for item in items if isinstance(item, dict) and "id" in item]
+
+    def describe(self, req: VLMRequest) -> Reply:
+        """Send ``req``; an unusable reply (empty, not JSON, not matching the schema) is asked for once more.
+
+        ``latency_s`` covers every attempt.
+        """
+        body = build_body(req)  # built once: a second attempt reuses the base64
+        started = time.monotonic()
+        problem, text = "", ""
+        for attempt in (1, 2):
+            completion = self._create(body, req)
+            text, source, finish_reason = self._answer(completion)
+            data, wrong = _judge(text, req.schema)
+            if wrong is None:
+                usage = completion.get("usage")
+                return Reply(
+                    text=text,
+                    data=data,
+                    model=str(completion.get("model") or req.model),
+                    finish_reason=finish_reason,
+                    usage=dict(usage) if isinstance(usage, Mapping) else None,
+                    latency_s=time.monotonic() - started,
+                    source=source,
+                    attempts=attempt,
+                )
+            problem = wrong
+            if finish_reason == "length":
+                problem += "; it was cut off at max_tokens (finish_reason=length): raise endpoint.max_tokens"
+        raise VLMBadReply(
+            f"model {req.model!r} at {self._url} gave an unusable reply twice: {problem}; "
+            f"the reply began: {self._snippet(text)}"
+        )
+
+    # -- one call ------------------------------------------------------------------------------------------------
+
+    def _create(self, body: dict[str, Any], req: VLMRequest) -> dict[str, Any]:
+        try:
+            raw = self._client.chat.completions.with_raw_response.create(**body)
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, req) from exc
+        except openai.APIConnectionError as exc:
+            raise self._connection_error(exc) from exc
+        data = self._read_json(raw, "/chat/completions")
+        if not isinstance(data, dict):
+            raise VLMBadReply(
+                f"{self._url}/chat/completions answered {self._snippet(json.dumps(data))}, not a chat completion"
+            )
+        return data
+
+    def _read_json(self, raw: Any, path: str) -> Any:
+        # Parsed here rather than by the SDK, which returns a 200 that is not JSON as a plain str.
+        response = raw.http_response
+        try:
+            return json.loads(response.content)
+        except (ValueError, RecursionError) as exc:
+            content_type = response.headers.get("content-type", "no content type")
+            raise VLMBadReply(
+                f"{self._url}{path} answered HTTP {response.status_code} with a body that is not JSON "
+                f"({content_type}): {self._snippet(response.text)}. "
+                "Is endpoint.base_url an OpenAI-compatible API (it usually ends in /v1)?"
+            ) from exc
+
+    def _answer(self, completion: dict[str, Any]) -> tuple[str, str, str | None]:
+        """(text, where it came from, finish_reason) of the first choice."""
+        choices = completion.get("choices")
+        choice: Any = choices[0] if isinstance(choices, list) and choices else None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            raise VLMBadReply(
+                f"{self._url}/chat/completions answered without a message: {self._snippet(json.dumps(completion))}"
+            )
+        finish_reason = choice.get("finish_reason")
+        finish_reason = str(finish_reason) if finish_reason is not None else None
+        content = message.get("content")
+        if isinstance(content, list):  # some servers answer with content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if isinstance(content, str) and content.strip():
+            return content, "content", finish_reason
+        # Reasoning models behind vLLM/DeepSeek (reasoning_content) or Ollama/OpenRouter (reasoning) may leave the
+        # content empty and put everything in the reasoning field.
+        for key in ("reasoning_content", "reasoning"):
+            value = message.get(key)
+            if isinstance(value, str) and value.strip():
+                return value, key, finish_reason
+        return content if isinstance(content, str) else "", "content", finish_reason
+
+    # -- translation ---------------------------------------------------------------------------------------------
+
+    def _connection_error(self, exc: openai.APIConnectionError) -> VLMUnavailable:
+        if isinstance(exc, openai.APITimeoutError):
+            message = (
+                f"no answer from {self._url} within endpoint.timeout_s={self.endpoint.timeout_s:g} s: "
+                "the model may be loading or overloaded; raise endpoint.timeout_s if it is just slow"
+            )
+        else:
+            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+            message = (
+                f"cannot reach the model endpoint {self._url}{cause}: "
+                "start Ollama/vLLM (or whatever serves it) or set endpoint.base_url"
+            )
+        return self._unavailable(message, None)
+
+    def _status_error(self, exc: openai.APIStatusError, req: VLMRequest | None) -> VLMUnavailable | VLMRejected:
+        status = exc.status_code
+        said = self._server_message(exc)
+        if status in (408, 409, 429) or status >= 500:
+            retry_after = _retry_after(exc.response.headers)
+            wait = f"; the server asks to retry after {retry_after:g} s" if retry_after is not None else ""
+            busy = f"endpoint {self._url} cannot take the request now (HTTP {status}): {said}{wait}"
+            return self._unavailable(busy, retry_after)
+        refused = f"endpoint {self._url} refused the request (HTTP {status}): {said}"
+        if status == 413:
+            size = f" of about {request_bytes(req)} bytes" if req is not None else ""
+            return VLMRejected(
+                self._scrub(
+                    f"{refused}. The request{size} is over the server's or a gateway's size limit: lower "
+                    f"endpoint.max_request_bytes (now {self.endpoint.max_request_bytes}) below that limit"
+                )
+            )
+        if status in (401, 403):
+            env = self.endpoint.api_key_env
+            if env is None:
+                hint = "Set endpoint.api_key_env to the environment variable holding the key"
+            elif self._api_key is None:
+                hint = f"${env} is not set: put the key there"
+            else:
+                hint = f"Check the key in ${env}"
+            return VLMRejected(self._scrub(f"{refused}. {hint}"))
+        if status == 404 and req is not None and ("model" in said.lower() or exc.code == "model_not_found"):
+            return VLMRejected(
+                self._scrub(
+                    f"model {req.model!r} not found at {self._url} (HTTP 404): {said}. Pull it "
+                    f"(`ollama pull {req.model}`) or check endpoint.model against `mmwatchd check`'s model list"
+                )
+            )
+        if status == 404:
+            return VLMRejected(self._scrub(f"{refused}. Check endpoint.base_url (it usually ends in /v1)"))
+        return VLMRejected(self._scrub(refused))
+
+    def _unavailable(self, message: str, retry_after: float | None) -> VLMUnavailable:
+        error = VLMUnavailable(self._scrub(message))
+        error.retry_after = retry_after  # type: ignore[attr-defined]
+        return error
+
+    def _server_message(self, exc: openai.APIStatusError) -> str:
+        """The server's own words: the error body's message, clipped, without payloads or the key."""
+        body = exc.body  # the SDK has already unwrapped OpenAI's {"error": {...}}
+        said: str | None = None
+        if isinstance(body, Mapping):
+            for key in ("message", "detail", "error", "msg"):
+                value = body.get(key)
+                if isinstance(value, str) and value.strip():
+                    said = value
+                    break
+                if value:  # FastAPI's validation list, a nested object
+                    said = json.dumps(value)
+                    break
+            else:
+                said = json.dumps(body)
+        elif isinstance(body, str) and body.strip():
+            said = re.sub(r"<[^>]*>", " ", body) if body.lstrip().startswith("<") else body
+        if not said:
+            said = exc.response.reason_phrase or "no message"
+        return self._snippet(said, limit=_SERVER_MESSAGE_CHARS, quote=False)
+
+    def _snippet(self, text: str, *, limit: int = _REPLY_SNIPPET_CHARS, quote: bool = True) -> str:
+        # Redact before clipping, so a clipped data URL cannot escape the pattern.
+        clipped = _clip(self._scrub(" ".join(_redact_text(text).split())), limit)
+        return repr(clipped) if quote else clipped
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text

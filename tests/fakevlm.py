@@ -1,0 +1,363 @@
+"""A real OpenAI-compatible HTTP server on loopback, for tests.
+
+It speaks just enough of the chat-completions API for the real ``openai`` client to talk to it:
+
+    GET  /v1/models             the configured model list
+    POST /v1/chat/completions   a scripted response, else one that describes the request
+
+Every request is recorded (headers, raw body, parsed JSON, Content-Length). Scripted responses are served in FIFO
+order; with none queued, the default responder answers a valid completion ("saw 2 images and 0 videos"), or, when the
+request asks for ``response_format: json_schema``, JSON that fits simple schemas (``reply_json`` overrides it).
+
+Responses are HTTP/1.0 (one request per connection), so no handler thread waits on an idle keep-alive connection and
+``stop()`` joins every thread it started.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+__all__ = ["DEFAULT_MODELS", "FakeVLM", "Recorded", "Scripted", "chat_completion", "error_body"]
+
+#: Served by default; the second is EndpointConfig's default model, so a default config works against the fake.
+DEFAULT_MODELS = ("fake-vlm", "qwen2.5vl:7b")
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One request as the server received it."""
+
+    method: str
+    path: str
+    #: Header names lower-cased.
+    headers: dict[str, str]
+    body: bytes = field(repr=False)
+    #: The body parsed as JSON, or None when it is not JSON.
+    json: Any = field(repr=False)
+    content_length: int | None
+
+    @property
+    def content(self) -> list[dict[str, Any]]:
+        """Content parts of the last user message of a chat request."""
+        user = [m for m in self.json["messages"] if m["role"] == "user"][-1]
+        return user["content"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scripted:
+    """One queued response. ``json`` and ``text`` are exclusive; ``disconnect`` closes without answering."""
+
+    status: int = 200
+    json: Any = None
+    text: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    delay_s: float = 0.0
+    disconnect: bool = False
+    #: Only a request to this path (e.g. "/v1/models") takes this response; None matches any path.
+    path: str | None = None
+
+
+def chat_completion(
+    content: str | None,
+    *,
+    reasoning_content: str | None = None,
+    reasoning: str | None = None,
+    finish_reason: str | None = "stop",
+    model: str = "fake-vlm",
+    usage: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """A chat.completion body as vLLM/Ollama send it (extra reasoning fields only when given)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning_content is not None:
+        message["reasoning_content"] = reasoning_content
+    if reasoning is not None:
+        message["reasoning"] = reasoning
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": dict(usage or {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}),
+    }
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", code: int | str | None = None) -> dict[str, Any]:
+    """An error body in OpenAI's shape (Ollama's OpenAI layer uses it too)."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+class FakeVLM:
+    """The server: ``start()``/``stop()`` (or a ``with`` block), ``enqueue()`` responses, read ``requests``."""
+
+    def __init__(
+        self,
+        *,
+        models: Iterable[str] = DEFAULT_MODELS,
+        reply_json: Any = None,
+        max_body_bytes: int | None = None,
+    ) -> None:
+        #: Listed by GET /v1/models; a chat request for another model gets Ollama's 404 (an empty list accepts any).
+        self.models = list(models)
+        #: Answer to every json_schema request while no scripted response is queued (None: derived from the schema).
+        self.reply_json = reply_json
+        #: Answer 413 when a request body is larger, like a gateway's cap.
+        self.max_body_bytes = max_body_bytes
+        self._cond = threading.Condition()
+        self._requests: list[Recorded] = []
+        self._script: deque[Scripted] = deque()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> FakeVLM:
+        if self._server is None:
+            self._listen()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; returns after every server thread has ended. Delayed responses are dropped unanswered."""
+        self._close()
+
+    def pause(self) -> None:
+        """Close the listening socket (connections are refused) until ``resume()``; like ``stop()`` otherwise."""
+        self._close()
+
+    def resume(self) -> None:
+        """Listen again on the same port."""
+        if self._server is None:
+            self._listen()
+
+    def __enter__(self) -> FakeVLM:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _listen(self) -> None:
+        server = _Server(("127.0.0.1", self._port), _Handler)
+        server.fake = self
+        self._port = server.server_address[1]
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="fakevlm")
+        thread.daemon = True
+        thread.start()
+        self._server, self._thread = server, thread
+
+    def _close(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None or thread is None:
+            return
+        server.closing.set()
+        server.shutdown()
+        server.server_close()  # joins the handler threads (block_on_close)
+        thread.join()
+
+    # -- what tests use ----------------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    @property
+    def requests(self) -> list[Recorded]:
+        with self._cond:
+            return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/chat/completions")]
+
+    def enqueue(
+        self,
+        *,
+        status: int = 200,
+        json: Any = None,
+        text: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        delay_s: float = 0.0,
+        disconnect: bool = False,
+        path: str | None = None,
+    ) -> None:
+        """Queue one response for the next request (to ``path``, when given)."""
+        if json is not None and text is not None:
+            raise ValueError("give json or text, not both")
+        item = Scripted(
+            status=status,
+            json=json,
+            text=text,
+            headers=dict(headers or {}),
+            content_type=content_type,
+            delay_s=delay_s,
+            disconnect=disconnect,
+            path=path,
+        )
+        with self._cond:
+            self._script.append(item)
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[Recorded]:
+        """Block until at least ``n`` requests have arrived; TimeoutError after ``timeout`` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._requests) >= n, timeout=timeout):
+                raise TimeoutError(f"{len(self._requests)} of {n} requests arrived within {timeout} s")
+            return list(self._requests)
+
+    # -- used by the handler -----------------------------------------------------------------------------------
+
+    def _record(self, request: Recorded) -> Scripted | None:
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify_all()
+            for i, item in enumerate(self._script):
+                if item.path is None or item.path == request.path:
+                    del self._script[i]
+                    return item
+            return None
+
+    def _default(self, request: Recorded) -> Scripted:
+        if request.method == "GET" and request.path == "/v1/models":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "fakevlm"} for m in self.models]
+            return Scripted(json={"object": "list", "data": data})
+        if request.method != "POST" or request.path != "/v1/chat/completions":
+            return Scripted(status=404, json=error_body(f"no route for {request.method} {request.path}"))
+        body = request.json
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return Scripted(status=400, json=error_body("body must be a JSON object with messages"))
+        model = body.get("model")
+        if self.models and model not in self.models:
+            return Scripted(status=404, json=error_body(f"model {model!r} not found, try pulling it first"))
+        summary = _summary(body["messages"])
+        fmt = body.get("response_format") or {}
+        if fmt.get("type") == "json_schema":
+            data = self.reply_json
+            if data is None:
+                data = _example(fmt["json_schema"].get("schema") or {}, summary)
+            content = json.dumps(data)
+        else:
+            content = summary
+        return Scripted(json=chat_completion(content, model=str(model)))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = True  # server_close() joins the handler threads
+    allow_reuse_address = True  # resume() rebinds the port while old connections sit in TIME_WAIT
+    fake: FakeVLM
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        #: Set when the server closes: a delayed response stops waiting and is dropped.
+        self.closing = threading.Event()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"
+    # A safety net: no handler thread outlives a stuck socket by more than this.
+    timeout = 10
+
+    def do_GET(self) -> None:
+        self._serve(b"")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._serve(self.rfile.read(length))
+
+    def _serve(self, body: bytes) -> None:
+        fake = self.server.fake
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        length = self.headers.get("Content-Length")
+        request = Recorded(
+            method=self.command,
+            path=self.path,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+            json=parsed,
+            content_length=int(length) if length is not None else None,
+        )
+        item = fake._record(request)
+        if item is None:
+            if fake.max_body_bytes is not None and len(body) > fake.max_body_bytes:
+                item = Scripted(
+                    status=413,
+                    text="<html><body><h1>413 Request Entity Too Large</h1></body></html>",
+                    content_type="text/html",
+                )
+            else:
+                item = fake._default(request)
+        if item.delay_s and self.server.closing.wait(item.delay_s):
+            self.close_connection = True
+            return  # closed while waiting: drop the connection without answering
+        if item.disconnect:
+            self.close_connection = True
+            return
+        if item.text is not None:
+            payload = item.text.encode()
+            content_type = item.content_type or "text/plain; charset=utf-8"
+        else:
+            payload = json.dumps(item.json).encode() if item.json is not None else b""
+            content_type = item.content_type or "application/json"
+        self.send_response(item.status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "close")
+        for name, value in item.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+
+def _summary(messages: list[dict[str, Any]]) -> str:
+    images = videos = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            images += sum(1 for p in content if p.get("type") == "image_url")
+            videos += sum(1 for p in content if p.get("type") == "video_url")
+    return f"saw {images} images and {videos} videos"
+
+
+def _example(schema: Mapping[str, Any], summary: str, *, name: str = "") -> Any:
+    """A value that fits a simple schema: first enum value, the summary for strings, one item for arrays."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    type_ = schema.get("type", "object")
+    if isinstance(type_, list):
+        type_ = next((t for t in type_ if t != "null"), "null")
+    if type_ == "object":
+        props = schema.get("properties", {})
+        return {key: _example(sub, summary, name=key) for key, sub in props.items()}
+    if type_ == "array":
+        return [_example(schema.get("items", {"type": "string"}), summary, name=name)]
+    if type_ == "string":
+        return summary if name in ("caption", "description", "summary") else f"{name or 'value'}-1"
+    if type_ == "integer":
+        return 1
+    if type_ == "number":
+        return 0.5
+    if type_ == "boolean":
+        return True
+    return None
