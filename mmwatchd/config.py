@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import jsonschema
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationError
 
@@ -35,6 +36,15 @@ def _valid_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
     for p in patterns:
         compile_glob(p)  # ValueError becomes a config error at this key
     return patterns
+
+
+def _valid_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        raise ValueError(f"not a valid JSON schema: at {exc.json_path}: {exc.message}") from None
+    return schema
 
 
 Globs = Annotated[tuple[str, ...], BeforeValidator(_as_tuple), AfterValidator(_valid_globs)]
@@ -60,7 +70,7 @@ class Rule:
     match: MatchSpec = MatchSpec()
     system: Annotated[str, AfterValidator(rules.check_template)] | None = None
     #: JSON schema the reply must follow; sent as ``response_format`` (json_schema).
-    schema: dict[str, Any] | None = None
+    schema: Annotated[dict[str, Any], AfterValidator(_valid_schema)] | None = None
     #: Overrides of the endpoint's defaults for this rule.
     model: Annotated[str, Field(min_length=1)] | None = None
     max_tokens: Annotated[int, Field(gt=0)] | None = None

@@ -157,3 +157,8 @@ class TestFinding:
         assert config.find_config(None, env) == Path("mmwatchd.yaml")
         assert config.find_config(None, {**env, "MMWATCHD_CONFIG": "/x/y.yaml"}) == Path("/x/y.yaml")
         assert config.find_config("given.yaml", env) == Path("given.yaml")
+
+
+def test_reply_schema_must_be_a_valid_json_schema(tmp_path: Path) -> None:
+    out = problems(MINIMAL + "    schema: {type: objekt}\n", tmp_path)
+    assert len(out) == 1 and ":4:13: rules[0].schema: not a valid JSON schema: at $.type:" in out[0], out
