@@ -1,0 +1,217 @@
+"""Command line: ``mmwatchd check | once | scan | run``. Exit codes: 0 success, 1 some file failed, 2 usage/config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmwatchd import __version__, config as config_mod, log as log_mod
+from mmwatchd.config import Config
+from mmwatchd.errors import ConfigError, MmwatchdError, VLMError
+from mmwatchd.pipeline import Outcome, Processor
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: One-shot commands give a file this many tries at transient failures before reporting it failed.
+ONE_SHOT_ATTEMPTS = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except MmwatchdError as exc:
+        print(f"mmwatchd: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmwatchd",
+        description="Describe new photos and videos with an OpenAI-compatible vision model; JSON sidecars beside them.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmwatchd {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        metavar="CONFIG",
+        help="config file (default: $MMWATCHD_CONFIG, ./mmwatchd.yaml, $XDG_CONFIG_HOME/mmwatchd/config.yaml, "
+        "/etc/mmwatchd/config.yaml)",
+    )
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log_level")
+    common.add_argument(
+        "--log-format", choices=["auto", "console", "json"], default="auto", help="auto: console on a TTY, else JSON"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("check", parents=[common], help="validate the config and exit")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("once", parents=[common], help="process the named files now, then exit")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent, as JSON; call nothing, write nothing")
+    p.add_argument("--force", action="store_true", help="describe files again even when their sidecar is up to date")
+    p.set_defaults(func=cmd_once)
+
+    p = sub.add_parser("scan", parents=[common], help="process every file under the watched folders that needs it, then exit")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("run", parents=[common], help="scan, then watch the folders until SIGTERM/SIGINT")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = config_mod.load(config_mod.find_config(args.config))
+    log_mod.setup(args.log_level or cfg.log_level, fmt=args.log_format)
+    return cfg
+
+
+def _client(cfg: Config):  # type: ignore[no-untyped-def]
+    from mmwatchd.vlm import VLMClient
+
+    key_env = cfg.endpoint.api_key_env
+    api_key = os.environ.get(key_env) if key_env else None
+    return VLMClient(cfg.endpoint, api_key=api_key or None)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = config_mod.find_config(args.config)
+    cfg = config_mod.load(path)
+    problems = [
+        f"{cfg.where(('watch', i, 'path'))}: {root.path} does not exist or is not a folder"
+        for i, root in enumerate(cfg.watch)
+        if not root.path.is_dir() and not root.create
+    ]
+    if problems:
+        raise ConfigError(problems)
+    print(f"config OK: {path} ({len(cfg.rules)} rule(s), {len(cfg.watch)} watched folder(s))")
+    return EXIT_OK
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    paths = [Path(f) for f in args.files]
+    if args.dry_run:
+        processor = Processor(cfg, None)
+        plans = []
+        failed = False
+        for p in paths:
+            outcome = processor.process(p, explicit=True, dry_run=True)
+            if outcome.plan is not None:
+                plans.append({"status": "planned", "request_bytes": outcome.request_bytes, **outcome.plan})
+            else:
+                failed |= outcome.status == "error" or not Path(p).is_file()
+                plans.append({"path": str(outcome.path), "status": outcome.status, "reason": outcome.reason})
+        json.dump({"max_request_bytes": cfg.endpoint.max_request_bytes, "files": plans}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_FAILED if failed else EXIT_OK
+    missing = [p for p in paths if not p.is_file()]
+    for p in missing:
+        print(f"mmwatchd: {p}: no such file", file=sys.stderr)
+    daemon = _one_shot_daemon(cfg)
+    try:
+        daemon.submit_all((Path(os.path.abspath(p)) for p in paths if p not in missing), explicit=True, force=args.force)
+        daemon.wait_idle()
+    finally:
+        daemon.stop()
+    _print_outcomes(daemon.outcomes, cfg)
+    return EXIT_FAILED if missing or any(o.failed for o in daemon.outcomes) else EXIT_OK
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _require_roots(cfg)
+    daemon = _one_shot_daemon(cfg)
+    try:
+        daemon.scan_roots()
+        daemon.wait_idle()
+    finally:
+        daemon.stop()
+    c = daemon.counts
+    print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
+    return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mmwatchd.daemon import Daemon
+
+    cfg = _load(args)
+    _require_roots(cfg)
+    if not cfg.watch:
+        raise ConfigError(f"{cfg.where(('watch',))}: nothing to watch; add a folder under watch:")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log_mod.get_logger().info("daemon.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon = Daemon(cfg, _client(cfg))
+    daemon.run(stop)
+    log_mod.get_logger().info("daemon.stopped", **dict(daemon.counts))
+    return EXIT_OK
+
+
+def _require_roots(cfg: Config) -> None:
+    """Every watched folder must exist (those with ``create: true`` are made)."""
+    problems = []
+    for i, root in enumerate(cfg.watch):
+        if root.create and not root.path.exists():
+            try:
+                root.path.mkdir(parents=True)
+            except OSError as exc:
+                problems.append(f"{cfg.where(('watch', i, 'path'))}: cannot create {root.path}: {exc.strerror}")
+                continue
+        if not root.path.is_dir():
+            problems.append(
+                f"{cfg.where(('watch', i, 'path'))}: {root.path} does not exist or is not a folder "
+                "(create it, fix the path, or set create: true)"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def _one_shot_daemon(cfg: Config):  # type: ignore[no-untyped-def]
+    """A daemon without a watcher whose files get a few tries; an unreachable endpoint is reported at once."""
+    from mmwatchd.daemon import Daemon
+
+    daemon = Daemon(cfg, _client(cfg), max_attempts=ONE_SHOT_ATTEMPTS)
+    try:
+        daemon.check_endpoint()
+    except VLMError as exc:
+        if exc.retryable:
+            raise
+        log_mod.get_logger().warning("endpoint.models_refused", reason=exc.message)
+    daemon.start(prober=False)
+    return daemon
+
+
+def _print_outcomes(outcomes: list[Outcome], cfg: Config) -> None:
+    for o in sorted(outcomes, key=lambda o: str(o.path)):
+        if o.status == "ok":
+            print(f"ok       {o.path} -> {o.path.name}{cfg.sidecar.suffix}")
+        elif o.status == "skipped":
+            print(f"skipped  {o.path}: {o.reason}")
+        elif o.status == "error":
+            print(f"error    {o.path}: {o.reason}")
+        else:
+            print(f"failed   {o.path}: {o.reason} (nothing written; try again later)")

@@ -1,0 +1,234 @@
+"""The command line as a person uses it: in-process for one-shot commands, a real process for ``run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from configs import write_config
+from fakevlm import FakeVLM, chat_completion
+from media import make_jpeg, make_named_text
+
+from mmwatchd import __version__
+from mmwatchd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+def sidecar(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".json").read_text())
+
+
+class TestBasics:
+    def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as info:
+            main(["--version"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.strip() == f"mmwatchd {__version__}"
+
+    def test_no_command_is_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main([]) == 2
+
+    def test_check_ok(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        cfg = write_config(tmp_path, base_url="http://127.0.0.1:9/v1")
+        assert main(["check", "-c", str(cfg)]) == 0
+        assert capsys.readouterr().out.startswith("config OK")
+
+    def test_check_example_config(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["check", "-c", str(REPO / "config.example.yaml")]) == 0
+
+    def test_check_reports_each_problem_and_exits_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text("endpoint:\n  timeout: 5\nrules:\n  - name: a\n    prompt: '{nope}'\n")
+        assert main(["check", "-c", str(cfg)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == f"{cfg}:2:3: endpoint.timeout: unknown key (did you mean 'timeout_s'?)"
+        assert err[1].startswith(f"{cfg}:5:13: rules[0].prompt: unknown placeholder {{nope}}")
+        assert "Traceback" not in "".join(err)
+
+    def test_check_missing_watch_folder(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        cfg = write_config(tmp_path, base_url="http://127.0.0.1:9/v1", inbox=tmp_path / "in")
+        (tmp_path / "in").rmdir()
+        assert main(["check", "-c", str(cfg)]) == 2
+        assert "watch[0].path:" in capsys.readouterr().err
+
+    def test_config_from_environment(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        cfg = write_config(tmp_path, base_url="http://127.0.0.1:9/v1")
+        monkeypatch.setenv("MMWATCHD_CONFIG", str(cfg))
+        assert main(["check"]) == 0
+
+
+class TestOnce:
+    def test_dry_run_prints_the_plan_and_sends_nothing(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (3000, 1500))
+        assert main(["once", "-c", str(cfg), "--dry-run", str(photo)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        (plan,) = out["files"]
+        assert plan["status"] == "planned" and plan["rule"] == "photos" and plan["model"] == "fake-vlm"
+        (part,) = plan["media"]["parts"]
+        assert {k: part[k] for k in ("mime", "width", "height")} == {"mime": "image/jpeg", "width": 1536, "height": 768}
+        assert 0 < part["bytes"] < plan["request_bytes"] <= out["max_request_bytes"]
+        assert fake_vlm.requests == []
+        assert not (tmp_path / "inbox" / "a.jpg.json").exists()
+
+    def test_once_describes_and_reports(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        photo = make_jpeg(tmp_path / "elsewhere" / "a.jpg", (300, 200))  # outside the watched folder is fine
+        assert main(["once", "-c", str(cfg), str(photo)]) == 0
+        assert sidecar(photo)["status"] == "ok"
+        assert capsys.readouterr().out.startswith(f"ok       {photo}")
+        # Up to date now; --force sends it again.
+        assert main(["once", "-c", str(cfg), str(photo)]) == 0
+        assert len(fake_vlm.chat_requests) == 1
+        assert main(["once", "-c", str(cfg), "--force", str(photo)]) == 0
+        assert len(fake_vlm.chat_requests) == 2
+
+    def test_once_exit_1_when_a_file_fails(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        good = make_jpeg(tmp_path / "good.jpg", (64, 48))
+        bad = make_named_text(tmp_path / "bad.jpg")
+        assert main(["once", "-c", str(cfg), str(good), str(bad), str(tmp_path / "missing.jpg")]) == 1
+        captured = capsys.readouterr()
+        assert f"error    {bad}: bad.jpg: not an image: looks like text" in captured.out
+        assert "missing.jpg: no such file" in captured.err
+        assert sidecar(good)["status"] == "ok" and sidecar(bad)["status"] == "error"
+
+    def test_endpoint_down_is_one_clear_line(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        fake_vlm.pause()
+        photo = make_jpeg(tmp_path / "a.jpg", (64, 48))
+        assert main(["once", "-c", str(cfg), str(photo)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("mmwatchd: ") and fake_vlm.base_url in err and "Traceback" not in err
+        assert not (tmp_path / "a.jpg.json").exists()
+
+
+class TestScan:
+    def test_scan_describes_what_needs_it(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        photos = [make_jpeg(inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(3)]
+        photos.append(make_jpeg(inbox / "sub" / "deep" / "x.jpg", (64, 48)))
+        make_jpeg(inbox / ".hidden.jpg", (64, 48))
+        make_jpeg(inbox / "copying.jpg.part", (64, 48))
+        make_named_text(inbox / "notes.txt")
+        assert main(["scan", "-c", str(cfg)]) == 0
+        assert all(sidecar(p)["status"] == "ok" for p in photos)
+        assert len(fake_vlm.chat_requests) == 4
+        assert "scan done: 4 described, 0 failed" in capsys.readouterr().out
+        # A second scan finds nothing to do.
+        assert main(["scan", "-c", str(cfg)]) == 0
+        assert len(fake_vlm.chat_requests) == 4
+
+
+def _spawn(cfg: Path, tmp_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MMWATCHD_TEST_KEY": "sk-secret-run"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmwatchd", "run", "-c", str(cfg), "--log-format", "json"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[int, list[dict]]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert "Traceback" not in err, err
+    return proc.returncode, lines
+
+
+class TestRun:
+    def test_scans_watches_and_stops_cleanly(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        old = make_jpeg(inbox / "old.jpg", (64, 48))
+        proc = _spawn(cfg, tmp_path)
+        try:
+            _wait_for(lambda: (inbox / "old.jpg.json").exists())
+            new = make_jpeg(tmp_path / "staging" / "new.jpg", (64, 48), seed=2)
+            os.rename(new, inbox / "new.jpg")  # an atomic move-in counts as new
+            _wait_for(lambda: (inbox / "new.jpg.json").exists())
+        finally:
+            code, logs = _stop(proc)
+        assert code == 0
+        assert sidecar(old)["status"] == "ok" and sidecar(inbox / "new.jpg")["status"] == "ok"
+        events = [e["event"] for e in logs]
+        assert events.count("job.done") == 2 and "daemon.stopped" in events
+        assert not any("sk-secret-run" in json.dumps(e) for e in logs)
+        assert sorted(os.listdir(inbox)) == ["new.jpg", "new.jpg.json", "old.jpg", "old.jpg.json"]
+
+    def test_sigterm_during_a_slow_request_finishes_it(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        fake_vlm.enqueue(json=chat_completion("slow answer"), delay_s=1.5, path="/v1/chat/completions")
+        proc = _spawn(cfg, tmp_path)
+        try:
+            make_jpeg(inbox / "a.jpg", (64, 48))
+            fake_vlm.wait_for_requests(2, timeout=20)  # GET /models, then the chat request in flight
+        finally:
+            code, _logs = _stop(proc)
+        assert code == 0
+        assert sidecar(inbox / "a.jpg")["response"]["text"] == "slow answer"
+        assert sorted(os.listdir(inbox)) == ["a.jpg", "a.jpg.json"]
+
+    def test_endpoint_down_at_start_pauses_work_until_it_is_back(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        fake_vlm.pause()
+        make_jpeg(inbox / "a.jpg", (64, 48))
+        proc = _spawn(cfg, tmp_path)
+        try:
+            time.sleep(1.5)  # the daemon is up, probing a dead endpoint; the file must not fail meanwhile
+            assert not (inbox / "a.jpg.json").exists()
+            fake_vlm.resume()
+            _wait_for(lambda: (inbox / "a.jpg.json").exists(), timeout=30)
+        finally:
+            code, logs = _stop(proc)
+        assert code == 0
+        assert sidecar(inbox / "a.jpg")["status"] == "ok"
+        unreachable = [e for e in logs if e["event"] == "endpoint.unreachable"]
+        assert len(unreachable) == 1 and unreachable[0]["url"] == fake_vlm.base_url
+        assert "endpoint.up" in [e["event"] for e in logs]
