@@ -1,0 +1,9 @@
+"""Encoders: media file + spec in, size-bounded :class:`~mmwatchd.model.Part` out.
+
+Only this package imports Pillow and PyAV. Data-URL arithmetic (``data_url_len``, ``b64_len``, ``Part.url_len``)
+lives in :mod:`mmwatchd.model`.
+"""
+
+from mmwatchd.encode.image import encode_image, probe_image
+
+__all__ = ["encode_image", "probe_image"]

@@ -1,0 +1,260 @@
+"""What a file is, judged by its first bytes, never by its name.
+
+Cameras, phones and sync tools name files in every way (``IMG_1.JPG`` that is a HEIC, ``.mp4`` that is audio only,
+``photo.jpg.part`` being copied); the extension only says what a file *claims* to be (:func:`media_suffix_kind`),
+the bytes say what it is (:func:`sniff`). This module reads bytes only and imports no decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mmwatchd.model import MediaKind
+
+__all__ = [
+    "HEAD_SIZE",
+    "IMAGE_SUFFIXES",
+    "VIDEO_SUFFIXES",
+    "Sniffed",
+    "media_suffix_kind",
+    "sniff",
+    "sniff_bytes",
+]
+
+#: How many leading bytes :func:`sniff` reads. Most signatures fit in 64 bytes; MPEG-TS needs the second sync byte
+#: at offset 188 (192 for M2TS), so one small read of 512 bytes covers every format below.
+HEAD_SIZE = 512
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp",
+     ".heic", ".heif", ".hif", ".avif", ".mpo"}
+)  # fmt: skip
+VIDEO_SUFFIXES: frozenset[str] = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".wmv", ".mpg", ".mpeg"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sniffed:
+    """The verdict on a file's first bytes.
+
+    ``kind`` is None for anything that is not an image or video we handle; ``why`` then says, for a person, what
+    the file looks like instead ("empty file", "looks like text", "looks like a PDF document", ...).
+    """
+
+    kind: MediaKind | None
+    #: "jpeg", "png", "gif", "webp", "tiff", "bmp", "heif", "avif", "mp4", "mov", "mkv", "webm", "avi", "mpegts",
+    #: "mpeg", "asf", "flv"; "" when unknown.
+    format: str
+    #: e.g. "image/jpeg", "video/mp4"; "" when unknown.
+    mime: str
+    why: str = ""
+
+
+def _image(fmt: str, mime: str) -> Sniffed:
+    return Sniffed("image", fmt, mime)
+
+
+def _video(fmt: str, mime: str) -> Sniffed:
+    return Sniffed("video", fmt, mime)
+
+
+def _other(why: str) -> Sniffed:
+    return Sniffed(None, "", "", why)
+
+
+# ISO base media file format (ISO/IEC 14496-12): the `ftyp` box names a major brand and compatible brands.
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
+_HEIF_GENERIC = {b"mif1", b"msf1", b"mif2", b"MiHE", b"MiHB", b"MiAF"}  # structural brands: look further
+_AVIF_BRANDS = {b"avif", b"avis"}
+_MP4_BRANDS = {
+    b"mp41", b"mp42", b"mp71", b"avc1", b"dash", b"M4V ", b"M4VH", b"M4VP", b"f4v ", b"mmp4", b"MSNV",
+    b"XAVC", b"NDAS", b"NDSC", b"NDSH", b"NDSM", b"NDSP", b"NDSS", b"NDXC", b"NDXH", b"NDXM", b"NDXP", b"NDXS",
+    b"isml", b"piff", b"cmfc", b"cmfs", b"av01", b"hvc1", b"hev1",
+}  # fmt: skip
+_AUDIO_BRANDS = {b"M4A ": "M4A audio", b"M4B ": "M4B audiobook", b"M4P ": "protected M4P audio", b"F4A ": "F4A audio"}
+_OTHER_BRANDS = {
+    b"crx ": "a Canon CR3 raw photo (not supported; export it as JPEG or HEIC)",
+    b"jp2 ": "a JPEG 2000 image (not supported)",
+    b"jpx ": "a JPEG 2000 image (not supported)",
+    b"jxl ": "a JPEG XL image (not supported)",
+}
+
+
+def _sniff_ftyp(head: bytes) -> Sniffed:
+    size = int.from_bytes(head[0:4], "big")
+    end = min(len(head), size if size >= 16 else 16)
+    major = head[8:12]
+    brands = [major] + [head[i : i + 4] for i in range(16, end - 3, 4)]
+
+    def classify(brand: bytes) -> Sniffed | None:
+        if brand in _AVIF_BRANDS:
+            return _image("avif", "image/avif")
+        if brand in _HEIF_BRANDS:
+            return _image("heif", "image/heic")
+        if brand == b"qt  ":
+            return _video("mov", "video/quicktime")
+        if brand.startswith(b"3g2"):
+            return _video("mp4", "video/3gpp2")
+        if brand.startswith(b"3g"):
+            return _video("mp4", "video/3gpp")
+        if brand in _MP4_BRANDS or brand.startswith(b"iso"):
+            return _video("mp4", "video/mp4")
+        if brand in _AUDIO_BRANDS:
+            return _other(f"looks like audio ({_AUDIO_BRANDS[brand]}), not a video")
+        if brand in _OTHER_BRANDS:
+            return _other(f"looks like {_OTHER_BRANDS[brand]}")
+        return None
+
+    if major in _HEIF_GENERIC:
+        # "mif1" only says "HEIF structure": the codec brand (avif, heic, ...) sits among the compatible brands.
+        for brand in brands[1:]:
+            if brand in _AVIF_BRANDS:
+                return _image("avif", "image/avif")
+            if brand in _HEIF_BRANDS:
+                return _image("heif", "image/heic")
+        return _image("heif", "image/heif")
+    for brand in brands:
+        found = classify(brand)
+        if found is not None:
+            return found
+    shown = major.decode("latin-1").strip() or major.hex(" ")
+    return _other(f"looks like an ISO media file of an unknown type (brand {shown!r})")
+
+
+def _sniff_ebml(head: bytes) -> Sniffed:
+    # The EBML header's DocType element (ID 0x4282) names the flavour; it sits within the first ~40 bytes.
+    at = head.find(b"\x42\x82")
+    if at >= 0:
+        doctype = head[at + 3 : at + 3 + 8]
+        if doctype.startswith(b"webm"):
+            return _video("webm", "video/webm")
+    return _video("mkv", "video/x-matroska")
+
+
+def _looks_like_bmp(head: bytes) -> bool:
+    # "BM" alone is too weak (a text file may start with "BMW"): check the reserved fields and the DIB header size.
+    if len(head) < 18:
+        return False
+    dib = int.from_bytes(head[14:18], "little")
+    return head[6:10] == b"\0\0\0\0" and dib in (12, 16, 40, 52, 56, 64, 108, 124)
+
+
+def _looks_like_mpegts(head: bytes) -> bool:
+    # 188-byte packets, each starting with the sync byte 0x47 ("G"); M2TS/MTS (AVCHD) put a 4-byte timecode first.
+    # Every sync position within the head must match (at least two), and the head must not read as text.
+    for first, step in ((0, 188), (4, 192)):
+        syncs = range(first, len(head), step)
+        if len(syncs) >= 2 and all(head[i] == 0x47 for i in syncs):
+            return not _looks_like_text(head)
+    return False
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if head.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+        return True
+    if b"\0" in head:
+        return False
+    # The head may end inside a multi-byte character: drop up to 3 trailing bytes before decoding.
+    for cut in range(4):
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        printable = sum(1 for ch in text if ch.isprintable() or ch in "\t\n\r\f\v")
+        return printable >= 0.95 * max(1, len(text))
+    return False
+
+
+_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "looks like a PDF document"),
+    (b"PK\x03\x04", "looks like a ZIP archive (or an Office document)"),
+    (b"PK\x05\x06", "looks like an empty ZIP archive"),
+    (b"\x1f\x8b", "looks like a gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "looks like a 7-Zip archive"),
+    (b"Rar!\x1a\x07", "looks like a RAR archive"),
+    (b"BZh", "looks like a bzip2 archive"),
+    (b"\xfd7zXZ\x00", "looks like an xz archive"),
+    (b"\x28\xb5\x2f\xfd", "looks like a zstd archive"),
+    (b"\x7fELF", "looks like an executable program (ELF)"),
+    (b"SQLite format 3\x00", "looks like an SQLite database"),
+    (b"ID3", "looks like MP3 audio"),
+    (b"fLaC", "looks like FLAC audio"),
+    (b"OggS", "looks like an Ogg file (audio)"),
+    (b"8BPS", "looks like a Photoshop document (not supported)"),
+    (b"\x00\x00\x01\x00", "looks like a Windows icon (not supported)"),
+    (b"\xff\x0a", "looks like a JPEG XL image (not supported)"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "looks like a JPEG XL image (not supported)"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "looks like a JPEG 2000 image (not supported)"),
+)
+
+
+def sniff_bytes(head: bytes) -> Sniffed:
+    """Judge a file by its first bytes (pass :data:`HEAD_SIZE` bytes, or the whole file when it is shorter)."""
+    if not head:
+        return _other("empty file")
+    if head.startswith(b"\xff\xd8\xff"):
+        # MPO (stereo/multi-picture) files start as plain JPEGs; the decoder tells them apart.
+        return _image("jpeg", "image/jpeg")
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _image("png", "image/png")
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return _image("gif", "image/gif")
+    if head.startswith(b"RIFF") and len(head) >= 12:
+        form = head[8:12]
+        if form == b"WEBP":
+            return _image("webp", "image/webp")
+        if form in (b"AVI ", b"AVIX"):
+            return _video("avi", "video/x-msvideo")
+        if form == b"WAVE":
+            return _other("looks like WAV audio")
+        return _other(f"looks like a RIFF file of an unknown type ({form.decode('latin-1')!r})")
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return _image("tiff", "image/tiff")
+    if head.startswith(b"BM") and _looks_like_bmp(head):
+        return _image("bmp", "image/bmp")
+    if len(head) >= 12 and head[4:8] == b"ftyp":
+        return _sniff_ftyp(head)
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return _sniff_ebml(head)
+    if _looks_like_mpegts(head):
+        return _video("mpegts", "video/mp2t")
+    if head.startswith((b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")):
+        return _video("mpeg", "video/mpeg")
+    if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):
+        return _video("asf", "video/x-ms-asf")
+    if head.startswith(b"FLV\x01"):
+        return _video("flv", "video/x-flv")
+    for magic, why in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return _other(why)
+    if head.startswith(b"MZ"):
+        return _other("looks like a Windows program")
+    if not head.strip(b"\0"):
+        return _other("starts with zero bytes only (a preallocated file that is still being written?)")
+    if _looks_like_text(head):
+        lowered = head[:512].lower()
+        if b"<svg" in lowered:
+            return _other("looks like an SVG drawing (vector images are not supported)")
+        if b"<html" in lowered or b"<!doctype html" in lowered:
+            return _other("looks like a web page (HTML)")
+        return _other("looks like text")
+    return _other(f"unrecognised binary data (starts with {head[:8].hex(' ')} ...)")
+
+
+def sniff(path: Path) -> Sniffed:
+    """Read the first :data:`HEAD_SIZE` bytes of ``path`` and judge them. ``OSError`` propagates."""
+    with open(path, "rb") as fp:
+        return sniff_bytes(fp.read(HEAD_SIZE))
+
+
+def media_suffix_kind(path: Path) -> Literal["image", "video"] | None:
+    """What the file name claims to be (case-insensitive), without looking inside."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in VIDEO_SUFFIXES:
+        return "video"
+    return None
