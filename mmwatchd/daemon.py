@@ -180,6 +180,10 @@ class Daemon:
                 timeout = 0.5 if nxt is None else max(0.01, min(0.5, nxt))
                 for path in watcher.ready(timeout):
                     self.submit(path)
+                if watcher.take_overflow():
+                    # The kernel dropped events: only a full scan can tell what was missed.
+                    log.warning("watch.overflow", note="rescanning every folder")
+                    self.scan_roots()
         finally:
             watcher.stop()
             self.stop()

@@ -1,0 +1,682 @@
+"""Filtering, scanning, readiness and the live watcher, on real files and real watchdog observers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from mmwatchd import watch
+from mmwatchd.errors import ConfigError
+from mmwatchd.model import WatchRoot
+from mmwatchd.watch import StabilityTracker, Watcher, is_ignored, scan, wanted
+
+# A warning raised on a watchdog thread kills that thread and silently stops events: treat every warning as an error.
+pytestmark = pytest.mark.filterwarnings("error")
+
+SIDECAR = ".json"
+SETTLE = 0.3
+POLL = 0.2
+#: After the last expected path came out, wait this long for anything more: events for a change arrive within one
+#: poll, and a file touched again would be reported at most settle_s later. Under load a late duplicate could slip
+#: past this window (a missed failure), but it can never make a correct run fail.
+QUIET = POLL + SETTLE
+
+needs_inotify = pytest.mark.skipif(watch.InotifyFD is None, reason="inotify is Linux only")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def write(path: Path, data: bytes = b"x" * 100) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# is_ignored / wanted
+
+
+class TestIsIgnored:
+    @pytest.mark.parametrize(
+        "rel",
+        [
+            ".hidden.jpg",
+            "album/.hidden/a.jpg",
+            ".DS_Store",
+            "._IMG_0001.JPG",
+            "IMG_1.jpg.part",
+            "IMG_1.jpg.partial",
+            "IMG_1.jpg.tmp",
+            "IMG_1.JPG.TMP",
+            "x.temp",
+            "x.jpg.crdownload",
+            "x.jpg.download",
+            "x.jpg.!qB",
+            "~$report.jpg",
+            "~x.jpg",
+            ".syncthing.IMG_1.jpg.tmp",
+            ".~lock.IMG_1.jpg#",
+            "@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_XL.jpg",
+            "a/#recycle/IMG_1.jpg",
+            "$RECYCLE.BIN/x.jpg",
+            "Thumbs.db",
+            "sub/thumbs.DB",
+            "desktop.ini",
+            ".@__thumb/x.jpg",
+            "IMG_1.jpg.json",
+            "album/IMG_1.JPG.json",
+            ".IMG_1.jpg.json.mmwatchd-tmp-3fa9",
+            "assembling.tmp/IMG_1.jpg",
+            "",
+        ],
+    )
+    def test_ignored(self, rel: str) -> None:
+        assert is_ignored(rel, sidecar_suffix=SIDECAR)
+
+    @pytest.mark.parametrize(
+        "rel",
+        [
+            "IMG_1.jpg",
+            "album/2024/IMG_1.HEIC",
+            "a.b.c.mp4",
+            "partial.jpg",
+            "tmp/x.jpg",
+            "x.jpg.json.jpg",
+            "@home/x.jpg",
+        ],
+    )
+    def test_kept(self, rel: str) -> None:
+        assert not is_ignored(rel, sidecar_suffix=SIDECAR)
+
+    def test_sidecar_suffix_is_configurable(self) -> None:
+        assert not is_ignored("IMG_1.jpg.json", sidecar_suffix=".desc.json")
+        assert is_ignored("IMG_1.jpg.desc.json", sidecar_suffix=".desc.json")
+
+
+class TestWanted:
+    ROOT = Path("/photos")
+
+    @pytest.mark.parametrize(
+        ("root", "path", "expected"),
+        [
+            (WatchRoot(path=ROOT), ROOT / "a.jpg", True),
+            (WatchRoot(path=ROOT), ROOT / "deep/er/a.jpg", True),
+            (WatchRoot(path=ROOT), ROOT, False),
+            (WatchRoot(path=ROOT), Path("/elsewhere/a.jpg"), False),
+            (WatchRoot(path=ROOT), Path("/photos2/a.jpg"), False),
+            (WatchRoot(path=ROOT), ROOT / "a.jpg.part", False),
+            (WatchRoot(path=ROOT), ROOT / "a.jpg.json", False),
+            (WatchRoot(path=ROOT), ROOT / ".cache/a.jpg", False),
+            (WatchRoot(path=ROOT, recursive=False), ROOT / "a.jpg", True),
+            (WatchRoot(path=ROOT, recursive=False), ROOT / "sub/a.jpg", False),
+            (WatchRoot(path=ROOT, include=("*.jpg",)), ROOT / "sub/A.JPG", True),
+            (WatchRoot(path=ROOT, include=("*.jpg",)), ROOT / "sub/a.png", False),
+            (WatchRoot(path=ROOT, include=("2024/**",)), ROOT / "2024/x/a.png", True),
+            (WatchRoot(path=ROOT, include=("2024/**",)), ROOT / "2023/a.png", False),
+            (WatchRoot(path=ROOT, exclude=("raw/**",)), ROOT / "raw/a.jpg", False),
+            (WatchRoot(path=ROOT, exclude=("raw/**",)), ROOT / "cooked/raw.jpg", True),
+            (WatchRoot(path=ROOT, include=("*.jpg",), exclude=("*_thumb.jpg",)), ROOT / "a_thumb.jpg", False),
+        ],
+    )
+    def test_table(self, root: WatchRoot, path: Path, expected: bool) -> None:
+        assert wanted(root, path, sidecar_suffix=SIDECAR) is expected
+
+    def test_relative_root(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        assert wanted(WatchRoot(path=Path("in")), tmp_path / "in" / "a.jpg", sidecar_suffix=SIDECAR)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# scan
+
+
+class TestScan:
+    def test_nested_sorted_and_filtered(self, tmp_path: Path) -> None:
+        for rel in [
+            "b.jpg",
+            "a.jpg",
+            "a.jpg.json",
+            "z/2.jpg",
+            "z/1.jpg",
+            "m/deep/x.jpg",
+            "m/c.jpg",
+            ".hidden/h.jpg",
+            "@eaDir/a.jpg/thumb.jpg",
+            "#recycle/old.jpg",
+            "part.jpg.part",
+        ]:
+            write(tmp_path / rel)
+        (tmp_path / "empty").mkdir()
+        got = [p.relative_to(tmp_path).as_posix() for p in scan(WatchRoot(path=tmp_path), sidecar_suffix=SIDECAR)]
+        assert got == ["a.jpg", "b.jpg", "m/c.jpg", "m/deep/x.jpg", "z/1.jpg", "z/2.jpg"]
+
+    def test_yields_absolute_paths(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        write(tmp_path / "in" / "a.jpg")
+        monkeypatch.chdir(tmp_path)
+        assert list(scan(WatchRoot(path=Path("in")), sidecar_suffix=SIDECAR)) == [tmp_path / "in" / "a.jpg"]
+
+    def test_ignored_folders_are_not_entered(self, tmp_path: Path) -> None:
+        write(tmp_path / "ok" / "a.jpg")
+        blocked = tmp_path / "@eaDir"
+        blocked.mkdir()
+        errors: list[Path] = []
+        blocked.chmod(0)  # would be reported if it were listed (when not running as root)
+        try:
+            got = list(scan(WatchRoot(path=tmp_path), sidecar_suffix=SIDECAR, on_error=lambda p, e: errors.append(p)))
+        finally:
+            blocked.chmod(0o755)
+        assert got == [tmp_path / "ok" / "a.jpg"]
+        assert errors == []
+
+    def test_symlinks_are_not_followed(self, tmp_path: Path) -> None:
+        root, other = tmp_path / "root", tmp_path / "other"
+        write(other / "linked.jpg")
+        write(root / "real.jpg")
+        (root / "dirlink").symlink_to(other, target_is_directory=True)
+        (root / "filelink.jpg").symlink_to(other / "linked.jpg")
+        (root / "loop").symlink_to(root, target_is_directory=True)
+        assert list(scan(WatchRoot(path=root), sidecar_suffix=SIDECAR)) == [root / "real.jpg"]
+
+    def test_non_recursive_and_include_exclude(self, tmp_path: Path) -> None:
+        for rel in ["a.jpg", "b.png", "sub/c.jpg", "raw/d.jpg"]:
+            write(tmp_path / rel)
+        flat = WatchRoot(path=tmp_path, recursive=False)
+        assert [p.name for p in scan(flat, sidecar_suffix=SIDECAR)] == ["a.jpg", "b.png"]
+        picky = WatchRoot(path=tmp_path, include=("*.jpg",), exclude=("raw/**",))
+        assert [p.name for p in scan(picky, sidecar_suffix=SIDECAR)] == ["a.jpg", "c.jpg"]
+
+    def test_unreadable_folders_are_reported_and_skipped(self, tmp_path: Path) -> None:
+        errors: list[tuple[Path, OSError]] = []
+        missing = tmp_path / "gone"
+        got = list(scan(WatchRoot(path=missing), sidecar_suffix=SIDECAR, on_error=lambda p, e: errors.append((p, e))))
+        assert got == []
+        assert errors[0][0] == missing and isinstance(errors[0][1], FileNotFoundError)
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+    def test_permission_denied_folder(self, tmp_path: Path) -> None:
+        write(tmp_path / "a.jpg")
+        locked = tmp_path / "locked"
+        write(locked / "b.jpg")
+        locked.chmod(0)
+        errors: list[Path] = []
+        try:
+            got = list(scan(WatchRoot(path=tmp_path), sidecar_suffix=SIDECAR, on_error=lambda p, e: errors.append(p)))
+        finally:
+            locked.chmod(0o755)
+        assert got == [tmp_path / "a.jpg"]
+        assert errors == [locked]
+
+    def test_default_error_report_is_a_log_line(self, tmp_path: Path) -> None:
+        with capture_logs() as logs:
+            assert list(scan(WatchRoot(path=tmp_path / "gone"), sidecar_suffix=SIDECAR)) == []
+        assert [e["event"] for e in logs] == ["watch.scan_unreadable"]
+
+    def test_two_thousand_files(self, tmp_path: Path) -> None:
+        for d in range(20):
+            folder = tmp_path / f"d{d:02}"
+            folder.mkdir()
+            for f in range(100):
+                os.close(os.open(folder / f"IMG_{f:04}.jpg", os.O_WRONLY | os.O_CREAT))
+            for f in range(0, 100, 10):
+                os.close(os.open(folder / f"IMG_{f:04}.jpg.json", os.O_WRONLY | os.O_CREAT))
+        start = time.perf_counter()
+        got = list(scan(WatchRoot(path=tmp_path, include=("*.jpg",)), sidecar_suffix=SIDECAR))
+        elapsed = time.perf_counter() - start
+        assert len(got) == 2000
+        assert got == sorted(got)
+        assert elapsed < 2.0  # typically ~20 ms; a per-file stat or a glob per file would still pass, a bug would not
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# StabilityTracker
+
+
+class TestStabilityTracker:
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        return FakeClock()
+
+    @pytest.fixture
+    def tracker(self, clock: FakeClock) -> StabilityTracker:
+        return StabilityTracker(settle_s=1.0, clock=clock)
+
+    def test_not_ready_before_settle(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        f = write(tmp_path / "a.jpg")
+        tracker.touch(f)
+        assert tracker.next_deadline() == clock.now + 1.0
+        clock.advance(0.99)
+        assert tracker.due() == []
+        clock.advance(0.01)
+        assert tracker.due() == [f]
+        assert len(tracker) == 0
+        assert tracker.next_deadline() is None
+
+    def test_events_push_the_deadline(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        f = write(tmp_path / "a.jpg")
+        tracker.touch(f)
+        for _ in range(5):
+            clock.advance(0.6)
+            tracker.touch(f)
+            assert tracker.due() == []
+        clock.advance(1.0)
+        assert tracker.due() == [f]
+
+    def test_growing_file_waits_until_it_stops(
+        self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker
+    ) -> None:
+        f = write(tmp_path / "a.jpg", b"1")
+        tracker.touch(f)
+        for n in range(2, 5):  # grows with no event reaching us (e.g. a lagging network share)
+            clock.advance(1.0)
+            with f.open("ab") as fh:
+                fh.write(b"x" * n)
+            assert tracker.due() == []
+            assert tracker.next_deadline() == clock.now + 1.0
+        clock.advance(0.5)
+        assert tracker.due() == []
+        clock.advance(0.5)
+        assert tracker.due() == [f]
+
+    def test_same_size_rewrite_is_noticed_by_mtime(
+        self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker
+    ) -> None:
+        f = write(tmp_path / "a.jpg", b"aaaa")
+        tracker.touch(f)
+        clock.advance(1.0)
+        f.write_bytes(b"bbbb")
+        os.utime(f, ns=(0, f.stat().st_mtime_ns + 1_000_000))
+        assert tracker.due() == []
+        clock.advance(1.0)
+        assert tracker.due() == [f]
+
+    def test_closed_is_ready_after_short_confirm(
+        self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker
+    ) -> None:
+        assert tracker.confirm_s == pytest.approx(0.2)
+        f = write(tmp_path / "a.jpg")
+        tracker.touch(f)
+        clock.advance(0.1)
+        tracker.touch(f, closed=True)
+        clock.advance(0.19)
+        assert tracker.due() == []
+        clock.advance(0.01)
+        assert tracker.due() == [f]
+
+    def test_reopened_after_close_waits_for_settle(
+        self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker
+    ) -> None:
+        f = write(tmp_path / "a.jpg")
+        tracker.touch(f, closed=True)
+        clock.advance(0.1)
+        tracker.touch(f)  # a scanner reopens to append
+        clock.advance(0.2)
+        assert tracker.due() == []
+        clock.advance(0.8)
+        assert tracker.due() == [f]
+
+    def test_closed_but_still_changing(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        f = write(tmp_path / "a.jpg", b"1")
+        tracker.touch(f, closed=True)
+        f.write_bytes(b"12")  # written again, event not seen yet
+        clock.advance(0.2)
+        assert tracker.due() == []
+        clock.advance(1.0)
+        assert tracker.due() == [f]
+
+    def test_vanished_file_is_dropped(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        f = write(tmp_path / "a.jpg")
+        tracker.touch(f)
+        f.unlink()
+        clock.advance(1.0)
+        assert tracker.due() == []
+        assert len(tracker) == 0
+        assert tracker.next_deadline() is None
+
+    def test_replaced_by_a_folder_is_dropped(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        f = write(tmp_path / "a.jpg")
+        tracker.touch(f)
+        f.unlink()
+        f.mkdir()
+        clock.advance(1.0)
+        assert tracker.due() == []
+        assert len(tracker) == 0
+
+    def test_missing_or_non_regular_is_never_tracked(self, tmp_path: Path, tracker: StabilityTracker) -> None:
+        tracker.touch(tmp_path / "missing.jpg")
+        (tmp_path / "dir.jpg").mkdir()
+        tracker.touch(tmp_path / "dir.jpg")
+        (tmp_path / "link.jpg").symlink_to(write(tmp_path / "target"))
+        tracker.touch(tmp_path / "link.jpg")
+        os.mkfifo(tmp_path / "fifo.jpg")
+        tracker.touch(tmp_path / "fifo.jpg")
+        assert len(tracker) == 0
+
+    def test_one_ready_per_burst(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        f = write(tmp_path / "a.jpg")
+        for _ in range(1000):
+            tracker.touch(f)
+            tracker.touch(f, closed=True)
+            clock.advance(0.001)
+        assert len(tracker) == 1
+        clock.advance(1.0)
+        assert tracker.due() == [f]
+        clock.advance(10.0)
+        assert tracker.due() == []
+        tracker.touch(f)  # a later event starts a new burst
+        clock.advance(1.0)
+        assert tracker.due() == [f]
+
+    def test_ready_in_deadline_order(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        files = [write(tmp_path / f"{n}.jpg") for n in range(5)]
+        for f in reversed(files):
+            tracker.touch(f)
+            clock.advance(0.01)
+        clock.advance(1.0)
+        assert tracker.due() == list(reversed(files))
+
+    def test_forget_and_forget_tree(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
+        a, b, c = write(tmp_path / "a.jpg"), write(tmp_path / "sub/b.jpg"), write(tmp_path / "sub2/c.jpg")
+        for f in (a, b, c):
+            tracker.touch(f)
+        tracker.forget(a)
+        tracker.forget_tree(tmp_path / "sub")
+        assert len(tracker) == 1
+        clock.advance(1.0)
+        assert tracker.due() == [c]
+
+    def test_settle_must_be_positive(self) -> None:
+        with pytest.raises(ValueError, match="settle_s"):
+            StabilityTracker(settle_s=-1)
+
+    def test_zero_settle_is_ready_at_once_when_unchanged(self, tmp_path: Path) -> None:
+        quick = StabilityTracker(settle_s=0, clock=FakeClock())
+        f = write(tmp_path / "a.jpg")
+        quick.touch(f, closed=True)
+        assert quick.due() == [f]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Watcher, end to end
+
+
+@dataclass
+class Harness:
+    watcher: Watcher
+    root: Path
+    outside: Path
+    sizes: dict[Path, int] = field(default_factory=dict)
+
+    def collect(
+        self,
+        expected: set[Path],
+        *,
+        timeout: float = 10.0,
+        busy: threading.Thread | None = None,
+        quiet: float = QUIET,
+    ) -> list[Path]:
+        """Every ready path, until all of ``expected`` came out (and ``busy`` ended) and ``quiet`` seconds passed with
+        nothing new. Records each file's size at the moment it was reported.
+        """
+        got: list[Path] = []
+        end = time.monotonic() + timeout
+        quiet_until: float | None = None
+        while time.monotonic() < end:
+            batch = self.watcher.ready(0.05)
+            for path in batch:
+                self.sizes.setdefault(path, path.stat().st_size)
+            got += batch
+            now = time.monotonic()
+            if busy is not None and busy.is_alive():
+                continue
+            if not expected <= set(got):
+                continue
+            if quiet_until is None or batch:
+                quiet_until = now + quiet
+            elif now >= quiet_until:
+                break
+        return got
+
+
+BACKENDS = [pytest.param("inotify", marks=needs_inotify), "polling"]
+
+
+@pytest.fixture(params=BACKENDS)
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    polling = request.param == "polling"
+    watcher = Watcher(
+        [WatchRoot(path=root, polling=polling, poll_interval_s=POLL)], settle_s=SETTLE, sidecar_suffix=SIDECAR
+    )
+    with watcher:
+        assert watcher.backends == {root: request.param}
+        yield Harness(watcher, root, outside)
+
+
+class TestWatcher:
+    def test_slow_chunked_write_comes_out_once_complete(self, harness: Harness) -> None:
+        target = harness.root / "clip.mp4"
+        chunk = b"v" * 65536
+        # Pauses longer than half of settle_s but shorter than it: the file must not be reported in between.
+        pause = 0.6 * SETTLE
+
+        def writer() -> None:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                for n in range(5):
+                    if n:
+                        time.sleep(pause)
+                    os.write(fd, chunk)
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            got = harness.collect({target}, busy=thread)
+        finally:
+            thread.join()
+        assert got == [target]
+        assert harness.sizes[target] == 5 * len(chunk) == target.stat().st_size
+
+    def test_atomic_move_in(self, harness: Harness) -> None:
+        staged = write(harness.outside / "IMG_0001.jpg")
+        target = harness.root / "IMG_0001.jpg"
+        os.rename(staged, target)
+        assert harness.collect({target}) == [target]
+
+    def test_temp_name_renamed_to_final(self, harness: Harness) -> None:
+        part = harness.root / "IMG_0002.jpg.part"
+        target = harness.root / "IMG_0002.jpg"
+        with part.open("wb") as fh:
+            fh.write(b"a" * 1000)
+            fh.flush()
+            time.sleep(SETTLE / 2)
+            fh.write(b"b" * 1000)
+        os.rename(part, target)
+        assert harness.collect({target}) == [target]
+        assert harness.sizes[target] == 2000
+
+    def test_new_folders_bring_their_files(self, harness: Harness) -> None:
+        album = harness.outside / "album"
+        for rel in ["a.jpg", "deep/er/b.jpg", ".hidden.jpg", "a.jpg.json", "@eaDir/a.jpg/thumb.jpg"]:
+            write(album / rel)
+        os.rename(album, harness.root / "album")
+        # And a folder made in place, filled right away (before or after its watch exists).
+        made = harness.root / "2024" / "06"
+        made.mkdir(parents=True)
+        expected = {harness.root / "album/a.jpg", harness.root / "album/deep/er/b.jpg"}
+        expected |= {write(made / f"{n}.jpg") for n in range(3)}
+        got = harness.collect(expected)
+        assert sorted(got) == sorted(expected)
+
+    def test_ignored_names_and_vanished_files_never_come_out(self, harness: Harness) -> None:
+        for rel in [
+            ".hidden.jpg",
+            "x.jpg.tmp",
+            "y.jpg.crdownload",
+            "~lock.jpg",
+            "Thumbs.db",
+            "@eaDir/z.jpg",
+            ".git/objects/ab",
+            "a.jpg.json",
+            ".a.jpg.json.mmwatchd-tmp-1a2b",
+        ]:
+            write(harness.root / rel)
+        write(harness.root / "deleted.jpg").unlink()
+        os.rename(write(harness.root / "moved.jpg"), harness.outside / "moved.jpg")
+        os.rename(write(harness.root / "renamed.jpg"), harness.root / ".renamed.jpg")
+        folder = harness.root / "folder"
+        write(folder / "inside.jpg")
+        os.rename(folder, harness.outside / "folder")
+        sentinel = write(harness.root / "sentinel.jpg")
+        assert harness.collect({sentinel}) == [sentinel]
+        assert harness.watcher.pending() == 0
+
+    def test_reading_and_writing_the_sidecar_does_not_retrigger(self, harness: Harness) -> None:
+        photo = write(harness.root / "IMG_0003.jpg", b"\xff\xd8" + b"p" * 5000)
+        assert harness.collect({photo}, quiet=0) == [photo]  # the window below catches a duplicate too
+        # What the pipeline does with a ready file: read it, then write the sidecar atomically beside it.
+        assert photo.read_bytes()
+        tmp = harness.root / ".IMG_0003.jpg.json.mmwatchd-tmp-9f3c"
+        with tmp.open("w") as fh:
+            fh.write('{"description": "a photo"}')
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, harness.root / "IMG_0003.jpg.json")
+        assert harness.collect(set()) == []
+
+
+@needs_inotify
+class TestWatcherInotify:
+    def test_symlinked_root_reports_paths_under_the_link(self, tmp_path: Path) -> None:
+        real = tmp_path / "real"
+        real.mkdir()
+        link = tmp_path / "link"
+        link.symlink_to(real, target_is_directory=True)
+        with Watcher([WatchRoot(path=link)], settle_s=SETTLE, sidecar_suffix=SIDECAR) as watcher:
+            write(real / "a.jpg")
+            harness = Harness(watcher, link, tmp_path)
+            assert harness.collect({link / "a.jpg"}) == [link / "a.jpg"]
+
+    def test_overflow_is_reported(self, tmp_path: Path) -> None:
+        from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
+
+        calls: list[int] = []
+        write(tmp_path / "sub" / "old.jpg")
+        with Watcher(
+            [WatchRoot(path=tmp_path)], settle_s=SETTLE, sidecar_suffix=SIDECAR, on_overflow=lambda: calls.append(1)
+        ) as watcher:
+            assert not watcher.overflowed
+            # What the kernel queues when events were dropped (wd -1, IN_Q_OVERFLOW), fed to the real reader.
+            watcher._inotify_fd.handle_event(InotifyEvent(-1, InotifyConstants.IN_Q_OVERFLOW, 0, b""))
+            assert calls == [1]
+            assert watcher.overflowed
+            assert watcher.ready(5.0) == []  # returns at once so the caller can rescan
+            assert watcher.take_overflow() is True
+            assert watcher.take_overflow() is False
+            # watchdog rebuilt its recursive watches: events still arrive from the subfolder.
+            new = write(tmp_path / "sub" / "new.jpg")
+            assert Harness(watcher, tmp_path, tmp_path).collect({new}) == [new]
+
+
+@needs_inotify
+class TestWatchLimit:
+    """Stand in for a full ``fs.inotify.max_user_watches``: the kernel refuses some watches with ENOSPC."""
+
+    @staticmethod
+    def refusing(refused: str) -> type:
+        class Refusing(watch.InotifyFD):  # type: ignore[misc,valid-type]
+            def add_callback(self, path: bytes, *args: object) -> object:
+                if os.fsdecode(path).endswith(refused):
+                    raise OSError(errno.ENOSPC, "inotify watch limit reached")
+                return super().add_callback(path, *args)
+
+        # Our reader first, then the refusal, then watchdog's real reader.
+        return type("LimitedFD", (watch._InotifyFD, Refusing), {})
+
+    @pytest.mark.parametrize("refused", ["root", "deep"], ids=["root", "subfolder"])
+    def test_falls_back_to_polling_with_a_clear_message(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+    ) -> None:
+        root = tmp_path / "root"
+        (root / "sub" / "deep").mkdir(parents=True)
+        monkeypatch.setattr(watch, "_InotifyFD", self.refusing(refused))
+        watcher = Watcher([WatchRoot(path=root, poll_interval_s=POLL)], settle_s=SETTLE, sidecar_suffix=SIDECAR)
+        with capture_logs() as logs, watcher:
+            assert watcher.backends == {root: "polling"}
+            if refused == "deep":
+                new = write(root / "sub" / "deep" / "a.jpg")
+                assert Harness(watcher, root, tmp_path).collect({new}) == [new]
+        [fallback] = [e for e in logs if e["event"] == "watch.polling_fallback"]
+        assert "fs.inotify.max_user_watches" in fallback["reason"]
+        assert "watch[0].path" in fallback["reason"]
+        assert fallback["log_level"] == "warning"
+
+
+class TestWatcherLifecycle:
+    def test_missing_root_is_a_config_error(self, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("")
+        roots = [WatchRoot(path=tmp_path), WatchRoot(path=tmp_path / "nope"), WatchRoot(path=tmp_path / "file")]
+        watcher = Watcher(roots, settle_s=SETTLE, sidecar_suffix=SIDECAR)
+        with pytest.raises(ConfigError) as info:
+            watcher.start()
+        watcher.stop()
+        assert info.value.problems == [
+            f"watch[1].path: {tmp_path / 'nope'} does not exist (not mounted? `create: true` makes it)",
+            f"watch[2].path: {tmp_path / 'file'} is not a folder",
+        ]
+
+    def test_create_makes_a_missing_root(self, tmp_path: Path) -> None:
+        root = tmp_path / "new" / "inbox"
+        with Watcher([WatchRoot(path=root, create=True)], settle_s=SETTLE, sidecar_suffix=SIDECAR) as watcher:
+            assert root.is_dir()
+            assert list(watcher.backends) == [root]
+
+    def test_stop_is_idempotent_and_wakes_ready(self, tmp_path: Path) -> None:
+        root = WatchRoot(path=tmp_path, polling=True, poll_interval_s=POLL)
+        watcher = Watcher([root], settle_s=SETTLE, sidecar_suffix=SIDECAR)
+        watcher.start()
+        result: list[list[Path]] = []
+        waiter = threading.Thread(target=lambda: result.append(watcher.ready(30.0)))
+        waiter.start()
+        time.sleep(0.05)
+        watcher.stop()
+        waiter.join(5.0)
+        assert not waiter.is_alive()
+        assert result == [[]]
+        watcher.stop()
+
+    def test_several_roots_and_root_for(self, tmp_path: Path) -> None:
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.mkdir()
+        b.mkdir()
+        roots = [WatchRoot(path=a, include=("*.jpg",)), WatchRoot(path=b, polling=True, poll_interval_s=POLL)]
+        with Watcher(roots, settle_s=SETTLE, sidecar_suffix=SIDECAR) as watcher:
+            if sys.platform.startswith("linux"):
+                assert watcher.backends == {a: "inotify", b: "polling"}
+            fa, fb, skipped = write(a / "x.jpg"), write(b / "y.png"), write(a / "z.png")
+            got = Harness(watcher, tmp_path, tmp_path).collect({fa, fb})
+            assert sorted(got) == [fa, fb]
+            assert watcher.root_for(fa) is roots[0]
+            assert watcher.root_for(fb) is roots[1]
+            assert watcher.root_for(skipped) is None
