@@ -112,6 +112,9 @@ class FakeVLM:
         #: Answer 413 when a request body is larger, like a gateway's cap.
         self.max_body_bytes = max_body_bytes
         self._cond = threading.Condition()
+        #: POST requests being answered right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._requests: list[Recorded] = []
         self._script: deque[Scripted] = deque()
         self._server: _Server | None = None
@@ -276,7 +279,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        self._serve(self.rfile.read(length))
+        body = self.rfile.read(length)
+        fake = self.server.fake
+        with fake._cond:
+            fake.in_flight += 1
+            fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+        try:
+            self._serve(body)
+        finally:
+            with fake._cond:
+                fake.in_flight -= 1
 
     def _serve(self, body: bytes) -> None:
         fake = self.server.fake

@@ -462,6 +462,11 @@ SOURCES = {
 _counter = itertools.count()
 
 
+@pytest.fixture(scope="module")
+def photo_24mp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_jpeg(tmp_path_factory.mktemp("big") / "IMG_24MP.jpg", (6000, 4000), quality=92)
+
+
 class TestBudget:
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
@@ -492,10 +497,6 @@ class TestBudget:
             assert part.mime == {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[fmt]
             assert max(img.size) <= max_side and img.width * img.height <= 60_000
             assert max(img.size) >= min(MIN_SIDE, max(fit_size(size, spec)))
-
-    @pytest.fixture(scope="class")
-    def photo_24mp(self, tmp_path_factory) -> Path:
-        return make_jpeg(tmp_path_factory.mktemp("big") / "IMG_24MP.jpg", (6000, 4000), quality=92)
 
     def test_24mp_photo_into_300kb(self, photo_24mp: Path) -> None:
         budget = 300_000
