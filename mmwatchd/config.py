@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, Valida
 
 from mmwatchd import rules
 from mmwatchd.errors import ConfigError
-from mmwatchd.model import _STRICT, EndpointConfig, ImageSpec, Limits, PositiveFloat, WatchRoot
+from mmwatchd.model import _STRICT, EndpointConfig, ImageSpec, Limits, VideoSpec, WatchRoot
 
 KeyPath = tuple[str | int, ...]
 
@@ -76,6 +76,10 @@ class Rule:
     max_tokens: Annotated[int, Field(gt=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     image: ImageSpec = ImageSpec()
+    #: How videos are sampled and sent. Animated GIF/WebP are sent as videos only when a rule sets this.
+    video: VideoSpec | None = None
+    #: Images sent before the file's own parts, in this order, with every request of this rule.
+    reference_images: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,9 +186,13 @@ def loads(text: str, *, source: Path | None = None) -> Config:
         problems.append(f"{_locate(source, key_positions, (k,))}: unknown key")
         del data[k]
     base = source.parent if source else Path.cwd()
-    for i, root in enumerate(data.get("watch") or []):
+    for root in data.get("watch") or []:
         if isinstance(root, dict) and isinstance(root.get("path"), str):
             root["path"] = str(_resolve(root["path"], base))
+    for rule in data.get("rules") or []:
+        refs = rule.get("reference_images") if isinstance(rule, dict) else None
+        if isinstance(refs, list):
+            rule["reference_images"] = [str(_resolve(r, base)) if isinstance(r, str) else r for r in refs]
     try:
         cfg = _ADAPTER.validate_python(data)
     except ValidationError as exc:
@@ -355,22 +363,25 @@ def _message(err: Any) -> str:
 
 def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, tuple[int, int]]) -> list[str]:
     problems: list[str] = []
-    names: dict[str, int] = {}
+    unique: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
+        ("rules", "name", tuple(r.name for r in cfg.rules)),
+        ("watch", "path", tuple(r.path for r in cfg.watch)),
+    )
+    for section, key, values in unique:
+        first: dict[Any, int] = {}
+        for i, value in enumerate(values):
+            if value in first:
+                problems.append(
+                    f"{_locate(source, positions, (section, i, key))}: {str(value)!r} is already used by "
+                    f"{section}[{first[value]}]; each {key} may appear once"
+                )
+            first.setdefault(value, i)
     for i, rule in enumerate(cfg.rules):
-        if rule.name in names:
-            problems.append(
-                f"{_locate(source, positions, ('rules', i, 'name'))}: duplicate rule name "
-                f"{rule.name!r} (also rules[{names[rule.name]}]); names must be unique"
-            )
-        names.setdefault(rule.name, i)
-    seen_roots: dict[Path, int] = {}
-    for i, root in enumerate(cfg.watch):
-        if root.path in seen_roots:
-            problems.append(
-                f"{_locate(source, positions, ('watch', i, 'path'))}: {root.path} is already watched "
-                f"(watch[{seen_roots[root.path]}])"
-            )
-        seen_roots.setdefault(root.path, i)
+        for j, ref in enumerate(rule.reference_images):
+            if not ref.is_file():
+                problems.append(
+                    f"{_locate(source, positions, ('rules', i, 'reference_images', j))}: {ref} is not a readable file"
+                )
     if cfg.endpoint.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.endpoint.api_key_env):
         problems.append(
             f"{_locate(source, positions, ('endpoint', 'api_key_env'))}: must be the NAME of an environment "

@@ -105,7 +105,7 @@ class TestErrors:
 
     def test_duplicate_rule_names(self, tmp_path: Path) -> None:
         out = problems(MINIMAL + "  - name: photos\n    prompt: again\n", tmp_path)
-        assert len(out) == 1 and "rules[1].name: duplicate rule name 'photos'" in out[0]
+        assert out == [f"{tmp_path / 'c.yaml'}:4:11: rules[1].name: 'photos' is already used by rules[0]; each name may appear once"]
 
     @pytest.mark.parametrize(
         ("prompt", "expected"),
@@ -121,6 +121,10 @@ class TestErrors:
     def test_restricted_placeholders(self, tmp_path: Path, prompt: str, expected: str) -> None:
         out = problems(f"rules:\n  - name: a\n    prompt: '{prompt}'\n", tmp_path)
         assert len(out) == 1 and expected in out[0], out
+
+    def test_duplicate_watch_folders(self, tmp_path: Path) -> None:
+        out = problems(MINIMAL + f"watch:\n  - path: {tmp_path}\n  - path: {tmp_path}/\n", tmp_path)
+        assert len(out) == 1 and "watch[1].path:" in out[0] and "already used by watch[0]" in out[0]
 
     def test_api_key_must_be_a_variable_name_not_the_key(self, tmp_path: Path) -> None:
         out = problems(MINIMAL + "endpoint: {api_key_env: 'sk-abc123-secret'}\n", tmp_path)
