@@ -193,3 +193,63 @@ class Reply:
     source: str = "content"
     #: How many calls it took (a reply that was not valid JSON is asked for once more).
     attempts: int = 1
+
+
+VideoMode = Literal["video_url", "images", "file"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VideoSpec:
+    """How a rule wants videos (and, when it says so, animated images) sampled and sent."""
+
+    __pydantic_config__ = _STRICT
+
+    #: Frames to send at most; fewer for very short clips.
+    frames: Annotated[int, Field(ge=1, le=512)] = 16
+    #: Sample at this rate instead of spreading ``frames`` over the clip; still capped by ``frames``.
+    fps: PositiveFloat | None = None
+    max_side: Annotated[int, Field(ge=16)] = 768
+    #: Optional per-frame pixel cap (Qwen2.5-VL: 768*28*28 = 602112).
+    max_pixels: Annotated[int, Field(ge=256)] | None = None
+    mode: VideoMode = "video_url"
+    frame_format: Literal["jpeg", "png"] = "jpeg"
+    quality: Annotated[int, Field(ge=1, le=100)] = 80
+    min_quality: Annotated[int, Field(ge=1, le=100)] = 40
+    #: Frame sides are rounded to multiples of this (28 for Qwen2/2.5-VL, which also wants an even frame count).
+    align: Annotated[int, Field(ge=1, le=256)] = 1
+    #: Decode keyframes only: much faster on long clips, at the cost of exact timestamps.
+    keyframes_only: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VideoFacts:
+    """What the container says about a clip (no full decode)."""
+
+    container: str  # "mp4", "mov", "mkv", "webm", "avi", "gif", ...
+    codec: str
+    width: int  # as displayed, i.e. after rotation
+    height: int
+    rotation: int = 0  # degrees applied to reach the displayed orientation
+    duration_s: float | None = None
+    fps: float | None = None
+    frame_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SampledFrame:
+    t: float  # seconds from the start of the clip
+    width: int
+    height: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncodedVideo:
+    """A clip ready to send: its parts, the frames they hold, the mode used and what was given up to fit."""
+
+    parts: tuple[Part, ...]
+    frames: tuple[SampledFrame, ...]
+    mode: VideoMode
+    facts: VideoFacts
+    #: Human-readable, in the order applied, e.g. "quality 80 -> 52", "frame size 768 -> 512 px", "frames 16 -> 8".
+    degradations: tuple[str, ...] = ()

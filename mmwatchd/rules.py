@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmwatchd.globs import any_match
+from mmwatchd.model import VideoSpec
 
 if TYPE_CHECKING:
     from mmwatchd.config import Rule
@@ -34,6 +35,9 @@ PLACEHOLDERS: Mapping[str, str] = {
     "width": "width as displayed, in pixels",
     "height": "height as displayed, in pixels",
     "taken": "EXIF DateTimeOriginal as YYYY-MM-DD HH:MM:SS, or empty",
+    "duration_s": "video length in seconds (empty for images)",
+    "fps": "video frame rate (empty for images)",
+    "frames": "number of video frames sent (empty for images)",
 }
 
 _FORMATTER = string.Formatter()
@@ -102,8 +106,21 @@ def match(rel_path: str, kind: str, rules: Sequence[Rule]) -> Rule | None:
     return None
 
 
-def fingerprint(rule: Rule, endpoint: EndpointConfig) -> str:
-    """Hash of everything that would change the answer: prompt, system, schema, model, tokens, encoder settings."""
+def _file_identity(path: Path) -> list[object]:
+    try:
+        st = path.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> str:
+    """Hash of everything that would change the answer: prompt, system, schema, model, tokens, encoder settings.
+
+    Video settings count for videos (and for images only when the rule sets them, since an animated image is then
+    sent as a video), so tuning them does not send every photo again.
+    """
+    video = rule.video if kind == "image" else (rule.video or VideoSpec())
     material = {
         "format": REQUEST_FORMAT,
         "prompt": rule.prompt,
@@ -113,6 +130,9 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig) -> str:
         "max_tokens": rule.max_tokens or endpoint.max_tokens,
         "temperature": rule.temperature if rule.temperature is not None else endpoint.temperature,
         "image": asdict(rule.image),
+        "video": asdict(video) if video else None,
+        # A reference image that is edited or replaced changes the answer too.
+        "references": [_file_identity(p) for p in rule.reference_images],
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
