@@ -11,8 +11,9 @@
     │   ├── VLMUnavailable        transient: connection, timeout, 408/409/429, 5xx (retry later)
     │   ├── VLMRejected           permanent: the server refused this request (4xx)
     │   └── VLMBadReply           the reply was unusable (invalid JSON after a retry)
-    └── SidecarError              the sidecar cannot be written
-        └── ForeignSidecar        a file we did not write sits at the sidecar path
+    ├── SidecarError              the sidecar cannot be written
+    │   └── ForeignSidecar        a file we did not write sits at the sidecar path
+    └── StateError                the state database cannot be opened or written
 
 Messages say what is wrong, with which file, and what to do. They never contain payloads or secrets.
 Every class has a short ``kind`` that sidecars and logs record.
@@ -90,3 +91,9 @@ class SidecarError(MmwatchdError):
 class ForeignSidecar(SidecarError):
     kind = "foreign_sidecar"
     retryable = False
+
+
+class StateError(MmwatchdError):
+    """The state database cannot be opened or written (permissions, disk full)."""
+
+    kind = "state"

@@ -1,0 +1,395 @@
+"""The small persistent state of a long-running service: retry counters, recent errors, per-root tallies, and
+today's request count.
+
+It lives in SQLite at ``<state dir>/state.sqlite3`` (see :func:`default_state_dir`). It is a cache, not a record:
+sidecars say which files are done. So a database that fails its integrity check on open is moved aside and
+replaced by an empty one; nothing is lost that the next scan cannot rebuild, except counters and history.
+
+Durability: WAL journal with ``synchronous=NORMAL``. A commit is in the WAL (the OS page cache) before it returns, so
+a killed process (``kill -9``, OOM) loses nothing it committed; a power loss or kernel crash can roll back the last
+transactions but never corrupts the file. Losing the newest retry increment means at most one extra retry, which is
+not worth an fsync per finished file (``FULL``). When the filesystem cannot do WAL (no shared memory, some network
+mounts), the rollback journal is used with ``FULL``, because ``NORMAL`` there can corrupt on power loss.
+
+Threads: one connection (``check_same_thread=False``) behind a lock. SQLite allows one writer per database anyway,
+so a connection per thread would only add lock waits between our own connections, plus connections that
+:meth:`State.close` cannot reach. Every call is well under a millisecond next to a request of seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Literal
+
+from mmwatchd.errors import StateError
+from mmwatchd.log import get_logger
+
+log = get_logger()
+
+FILENAME = "state.sqlite3"
+#: How many final errors :meth:`State.last_errors` can look back on.
+ERROR_HISTORY = 200
+#: Daily request counts older than this are dropped.
+REQUEST_DAYS_KEPT = 90
+#: How long a write waits for another process holding the database (a status command, a second daemon).
+BUSY_TIMEOUT_S = 5.0
+#: Stored messages are clipped to this many characters; error messages are one line, this only bounds a bad one.
+MESSAGE_MAX = 2000
+#: ``counts_by_root`` key for files that were processed outside any watch root (``mmwatchd once PATH``).
+NO_ROOT = ""
+
+# Migrations by version number: MIGRATIONS[n - 1] turns a version n - 1 database into version n. Append only;
+# never edit a released step. Paths are BLOBs of ``os.fsencode(path)``: file names may be any bytes.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE retry (
+            path BLOB PRIMARY KEY,
+            root TEXT,
+            attempts INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            last_error TEXT NOT NULL,
+            last_at REAL NOT NULL,
+            retry_at REAL
+        )""",
+        """CREATE TABLE errors (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            path BLOB NOT NULL,
+            root TEXT,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL,
+            at REAL NOT NULL
+        )""",
+        """CREATE TABLE done_counts (
+            root TEXT PRIMARY KEY,
+            ok INTEGER NOT NULL DEFAULT 0,
+            error INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE TABLE requests (day TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRow:
+    """A file that failed transiently and will be tried again."""
+
+    path: Path
+    root: str | None
+    attempts: int
+    last_error: str
+    retry_at: float | None
+    kind: str
+    last_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRow:
+    """A file that failed for good (it got an error sidecar)."""
+
+    path: Path
+    root: str | None
+    kind: str
+    message: str
+    at: float
+
+
+def default_state_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``; the first of several), else ``$XDG_STATE_HOME/mmwatchd``,
+    else ``~/.local/state/mmwatchd``."""
+    first = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if first:
+        return Path(first)
+    xdg = env.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec says relative values are invalid and must be ignored
+        return Path(xdg) / "mmwatchd"
+    home = env.get("HOME")
+    return (Path(home) if home else Path.home()) / ".local" / "state" / "mmwatchd"
+
+
+class _Unusable(Exception):
+    """The file is not a database we can use; ``label`` names the moved-aside copy."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(reason)
+        self.label = label
+        self.reason = reason
+
+
+class State:
+    """Persistent retry counters, error history and tallies. Thread-safe; every write is one transaction.
+
+    ``clock`` gives wall-clock seconds (for ``at`` fields and the local date of the request counter); ``retry_at``
+    values are stored as given, so callers should use wall-clock time there too, since they must survive restarts.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Created here, not by SQLite, so it is private from the start; SQLite gives -wal/-shm the same mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot create the state database: {exc.strerror or exc}") from exc
+        try:
+            self._conn = self._open()
+        except _Unusable as exc:
+            self._move_aside(exc)
+            try:
+                self._conn = self._open()
+            except (_Unusable, sqlite3.Error) as again:
+                raise StateError(f"{self.path}: cannot open a fresh state database: {again}") from again
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"{self.path}: cannot open the state database: {exc} (check the permissions of "
+                f"{self.path.parent}, or set $STATE_DIRECTORY)"
+            ) from exc
+
+    # -- opening -----------------------------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; _write/_read issue BEGIN/COMMIT themselves.
+        # timeout= is SQLite's busy_timeout.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous=" + ("NORMAL" if str(mode).lower() == "wal" else "FULL"))
+            rows = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if rows != ["ok"]:
+                raise _Unusable("corrupt", "; ".join(str(r) for r in rows[:3]))
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _is_corrupt(exc):
+                raise _Unusable("corrupt", str(exc)) from exc
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        while True:
+            with _transaction(conn):
+                # Read inside the write transaction: two processes opening a new file migrate it once.
+                version = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise _Unusable(
+                        f"schema{version}",
+                        f"written by a newer mmwatchd (schema {version}, this one knows {SCHEMA_VERSION})",
+                    )
+                if version == SCHEMA_VERSION:
+                    return
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
+
+    def _move_aside(self, why: _Unusable) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(self.clock()))
+        target = self.path.with_name(f"{self.path.name}.{why.label}-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.{why.label}-{stamp}-{n}")
+        try:
+            os.replace(self.path, target)
+            # The journal belongs to the old file: left behind, SQLite would try to apply it to the new one.
+            for suffix in ("-wal", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}{suffix}", f"{target}{suffix}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}-shm")  # only an index of the WAL; rebuilt on open
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        except OSError as exc:
+            raise StateError(f"{self.path}: unusable ({why.reason}) and cannot be moved aside: {exc}") from exc
+        log.warning(
+            "state.reset",
+            path=str(self.path),
+            moved_to=str(target),
+            reason=why.reason,
+            note="retry counters and error history start over; sidecars are unaffected",
+        )
+
+    # -- transactions ------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with _transaction(self._conn):
+                    yield self._conn
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.path}: cannot update the state database: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with _transaction(self._conn, "BEGIN"):  # one snapshot for multi-query reads
+                    yield self._conn
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.path}: cannot read the state database: {exc}") from exc
+
+    # -- retries and outcomes ----------------------------------------------------------------------------------
+
+    def record_attempt(self, path: Path, *, root: str | None, kind: str, message: str, retry_at: float | None) -> int:
+        """Record a transient failure; return the file's attempt count so far (it survives restarts)."""
+        key = os.fsencode(path)
+        with self._write() as db:
+            db.execute(
+                """INSERT INTO retry (path, root, attempts, kind, last_error, last_at, retry_at)
+                   VALUES (?, ?, 1, ?, ?, ?, ?)
+                   ON CONFLICT (path) DO UPDATE SET
+                     root = excluded.root, attempts = attempts + 1, kind = excluded.kind,
+                     last_error = excluded.last_error, last_at = excluded.last_at, retry_at = excluded.retry_at""",
+                (key, root, kind, _clip(message), self.clock(), retry_at),
+            )
+            n: int = db.execute("SELECT attempts FROM retry WHERE path = ?", (key,)).fetchone()[0]
+        return n
+
+    def attempts(self, path: Path) -> int:
+        with self._read() as db:
+            row = db.execute("SELECT attempts FROM retry WHERE path = ?", (os.fsencode(path),)).fetchone()
+        return int(row[0]) if row else 0
+
+    def record_done(
+        self,
+        path: Path,
+        *,
+        root: str | None,
+        status: Literal["ok", "error"],
+        message: str | None = None,
+        kind: str = "error",
+    ) -> None:
+        """A file is finished: clear its retry state, count it under its root, and keep errors in the history."""
+        if status not in ("ok", "error"):
+            raise ValueError(f"status must be 'ok' or 'error', got {status!r}")
+        key = os.fsencode(path)
+        with self._write() as db:
+            db.execute("DELETE FROM retry WHERE path = ?", (key,))
+            db.execute(
+                f"""INSERT INTO done_counts (root, {status}) VALUES (?, 1)
+                    ON CONFLICT (root) DO UPDATE SET {status} = {status} + 1""",
+                (NO_ROOT if root is None else root,),
+            )
+            if status == "error":
+                db.execute(
+                    "INSERT INTO errors (path, root, kind, message, at) VALUES (?, ?, ?, ?, ?)",
+                    (key, root, kind, _clip(message or ""), self.clock()),
+                )
+                db.execute(
+                    "DELETE FROM errors WHERE id <= (SELECT id FROM errors ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (ERROR_HISTORY,),
+                )
+
+    def forget(self, path: Path) -> None:
+        """Drop a file's retry state (it was deleted or moved away). Its past errors stay in the history."""
+        with self._write() as db:
+            db.execute("DELETE FROM retry WHERE path = ?", (os.fsencode(path),))
+
+    def retrying(self) -> list[RetryRow]:
+        """Files waiting to be retried, soonest first."""
+        with self._read() as db:
+            rows = db.execute(
+                """SELECT path, root, attempts, last_error, retry_at, kind, last_at FROM retry
+                   ORDER BY retry_at IS NULL, retry_at, path"""
+            ).fetchall()
+        return [RetryRow(_path(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def last_errors(self, limit: int = 10) -> list[ErrorRow]:
+        """The newest final errors, newest first."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT path, root, kind, message, at FROM errors ORDER BY id DESC LIMIT ?", (max(0, limit),)
+            ).fetchall()
+        return [ErrorRow(_path(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    def counts_by_root(self) -> dict[str, dict[str, int]]:
+        """root → {"ok", "error", "retrying"}: finished files counted since the state began, and files retrying now.
+        Files outside any root are under :data:`NO_ROOT`."""
+        counts: dict[str, dict[str, int]] = {}
+
+        def entry(root: str) -> dict[str, int]:
+            return counts.setdefault(root, {"ok": 0, "error": 0, "retrying": 0})
+
+        with self._read() as db:
+            for root, ok, error in db.execute("SELECT root, ok, error FROM done_counts"):
+                entry(root).update(ok=ok, error=error)
+            for root, n in db.execute("SELECT coalesce(root, ?), count(*) FROM retry GROUP BY 1", (NO_ROOT,)):
+                entry(root)["retrying"] = n
+        return dict(sorted(counts.items()))
+
+    # -- request counter ---------------------------------------------------------------------------------------
+
+    def count_request(self, n: int = 1) -> int:
+        """Add ``n`` to today's request count (local date) and return the new total."""
+        today = self._today()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO requests (day, n) VALUES (?, ?) ON CONFLICT (day) DO UPDATE SET n = n + excluded.n",
+                (today.isoformat(), n),
+            )
+            db.execute("DELETE FROM requests WHERE day < ?", ((today - timedelta(days=REQUEST_DAYS_KEPT)).isoformat(),))
+            total: int = db.execute("SELECT n FROM requests WHERE day = ?", (today.isoformat(),)).fetchone()[0]
+        return total
+
+    def requests_today(self) -> int:
+        with self._read() as db:
+            row = db.execute("SELECT n FROM requests WHERE day = ?", (self._today().isoformat(),)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _today(self) -> date:
+        return date(*time.localtime(self.clock())[:3])
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database (idempotent). Later calls raise StateError."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+    """One transaction. ``BEGIN IMMEDIATE`` takes the write lock up front, so a writer waits (busy timeout) at the
+    start instead of failing at its first write when another process wrote in between."""
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Corrupt or not a database at all, as opposed to locked, read-only or out of space."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _path(blob: bytes) -> Path:
+    return Path(os.fsdecode(blob))
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MESSAGE_MAX else message[: MESSAGE_MAX - 1] + "…"

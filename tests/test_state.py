@@ -1,0 +1,371 @@
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from mmwatchd import state
+from mmwatchd.state import NO_ROOT, ErrorRow, State, StateError, default_state_dir
+
+REPO = Path(__file__).resolve().parents[1]
+#: A fixed wall clock, so the daily counter cannot roll over while a test runs.
+NOON = datetime(2025, 3, 1, 12, 0, 0).timestamp()
+
+
+class Clock:
+    def __init__(self, now: float = NOON) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "state.sqlite3"
+
+
+def attempt(st: State, path: Path | str, *, root: str | None = "photos", message: str = "timeout") -> int:
+    return st.record_attempt(Path(path), root=root, kind="unavailable", message=message, retry_at=NOON + 60)
+
+
+def quick_check(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [r[0] for r in conn.execute("PRAGMA quick_check")]
+    finally:
+        conn.close()
+
+
+class TestDefaultStateDir:
+    def test_systemd_state_directory_first_of_several(self) -> None:
+        env = {"STATE_DIRECTORY": "/var/lib/mmwatchd:/var/lib/other", "XDG_STATE_HOME": "/x", "HOME": "/h"}
+        assert default_state_dir(env) == Path("/var/lib/mmwatchd")
+
+    def test_xdg_state_home(self) -> None:
+        assert default_state_dir({"XDG_STATE_HOME": "/x/state", "HOME": "/h"}) == Path("/x/state/mmwatchd")
+
+    def test_relative_xdg_is_ignored(self) -> None:
+        assert default_state_dir({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == Path("/h/.local/state/mmwatchd")
+
+    def test_home(self) -> None:
+        assert default_state_dir({"HOME": "/h"}) == Path("/h/.local/state/mmwatchd")
+        assert default_state_dir({"STATE_DIRECTORY": "", "HOME": "/h"}) == Path("/h/.local/state/mmwatchd")
+
+
+class TestOpen:
+    def test_creates_private_dir_and_file_in_wal_mode(self, db: Path) -> None:
+        with State(db, clock=Clock()):
+            pass
+        assert stat.S_IMODE(db.parent.stat().st_mode) & 0o077 == 0
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(state.SCHEMA_VERSION,)]
+        finally:
+            conn.close()
+
+    def test_reopen_keeps_schema_version_single(self, db: Path) -> None:
+        for _ in range(3):
+            State(db, clock=Clock()).close()
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(state.SCHEMA_VERSION,)]
+        finally:
+            conn.close()
+
+    def test_garbage_file_is_moved_aside_and_a_fresh_db_works(self, db: Path) -> None:
+        db.parent.mkdir()
+        garbage = random.Random(1).randbytes(8192)
+        db.write_bytes(garbage)
+        with capture_logs() as logs:
+            st = State(db, clock=Clock())
+        with st:
+            assert attempt(st, "/p/a.jpg") == 1
+            assert st.attempts(Path("/p/a.jpg")) == 1
+        aside = [p for p in db.parent.iterdir() if ".corrupt-" in p.name]
+        assert len(aside) == 1 and aside[0].name.startswith("state.sqlite3.corrupt-")
+        assert aside[0].read_bytes() == garbage
+        assert [e["event"] for e in logs] == ["state.reset"]
+        assert logs[0]["log_level"] == "warning" and logs[0]["moved_to"] == str(aside[0])
+        assert quick_check(db) == ["ok"]
+
+    def test_damaged_pages_are_detected(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            for i in range(1500):
+                attempt(st, f"/p/{i:05d}-{'x' * 40}.jpg", message="m" * 100)
+        data = bytearray(db.read_bytes())
+        assert len(data) > 4096 * 8
+        data[4096 * 2 : 4096 * 6] = random.Random(2).randbytes(4096 * 4)
+        db.write_bytes(bytes(data))
+        with capture_logs() as logs, State(db, clock=Clock()) as st:
+            assert st.retrying() == []
+        assert [e["event"] for e in logs] == ["state.reset"]
+        assert any(".corrupt-" in p.name for p in db.parent.iterdir())
+
+    def test_a_newer_schema_is_moved_aside(self, db: Path) -> None:
+        State(db, clock=Clock()).close()
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE schema_version SET version = 99")
+        conn.commit()
+        conn.close()
+        with capture_logs() as logs, State(db, clock=Clock()) as st:
+            assert st.attempts(Path("/x")) == 0
+        assert "newer" in logs[0]["reason"]
+        assert any(".schema99-" in p.name for p in db.parent.iterdir())
+
+    def test_unopenable_location_is_a_state_error(self, tmp_path: Path) -> None:
+        (tmp_path / "file").write_text("")
+        with pytest.raises(StateError, match="cannot create"):
+            State(tmp_path / "file" / "state.sqlite3")
+
+    def test_use_after_close_is_a_state_error(self, db: Path) -> None:
+        st = State(db, clock=Clock())
+        st.close()
+        st.close()
+        with pytest.raises(StateError):
+            st.attempts(Path("/x"))
+
+
+class TestRetries:
+    def test_attempts_survive_reopen(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            assert attempt(st, "/p/a.jpg") == 1
+            assert attempt(st, "/p/a.jpg", message="connection refused") == 2
+            assert attempt(st, "/p/b.jpg") == 1
+        with State(db, clock=Clock()) as st:
+            assert st.attempts(Path("/p/a.jpg")) == 2
+            assert attempt(st, "/p/a.jpg") == 3
+            assert st.attempts(Path("/p/never.jpg")) == 0
+            rows = {r.path: r for r in st.retrying()}
+        assert rows[Path("/p/a.jpg")].attempts == 3
+        assert rows[Path("/p/a.jpg")].last_error == "timeout"
+        assert rows[Path("/p/a.jpg")].retry_at == NOON + 60
+        assert rows[Path("/p/a.jpg")].root == "photos"
+        assert rows[Path("/p/a.jpg")].kind == "unavailable"
+
+    def test_retrying_is_soonest_first(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            st.record_attempt(Path("/late"), root=None, kind="k", message="m", retry_at=200.0)
+            st.record_attempt(Path("/never"), root=None, kind="k", message="m", retry_at=None)
+            st.record_attempt(Path("/soon"), root=None, kind="k", message="m", retry_at=100.0)
+            assert [r.path.name for r in st.retrying()] == ["soon", "late", "never"]
+
+    def test_done_clears_retry_state(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            attempt(st, "/p/a.jpg")
+            attempt(st, "/p/a.jpg")
+            st.record_done(Path("/p/a.jpg"), root="photos", status="ok")
+            assert st.attempts(Path("/p/a.jpg")) == 0
+            assert st.retrying() == []
+            assert attempt(st, "/p/a.jpg") == 1  # a new version of the file starts over
+
+    def test_forget(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            attempt(st, "/p/a.jpg")
+            st.forget(Path("/p/a.jpg"))
+            st.forget(Path("/p/unknown.jpg"))
+            assert st.attempts(Path("/p/a.jpg")) == 0
+            assert st.counts_by_root() == {}
+
+    def test_non_utf8_names_round_trip(self, db: Path) -> None:
+        raw = b"/photos/caf\xff\xfe.jpg"
+        path = Path(os.fsdecode(raw))
+        with State(db, clock=Clock()) as st:
+            attempt(st, path)
+            attempt(st, path)
+            attempt(st, "/photos/caf.jpg")
+        with State(db, clock=Clock()) as st:
+            assert st.attempts(path) == 2
+            assert {os.fsencode(r.path) for r in st.retrying()} == {raw, b"/photos/caf.jpg"}
+            st.record_done(path, root="photos", status="error", message="cannot decode", kind="decode")
+            [row] = st.last_errors()
+        assert os.fsencode(row.path) == raw
+        assert row == ErrorRow(path=path, root="photos", kind="decode", message="cannot decode", at=NOON)
+
+    def test_long_messages_are_clipped(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            attempt(st, "/a", message="x" * 10_000)
+            assert len(st.retrying()[0].last_error) == state.MESSAGE_MAX
+
+
+class TestHistoryAndCounts:
+    def test_error_history_is_bounded_and_newest_first(self, db: Path) -> None:
+        clock = Clock()
+        with State(db, clock=clock) as st:
+            for i in range(state.ERROR_HISTORY + 25):
+                clock.now += 1
+                st.record_done(Path(f"/p/{i}.jpg"), root="photos", status="error", message=f"bad {i}")
+            st.record_done(Path("/p/fine.jpg"), root="photos", status="ok")
+            newest = st.last_errors(3)
+            assert [r.message for r in newest] == [f"bad {i}" for i in (224, 223, 222)]
+            assert [r.kind for r in newest] == ["error"] * 3
+            everything = st.last_errors(10_000)
+        assert len(everything) == state.ERROR_HISTORY
+        assert everything[-1].message == "bad 25"
+        assert State(db, clock=clock).last_errors(0) == []
+
+    def test_counts_by_root(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            for i in range(3):
+                st.record_done(Path(f"/a/{i}"), root="a", status="ok")
+            st.record_done(Path("/a/x"), root="a", status="error", message="rejected")
+            attempt(st, "/a/r1", root="a")
+            attempt(st, "/a/r1", root="a")  # one file, two attempts: retrying counts files
+            attempt(st, "/b/r", root="b")
+            st.record_done(Path("/once.jpg"), root=None, status="ok")
+            assert st.counts_by_root() == {
+                NO_ROOT: {"ok": 1, "error": 0, "retrying": 0},
+                "a": {"ok": 3, "error": 1, "retrying": 1},
+                "b": {"ok": 0, "error": 0, "retrying": 1},
+            }
+            st.record_done(Path("/b/r"), root="b", status="ok")
+        with State(db, clock=Clock()) as st:
+            assert st.counts_by_root()["b"] == {"ok": 1, "error": 0, "retrying": 0}
+
+    def test_bad_status_is_rejected(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st, pytest.raises(ValueError):
+            st.record_done(Path("/a"), root=None, status="maybe")  # type: ignore[arg-type]
+
+    def test_daily_counter_rolls_over_at_local_midnight(self, db: Path) -> None:
+        clock = Clock(datetime(2025, 3, 1, 23, 59, 58).timestamp())
+        with State(db, clock=clock) as st:
+            assert st.requests_today() == 0
+            assert st.count_request() == 1
+            assert st.count_request(2) == 3
+            clock.now += 1.5  # 23:59:59.5
+            assert st.requests_today() == 3
+            clock.now += 1.0  # 00:00:00.5 the next day
+            assert st.requests_today() == 0
+            assert st.count_request() == 1
+            clock.now -= 1.0
+            assert st.requests_today() == 3  # the previous day is still there
+
+    def test_old_days_are_dropped(self, db: Path) -> None:
+        clock = Clock()
+        with State(db, clock=clock) as st:
+            st.count_request()
+            clock.now += (state.REQUEST_DAYS_KEPT + 5) * 86400
+            st.count_request()
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 1
+        finally:
+            conn.close()
+
+
+def test_concurrent_use_from_8_threads(db: Path) -> None:
+    st = State(db, clock=Clock())
+    n_threads, n_files = 8, 25
+    barrier = threading.Barrier(n_threads)
+    failures: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            for i in range(n_files):
+                path = Path(f"/root{t % 2}/{t}-{i}.jpg")
+                assert attempt(st, path, root=f"root{t % 2}") == 1
+                assert attempt(st, path, root=f"root{t % 2}") == 2
+                st.count_request()
+                if i % 5 != 0:  # every fifth file stays retrying
+                    st.record_done(path, root=f"root{t % 2}", status="ok" if i % 2 else "error", message="no")
+                st.counts_by_root()
+                st.last_errors()
+        except BaseException as exc:  # handed to the test thread, which fails with it
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,), name=f"state-test-{t}") for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    try:
+        assert not failures, failures
+        assert st.requests_today() == n_threads * n_files
+        counts = st.counts_by_root()
+        per_root = n_threads // 2
+        # of 25 files per thread: 5 stay retrying, 10 ok (odd i), 10 error (even i, not multiples of 5)
+        assert counts == {r: {"ok": 10 * per_root, "error": 10 * per_root, "retrying": 5 * per_root}
+                          for r in ("root0", "root1")}  # fmt: skip
+        assert len(st.retrying()) == 5 * n_threads
+    finally:
+        st.close()
+    assert quick_check(db) == ["ok"]
+
+
+# Writes in a loop and appends, after each commit, the request count that commit returned.
+WRITER = """
+import os, sys
+from pathlib import Path
+from mmwatchd.state import State
+
+db, progress, now = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+st = State(db, clock=lambda: now)
+fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+i = 0
+while True:
+    i += 1
+    path = Path(f"/photos/{i % 37}-\\udcff.jpg")
+    st.record_attempt(path, root="photos", kind="unavailable", message="x" * 300, retry_at=now + i)
+    if i % 3 == 0:
+        st.record_done(path, root="photos", status="error" if i % 2 else "ok", message="m" * 300)
+    n = st.count_request()
+    os.write(fd, b"%d\\n" % n)
+"""
+
+
+def test_killed_mid_write_loses_nothing_committed(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite3"
+    progress = tmp_path / "progress"
+    errlog = tmp_path / "stderr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    rng = random.Random()
+    started = time.monotonic()
+    prev_requests = prev_done = 0
+    rounds = 0
+    while rounds < 3 or (rounds < 8 and time.monotonic() - started < 1.5):
+        rounds += 1
+        lines_before = len(progress.read_bytes().splitlines()) if progress.exists() else 0
+        with open(errlog, "wb") as err:
+            child = subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(db), str(progress), repr(NOON)],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while not progress.exists() or len(progress.read_bytes().splitlines()) <= lines_before:
+                assert child.poll() is None, errlog.read_text()
+                assert time.monotonic() < deadline, "the writer made no progress"
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.08))
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        assert child.returncode == -signal.SIGKILL
+        # The last complete line is a count the child saw committed; a torn last line is dropped.
+        text = progress.read_bytes()
+        committed = int(text[: text.rindex(b"\n")].rsplit(b"\n", 1)[-1])
+
+        with capture_logs() as logs, State(db, clock=Clock()) as st:
+            requests = st.requests_today()
+            done = sum(c["ok"] + c["error"] for c in st.counts_by_root().values())
+            assert st.retrying(), "retry rows survive"
+        assert logs == [], "the database was not reset"
+        assert quick_check(db) == ["ok"]
+        assert requests >= committed > prev_requests
+        assert done >= prev_done
+        prev_requests, prev_done = requests, done
+    assert not any(".corrupt-" in p.name for p in tmp_path.iterdir())
