@@ -9,6 +9,7 @@
     │   └── BudgetExceeded        cannot be made to fit endpoint.max_request_bytes
     ├── VLMError                  the model call failed
     │   ├── VLMUnavailable        transient: connection, timeout, 408/409/429, 5xx (retry later)
+    │   │   └── VLMMisconfigured  the endpoint refuses everyone: bad key, unknown model or URL (fix, then retry)
     │   ├── VLMRejected           permanent: the server refused this request (4xx)
     │   └── VLMBadReply           the reply was unusable (invalid JSON after a retry)
     ├── SidecarError              the sidecar cannot be written
@@ -73,6 +74,17 @@ class VLMUnavailable(VLMError):
     retryable = True
     #: Seconds the server asked us to wait (Retry-After), when it said.
     retry_after: float | None = None
+    #: The HTTP status when the server answered; None when it did not (refused, timed out).
+    status: int | None = None
+
+
+class VLMMisconfigured(VLMUnavailable):
+    """Not the file's fault: every request would fail the same way until the config, key or server is fixed.
+
+    Files are therefore not marked failed; work waits, and the log says what to fix.
+    """
+
+    kind = "endpoint_config"
 
 
 class VLMRejected(VLMError):

@@ -30,7 +30,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 import openai
 
-from .errors import VLMBadReply, VLMRejected, VLMUnavailable
+from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
 from .model import EndpointConfig, Reply, VLMRequest
 
 __all__ = [
@@ -420,7 +420,7 @@ class VLMClient:
             retry_after = _retry_after(exc.response.headers)
             wait = f"; the server asks to retry after {retry_after:g} s" if retry_after is not None else ""
             busy = f"endpoint {self._url} cannot take the request now (HTTP {status}): {said}{wait}"
-            return self._unavailable(busy, retry_after)
+            return self._unavailable(busy, retry_after, status)
         refused = f"endpoint {self._url} refused the request (HTTP {status}): {said}"
         if status == 413:
             size = f" of about {request_bytes(req)} bytes" if req is not None else ""
@@ -438,21 +438,28 @@ class VLMClient:
                 hint = f"${env} is not set: put the key there"
             else:
                 hint = f"Check the key in ${env}"
-            return VLMRejected(self._scrub(f"{refused}. {hint}"))
+            return self._misconfigured(f"{refused}. {hint}", status)
         if status == 404 and req is not None and ("model" in said.lower() or exc.code == "model_not_found"):
-            return VLMRejected(
-                self._scrub(
-                    f"model {req.model!r} not found at {self._url} (HTTP 404): {said}. Pull it "
-                    f"(`ollama pull {req.model}`) or check endpoint.model against `mmwatchd check`'s model list"
-                )
+            return self._misconfigured(
+                f"model {req.model!r} not found at {self._url} (HTTP 404): {said}. Pull it "
+                f"(`ollama pull {req.model}`) or check endpoint.model / the rule's model",
+                status,
             )
-        if status == 404:
+        if status == 404 and req is not None:
+            return self._misconfigured(f"{refused}. Check endpoint.base_url (it usually ends in /v1)", status)
+        if status == 404:  # some gateways have no /models: the server is up, requests will tell
             return VLMRejected(self._scrub(f"{refused}. Check endpoint.base_url (it usually ends in /v1)"))
         return VLMRejected(self._scrub(refused))
 
-    def _unavailable(self, message: str, retry_after: float | None) -> VLMUnavailable:
+    def _unavailable(self, message: str, retry_after: float | None, status: int | None = None) -> VLMUnavailable:
         error = VLMUnavailable(self._scrub(message))
-        error.retry_after = retry_after  # type: ignore[attr-defined]
+        error.retry_after = retry_after
+        error.status = status
+        return error
+
+    def _misconfigured(self, message: str, status: int) -> VLMMisconfigured:
+        error = VLMMisconfigured(self._scrub(message))
+        error.status = status
         return error
 
     def _server_message(self, exc: openai.APIStatusError) -> str:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakevlm import FakeVLM, chat_completion, error_body
-from mmwatchd.errors import VLMBadReply, VLMRejected, VLMUnavailable
+from mmwatchd.errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
 from mmwatchd.model import EndpointConfig, Part, VLMRequest
 from mmwatchd.vlm import (
     NO_KEY,
@@ -307,13 +307,13 @@ class TestErrors:
     def test_401_on_list_models(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
         fake_vlm.enqueue(status=401, json=error_body("Incorrect API key provided", type_="invalid_api_key"))
         expected = rf"HTTP 401\): Incorrect API key provided\. Check the key in \${KEY_ENV}"
-        with pytest.raises(VLMRejected, match=expected):
+        with pytest.raises(VLMMisconfigured, match=expected):
             client.list_models()
 
     def test_401_without_a_key_says_to_set_it(self, fake_vlm: FakeVLM) -> None:
         fake_vlm.enqueue(status=401, text="Unauthorized")
         with VLMClient(endpoint(fake_vlm), api_key=None) as vlm:
-            with pytest.raises(VLMRejected, match=rf"\${KEY_ENV} is not set"):
+            with pytest.raises(VLMMisconfigured, match=rf"\${KEY_ENV} is not set"):
                 vlm.list_models()
 
     def test_list_models(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
@@ -322,7 +322,7 @@ class TestErrors:
         assert fake_vlm.requests[0].path == "/v1/models"
 
     def test_model_not_found(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
-        with pytest.raises(VLMRejected) as caught:
+        with pytest.raises(VLMMisconfigured) as caught:
             client.describe(request(model="llava:13b"))
         assert "model 'llava:13b' not found" in caught.value.message
         assert "ollama pull llava:13b" in caught.value.message and "endpoint.model" in caught.value.message
