@@ -253,3 +253,16 @@ class EncodedVideo:
     facts: VideoFacts
     #: Human-readable, in the order applied, e.g. "quality 80 -> 52", "frame size 768 -> 512 px", "frames 16 -> 8".
     degradations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ActionSpec:
+    """What to do with a file (and its sidecar) once it is done: drop-folder automation."""
+
+    __pydantic_config__ = _STRICT
+
+    #: Move the file and its sidecar into this folder (relative subfolders of recursive roots are kept).
+    move_to: Path | None = None
+    #: Run this program (argv list, no shell); placeholders as in prompts plus {sidecar} and {status}.
+    exec: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    exec_timeout_s: PositiveFloat = 60.0
