@@ -144,6 +144,13 @@ class EndpointConfig:
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     #: Retries the openai SDK makes itself for connection errors, 408/409/429 and 5xx.
     max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    #: Requests started per minute at most (None: no limit). Paid APIs and shared servers want this.
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    #: Requests per calendar day at most (local time); work pauses until midnight once reached.
+    max_requests_per_day: Annotated[int, Field(ge=1)] | None = None
+    #: A file whose requests the server answered with 408/409/5xx (or that timed out) this many times gets an
+    #: error sidecar instead of another try. Unreachable endpoints and 429s never count: they pause work instead.
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,7 +236,7 @@ class VideoFacts:
     codec: str
     width: int  # as displayed, i.e. after rotation
     height: int
-    rotation: int = 0  # degrees applied to reach the displayed orientation
+    rotation: int = 0  # degrees clockwise applied to reach the displayed orientation
     duration_s: float | None = None
     fps: float | None = None
     frame_count: int | None = None

@@ -19,12 +19,15 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from datetime import datetime
+from fractions import Fraction
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageStat
 
 __all__ = [
     "INVERSE_ORIENTATION",
+    "FRAME_BITS",
+    "make_audio",
     "make_avif",
     "make_bmp",
     "make_empty",
@@ -32,6 +35,7 @@ __all__ = [
     "make_heic",
     "make_jpeg",
     "make_named_text",
+    "make_numbered_video",
     "make_pdf",
     "make_pixel_flood_png",
     "make_png",
@@ -40,7 +44,9 @@ __all__ = [
     "make_video",
     "make_webp",
     "make_zip",
+    "numbered_picture",
     "picture",
+    "read_number",
 ]
 
 Size = tuple[int, int]
@@ -374,3 +380,119 @@ def make_video(path: Path, size: Size = (64, 48), *, frames: int = 6, fps: int =
             out.mux(packet)
     return path
 
+
+
+# ---------------------------------------------------------------------------------------------------- numbered video
+
+#: Bits :func:`numbered_picture` encodes (frame numbers 0..255).
+FRAME_BITS = 8
+
+
+def numbered_picture(number: int, size: Size = (160, 120), *, detail: bool = False, seed: int = 0) -> Image.Image:
+    """A picture that says which frame it is, readable back after JPEG and downscaling (:func:`read_number`).
+
+    Top half: ``FRAME_BITS`` vertical stripes, left to right bit 0 upwards, white for 1 and black for 0. Bottom half:
+    a red block in the left quarter (it shows where "bottom left" ended up after rotation), then grey, or with
+    ``detail`` the hard-to-compress :func:`picture` content, so byte budgets bite.
+    """
+    width, height = size
+    img = Image.new("RGB", size, (110, 110, 110))
+    if detail:
+        img.paste(picture((width, height - height // 2), detail=True, seed=seed + number), (0, height // 2))
+    draw = ImageDraw.Draw(img)
+    for bit in range(FRAME_BITS):
+        x0, x1 = bit * width // FRAME_BITS, (bit + 1) * width // FRAME_BITS - 1
+        draw.rectangle((x0, 0, x1, height // 2 - 1), fill=(255, 255, 255) if number >> bit & 1 else (0, 0, 0))
+    draw.rectangle((0, height // 2, max(0, width // 4 - 1), height - 1), fill=(255, 0, 0))
+    return img
+
+
+def read_number(img: Image.Image) -> int:
+    """The frame number :func:`numbered_picture` drew into ``img`` (any size, upright)."""
+    grey = img.convert("L")
+    width, height = grey.size
+    number = 0
+    for bit in range(FRAME_BITS):
+        x0, x1 = bit * width / FRAME_BITS, (bit + 1) * width / FRAME_BITS
+        margin = (x1 - x0) / 4
+        box = (round(x0 + margin), height // 8, max(round(x0 + margin) + 1, round(x1 - margin)), 3 * height // 8)
+        if ImageStat.Stat(grey.crop(box)).mean[0] > 128:
+            number |= 1 << bit
+    return number
+
+
+def make_numbered_video(path: Path, size: Size = (160, 120), *, frames: int = 40, fps: int = 10,
+                        codec: str | None = None, container: str | None = None, gop: int | None = None,
+                        pts_ms: Sequence[int] | None = None, rotation: int | None = None,
+                        options: dict[str, str] | None = None, detail: bool = False,
+                        bit_rate: int | None = None) -> Path:  # fmt: skip
+    """A video whose frame *i* shows :func:`numbered_picture` *i* (as displayed).
+
+    ``gop`` sets the keyframe interval (frames); ``pts_ms`` gives each frame's time in milliseconds (variable frame
+    rate; ``frames`` is then its length); ``rotation`` writes a display matrix (FFmpeg's convention: degrees
+    counter-clockwise, so -90 is what phones write for portrait) and stores the pixels turned the other way, so the
+    clip shows ``size`` upright once the matrix is applied. ``options`` are muxer options (``{"movflags":
+    "faststart"}``); ``bit_rate`` (bits/s) keeps ``detail`` from being smoothed away by the encoder.
+
+    The container comes from the suffix as for :func:`make_video`, plus ``.h264``/``.m4v`` for raw elementary
+    streams (libx264/mpeg4) without any container timing.
+    """
+    import av
+
+    path = _prepare(path)
+    suffix = path.suffix.lower()
+    raw = {".h264": ("h264", "libx264"), ".m4v": ("m4v", "mpeg4")}
+    fmt = container or (raw[suffix][0] if suffix in raw else _CONTAINERS[suffix])
+    name = codec or (raw[suffix][1] if suffix in raw else _DEFAULT_CODECS.get(fmt, "mpeg4"))
+    if name == "libvpx-vp9" and name not in av.codecs_available:
+        name = "libvpx"
+    times = list(pts_ms) if pts_ms is not None else None
+    count = len(times) if times is not None else frames
+    stored = size if rotation is None or rotation % 180 == 0 else (size[1], size[0])
+    with av.open(str(path), "w", format=fmt, options=options or {}) as out:
+        stream = out.add_stream(name, rate=fps)
+        stream.width, stream.height = stored
+        stream.pix_fmt = "yuv420p"
+        if gop is not None:  # exactly every ``gop`` frames: no extra keyframes at scene changes
+            stream.codec_context.gop_size = gop
+            stream.options = {"sc_threshold": "1000000000"}
+        if bit_rate is not None:
+            stream.codec_context.bit_rate = bit_rate
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+            stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(count):
+            img = numbered_picture(i, size, detail=detail)
+            if rotation:
+                img = img.rotate(-rotation, expand=True)  # the display matrix turns it back by +rotation
+            frame = av.VideoFrame.from_image(img)
+            if times is not None:
+                frame.pts, frame.time_base = times[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def make_audio(path: Path, seconds: float = 1.0, *, container: str | None = None) -> Path:
+    """An audio-only file (AAC silence), e.g. under a video's name (``clip.mp4``)."""
+    import av
+
+    path = _prepare(path)
+    fmt = container or _CONTAINERS.get(path.suffix.lower(), "mp4")
+    rate, samples = 44100, 1024
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        for i in range(max(1, int(seconds * rate / samples))):
+            frame = av.AudioFrame(format="fltp", layout="mono", samples=samples)
+            frame.planes[0].update(bytes(frame.planes[0].buffer_size))
+            frame.sample_rate, frame.pts = rate, i * samples
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
