@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from mmwatchd import __version__, rules, sidecar
 from mmwatchd.config import Config, Rule
-from mmwatchd.encode import encode_image, probe_image
+from mmwatchd.encode import encode_image, encode_video, probe_image, probe_video
 from mmwatchd.errors import (
     BudgetExceeded,
+    DecodeError,
     ForeignSidecar,
     MediaError,
     MediaTooLarge,
@@ -26,9 +27,11 @@ from mmwatchd.errors import (
     SidecarError,
     UnsupportedMedia,
     VLMError,
+    VLMUnavailable,
 )
 from mmwatchd.media import media_suffix_kind, sniff
-from mmwatchd.model import ImageFacts, Part, Reply, VLMRequest
+from mmwatchd.actions import run_actions
+from mmwatchd.model import ActionSpec, Part, Reply, VideoSpec, VLMRequest
 from mmwatchd.vlm import VLMClient, build_body, request_bytes
 
 Status = Literal["ok", "error", "retry", "skipped", "planned"]
@@ -48,6 +51,9 @@ class Outcome:
     #: For dry runs: what would be sent.
     plan: dict[str, Any] | None = field(default=None, repr=False)
     elapsed_s: float = 0.0
+    #: Where on_success/on_error moved the file, and what went wrong with the actions.
+    moved_to: Path | None = None
+    action_problems: tuple[str, ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -72,7 +78,8 @@ class _Stat:
 class _Planned:
     rule: Rule
     request: VLMRequest
-    facts: ImageFacts
+    #: What the sidecar records about the media, without the request-level fields.
+    media: dict[str, Any]
     fingerprint: str
 
 
@@ -87,8 +94,20 @@ class Processor:
 
     # -- the job ---------------------------------------------------------------------------------------------
 
-    def process(self, path: Path, *, explicit: bool = False, force: bool = False, dry_run: bool = False) -> Outcome:
-        """Process one file. ``explicit``: a person named it (so non-media gets an error, not a skip)."""
+    def process(
+        self,
+        path: Path,
+        *,
+        explicit: bool = False,
+        force: bool = False,
+        dry_run: bool = False,
+        last_attempt: bool = False,
+    ) -> Outcome:
+        """Process one file.
+
+        ``explicit``: a person named it (so non-media gets an error, not a skip). ``last_attempt``: a failure the
+        server answered (408/409/5xx) is recorded as permanent instead of being retried again.
+        """
         started = self.clock()
         path = Path(os.path.abspath(path))
         try:
@@ -103,15 +122,25 @@ class Processor:
         side = sidecar.sidecar_path(path, self.config.sidecar.suffix)
         rule: Rule | None = None
         fingerprint = ""
+        root, rel = rules.rel_to_roots(path, self._roots)
+        values: dict[str, object] = {
+            "name": path.name,
+            "stem": path.stem,
+            "ext": path.suffix[1:].lower(),
+            "folder": path.parent.name,
+            "path": str(path),
+            "relpath": rel,
+            "size_bytes": before.size,
+        }
         try:
             kind, problem = self._kind(path, before, explicit=explicit)
             if kind is None:
                 return Outcome(path=path, status="skipped", reason="not a photo or video")
-            _root, rel = rules.rel_to_roots(path, self._roots)
+            values["kind"] = kind
             rule = rules.match(rel, kind, self.config.rules)
             if rule is None:
                 return Outcome(path=path, status="skipped", reason=f"no rule matches this {kind}")
-            fingerprint = rules.fingerprint(rule, self.config.endpoint)
+            fingerprint = rules.fingerprint(rule, self.config.endpoint, kind)
             if not dry_run and not force:
                 existing = sidecar.read(side)
                 if existing is not None and sidecar.is_fresh(
@@ -126,11 +155,7 @@ class Processor:
                 sidecar.read(side)  # a foreign file there is never replaced, forced or not
             if problem is not None:
                 raise problem
-            if kind == "video":
-                return Outcome(
-                    path=path, status="skipped", reason="videos are not described by this version", rule=rule.name
-                )
-            planned = self._plan(path, rel, rule, before, fingerprint)
+            planned = self._plan(path, kind, rule, values, fingerprint)
             if dry_run:
                 return Outcome(
                     path=path,
@@ -153,24 +178,29 @@ class Processor:
                 )
             doc = self._ok_doc(path, planned, before, reply, elapsed=self.clock() - started)
             sidecar.write(side, doc)
-            return Outcome(
+            outcome = Outcome(
                 path=path,
                 status="ok",
                 rule=rule.name,
                 request_bytes=request_bytes(planned.request),
                 elapsed_s=self.clock() - started,
             )
+            return self._act(outcome, rule.on_success, side, root, values)
         except ForeignSidecar as exc:
             return Outcome(path=path, status="skipped", reason=exc.message, rule=rule and rule.name, error=exc)
         except (MediaError, VLMError, SidecarError) as exc:
-            if exc.retryable:
+            gave_up = last_attempt and isinstance(exc, VLMUnavailable) and exc.counts_against_file
+            if exc.retryable and not gave_up:
                 return Outcome(
                     path=path, status="retry", reason=exc.message, rule=rule and rule.name, error=exc,
                     elapsed_s=self.clock() - started,
                 )  # fmt: skip
             if dry_run:
                 return Outcome(path=path, status="error", reason=exc.message, rule=rule and rule.name, error=exc)
-            return self._fail(path, side, rule, fingerprint, before, exc, started)
+            outcome = self._fail(path, side, rule, fingerprint, before, exc, started, gave_up=gave_up)
+            if outcome.status == "error" and rule is not None:
+                return self._act(outcome, rule.on_error, side, root, values)
+            return outcome
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -198,50 +228,124 @@ class Processor:
             problem = UnsupportedMedia(f"{path.name}: not {what}: {why}")
         return claimed or "image", problem
 
-    def _plan(self, path: Path, rel: str, rule: Rule, st: _Stat, fingerprint: str) -> _Planned:
+    def _plan(self, path: Path, kind: str, rule: Rule, values: dict[str, object], fingerprint: str) -> _Planned:
+        refs = self._references(rule)
+        if kind == "image":
+            facts = probe_image(path, limits=self.config.limits)
+            values.update(width=facts.width, height=facts.height, taken=facts.taken)
+            if facts.frames > 1 and rule.video is not None:
+                return self._plan_video(path, rule, values, refs, fingerprint)
+            request = self._request(rule, values, refs)
+            budget = self._budget(request, (Part(mime="image/jpeg", chunks=(b"",), width=0, height=0),))
+            if budget <= 0:
+                raise self._no_room(path, request)
+            part = encode_image(path, rule.image, budget=budget, limits=self.config.limits)
+            request = replace(request, parts=(*refs, part))
+            media = {"kind": "image", "format": facts.format, "width": facts.width, "height": facts.height,
+                     "taken": facts.taken or None}  # fmt: skip
+            return self._checked(path, rule, request, media, fingerprint)
+        return self._plan_video(path, rule, values, refs, fingerprint)
+
+    def _plan_video(
+        self, path: Path, rule: Rule, values: dict[str, object], refs: tuple[Part, ...], fingerprint: str
+    ) -> _Planned:
+        spec = rule.video or VideoSpec()
         limits = self.config.limits
-        facts = probe_image(path, limits=limits)
-        values = {
-            "name": path.name,
-            "stem": path.stem,
-            "ext": path.suffix[1:].lower(),
-            "folder": path.parent.name,
-            "path": str(path),
-            "relpath": rel,
-            "size_bytes": st.size,
-            "kind": "image",
-            "width": facts.width,
-            "height": facts.height,
-            "taken": facts.taken,
+        facts = probe_video(path, limits=limits)
+        values.update(
+            kind="video",
+            width=facts.width,
+            height=facts.height,
+            taken="",
+            duration_s="" if facts.duration_s is None else f"{facts.duration_s:.1f}",
+            fps="" if facts.fps is None else f"{facts.fps:.3g}",
+            frames=spec.frames,  # the most that can be sent: the budget is computed for the longest prompt
+        )
+        longest = self._request(rule, values, refs)
+        stamp_room = len(f", {facts.duration_s or 0:.1f} s") + 2  # per frame, for the timestamps line (images mode)
+
+        def budget(n: int) -> int:
+            if spec.mode == "images":
+                placeholders = tuple(Part(mime="image/jpeg", chunks=(b"",), width=0, height=0) for _ in range(n))
+                req = replace(longest, prompt=longest.prompt + _frames_line(n, [0.0] * n) + " " * (stamp_room * n))
+            else:
+                placeholders = (Part(type="video_url", mime="video/jpeg", chunks=(b"",), width=0, height=0),)
+                req = longest
+            return self._budget(req, placeholders)
+
+        if budget(1) <= 0:
+            raise self._no_room(path, longest)
+        video = encode_video(path, spec, budget=budget, limits=limits)
+        values["frames"] = len(video.frames) or ""
+        request = self._request(rule, values, refs)
+        if video.mode == "images":
+            request = replace(request, prompt=request.prompt + _frames_line(len(video.frames), [f.t for f in video.frames]))
+        request = replace(request, parts=(*refs, *video.parts))
+        media = {
+            "kind": "video",
+            "container": video.facts.container,
+            "codec": video.facts.codec,
+            "width": video.facts.width,
+            "height": video.facts.height,
+            "rotation": video.facts.rotation,
+            "duration_s": video.facts.duration_s,
+            "fps": video.facts.fps,
+            "mode": video.mode,
+            "frames": [{"t": f.t, "width": f.width, "height": f.height, "bytes": f.bytes} for f in video.frames],
+            "degradations": list(video.degradations),
         }
+        return self._checked(path, rule, request, media, fingerprint)
+
+    def _request(self, rule: Rule, values: dict[str, object], parts: tuple[Part, ...]) -> VLMRequest:
         endpoint = self.config.endpoint
-        placeholder = Part(mime="image/jpeg", chunks=(b"",), width=0, height=0)
-        request = VLMRequest(
+        return VLMRequest(
             model=rule.model or endpoint.model,
             system=rules.render(rule.system, values) if rule.system else None,
             prompt=rules.render(rule.prompt, values),
-            parts=(placeholder,),
+            parts=parts,
             max_tokens=rule.max_tokens or endpoint.max_tokens,
             temperature=rule.temperature if rule.temperature is not None else endpoint.temperature,
             schema=rule.schema,
             schema_name=rule.name.replace(".", "_"),
         )
-        overhead = request_bytes(request) - placeholder.url_len
-        budget = endpoint.max_request_bytes - overhead
-        if budget <= 0:
-            raise BudgetExceeded(
-                f"{path.name}: the prompt, system text and schema alone take {overhead} bytes, over "
-                f"endpoint.max_request_bytes ({endpoint.max_request_bytes}); shorten them or raise the limit"
-            )
-        part = encode_image(path, rule.image, budget=budget, limits=limits)
-        request = replace(request, parts=(part,))
+
+    def _budget(self, request: VLMRequest, placeholders: tuple[Part, ...]) -> int:
+        """Data-URL bytes left for ``placeholders`` (empty parts standing for the media) under the request cap."""
+        probe = replace(request, parts=(*request.parts, *placeholders))
+        overhead = request_bytes(probe) - sum(p.url_len for p in placeholders)
+        return self.config.endpoint.max_request_bytes - overhead
+
+    def _no_room(self, path: Path, request: VLMRequest) -> BudgetExceeded:
+        cap = self.config.endpoint.max_request_bytes
+        return BudgetExceeded(
+            f"{path.name}: the prompt, system text, schema and reference images alone take "
+            f"{request_bytes(request)} bytes, over endpoint.max_request_bytes ({cap}); shorten them or raise the limit"
+        )
+
+    def _references(self, rule: Rule) -> tuple[Part, ...]:
+        """The rule's reference images, each given an equal share of the request (the media keeps one share too)."""
+        if not rule.reference_images:
+            return ()
+        share = self.config.endpoint.max_request_bytes // (2 * (len(rule.reference_images) + 1))
+        parts = []
+        for ref in rule.reference_images:
+            try:
+                part = encode_image(ref, rule.image, budget=share, limits=self.config.limits)
+            except FileNotFoundError:
+                raise DecodeError(f"reference image {ref} is missing (rules: {rule.name}.reference_images)") from None
+            except MediaError as exc:
+                raise type(exc)(f"reference image {ref}: {exc.message}") from exc
+            parts.append(replace(part, origin="reference"))
+        return tuple(parts)
+
+    def _checked(
+        self, path: Path, rule: Rule, request: VLMRequest, media: dict[str, Any], fingerprint: str
+    ) -> _Planned:
         total = request_bytes(request)
-        if total > endpoint.max_request_bytes:  # the encoder's promise, checked: never send an oversize request
-            raise BudgetExceeded(
-                f"{path.name}: request would be {total} bytes, over endpoint.max_request_bytes "
-                f"({endpoint.max_request_bytes})"
-            )
-        return _Planned(rule=rule, request=request, facts=facts, fingerprint=fingerprint)
+        cap = self.config.endpoint.max_request_bytes
+        if total > cap:  # the encoders' promise, checked: never send an oversize request
+            raise BudgetExceeded(f"{path.name}: request would be {total} bytes, over endpoint.max_request_bytes ({cap})")
+        return _Planned(rule=rule, request=request, media=media, fingerprint=fingerprint)
 
     @staticmethod
     def _restat(path: Path) -> _Stat | None:
@@ -253,13 +357,8 @@ class Processor:
     # -- documents -------------------------------------------------------------------------------------------
 
     def _media_doc(self, planned: _Planned) -> dict[str, Any]:
-        facts = planned.facts
         return {
-            "kind": "image",
-            "format": facts.format,
-            "width": facts.width,
-            "height": facts.height,
-            "taken": facts.taken or None,
+            **planned.media,
             "parts": [p.describe() for p in planned.request.parts],
             "request_bytes": request_bytes(planned.request),
             "max_request_bytes": self.config.endpoint.max_request_bytes,
@@ -314,8 +413,11 @@ class Processor:
         st: _Stat,
         exc: MmwatchdError,
         started: float,
+        *,
+        gave_up: bool = False,
     ) -> Outcome:
         """Record a permanent failure so the file is not retried until it or its rule changes."""
+        message = f"gave up after repeated failures: {exc.message}" if gave_up else exc.message
         try:
             sha = sidecar.sha256_file(path)
         except OSError:
@@ -326,7 +428,7 @@ class Processor:
             rule=rule.name if rule else None,
             model=(rule.model if rule else None) or self.config.endpoint.model,
             fingerprint=fingerprint or None,
-            error={"kind": exc.kind, "message": exc.message},
+            error={"kind": exc.kind, "message": message},
             elapsed_s=round(self.clock() - started, 3),
             created=_now(),
         )
@@ -337,7 +439,22 @@ class Processor:
                 path=path, status="retry", reason=f"{exc.message}; and {write_exc.message}",
                 rule=rule and rule.name, error=write_exc,
             )  # fmt: skip
-        return Outcome(path=path, status="error", reason=exc.message, rule=rule and rule.name, error=exc)
+        return Outcome(path=path, status="error", reason=message, rule=rule and rule.name, error=exc)
+
+    def _act(
+        self, outcome: Outcome, spec: ActionSpec | None, side: Path, root: Path | None, values: dict[str, object]
+    ) -> Outcome:
+        """Run the rule's on_success/on_error actions; their problems are reported, never raised."""
+        if spec is None:
+            return outcome
+        result = run_actions(spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status)
+        return replace(outcome, moved_to=result.path if result.moved else None, action_problems=result.problems)
+
+
+def _frames_line(n: int, times: list[float]) -> str:
+    """What image-only APIs are told about the frames they get as separate images."""
+    stamps = ", ".join(f"{t:.1f} s" for t in times)
+    return f"\n\nThe {n} images are frames of the video, in order, at {stamps}."
 
 
 def _body_shape(request: VLMRequest) -> dict[str, Any]:
