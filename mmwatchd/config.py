@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, Valida
 
 from mmwatchd import rules
 from mmwatchd.errors import ConfigError
-from mmwatchd.model import _STRICT, EndpointConfig, ImageSpec, Limits, VideoSpec, WatchRoot
+from mmwatchd.model import _STRICT, ActionSpec, EndpointConfig, ImageSpec, Limits, VideoSpec, WatchRoot
 
 KeyPath = tuple[str | int, ...]
 
@@ -80,6 +80,9 @@ class Rule:
     video: VideoSpec | None = None
     #: Images sent before the file's own parts, in this order, with every request of this rule.
     reference_images: tuple[Path, ...] = ()
+    #: What to do with the file and its sidecar once described, or once it failed for good.
+    on_success: ActionSpec | None = None
+    on_error: ActionSpec | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,6 +105,10 @@ class Config:
     sidecar: SidecarConfig = SidecarConfig()
     limits: Limits = Limits()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Full rescan of every watched folder this often, as a safety net for missed events (0: never).
+    rescan_interval_s: Annotated[float, Field(ge=0)] = 600.0
+    #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
+    state_dir: Path | None = None
     #: Where the config came from, and where each key sits in it (for messages about values found later).
     source: Path | None = field(default=None, compare=False)
     positions: Mapping[KeyPath, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
@@ -189,10 +196,18 @@ def loads(text: str, *, source: Path | None = None) -> Config:
     for root in data.get("watch") or []:
         if isinstance(root, dict) and isinstance(root.get("path"), str):
             root["path"] = str(_resolve(root["path"], base))
+    if isinstance(data.get("state_dir"), str):
+        data["state_dir"] = str(_resolve(data["state_dir"], base))
     for rule in data.get("rules") or []:
-        refs = rule.get("reference_images") if isinstance(rule, dict) else None
+        if not isinstance(rule, dict):
+            continue
+        refs = rule.get("reference_images")
         if isinstance(refs, list):
             rule["reference_images"] = [str(_resolve(r, base)) if isinstance(r, str) else r for r in refs]
+        for key in ("on_success", "on_error"):
+            action = rule.get(key)
+            if isinstance(action, dict) and isinstance(action.get("move_to"), str):
+                action["move_to"] = str(_resolve(action["move_to"], base))
     try:
         cfg = _ADAPTER.validate_python(data)
     except ValidationError as exc:
@@ -377,6 +392,13 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
                 )
             first.setdefault(value, i)
     for i, rule in enumerate(cfg.rules):
+        for key in ("on_success", "on_error"):
+            action: ActionSpec | None = getattr(rule, key)
+            for j, arg in enumerate(action.exec or () if action else ()):
+                try:
+                    rules.check_template(arg, extra=("sidecar", "status"))
+                except ValueError as exc:
+                    problems.append(f"{_locate(source, positions, ('rules', i, key, 'exec', j))}: {exc}")
         for j, ref in enumerate(rule.reference_images):
             if not ref.is_file():
                 problems.append(

@@ -77,6 +77,14 @@ class VLMUnavailable(VLMError):
     #: The HTTP status when the server answered; None when it did not (refused, timed out).
     status: int | None = None
 
+    @property
+    def counts_against_file(self) -> bool:
+        """The server answered this request with a failure (408/409/5xx): the file itself may be the cause.
+
+        An unreachable endpoint or a 429 says nothing about the file and never uses up its attempts.
+        """
+        return self.status is not None and self.status != 429
+
 
 class VLMMisconfigured(VLMUnavailable):
     """Not the file's fault: every request would fail the same way until the config, key or server is fixed.
@@ -85,6 +93,10 @@ class VLMMisconfigured(VLMUnavailable):
     """
 
     kind = "endpoint_config"
+
+    @property
+    def counts_against_file(self) -> bool:
+        return False
 
 
 class VLMRejected(VLMError):

@@ -46,11 +46,14 @@ _FORMATTER = string.Formatter()
 REQUEST_FORMAT = 1
 
 
-def check_template(template: str) -> str:
-    """Validate a prompt template; raises ValueError naming the bad placeholder (pydantic reports it at the key)."""
+def check_template(template: str, *, extra: tuple[str, ...] = ()) -> str:
+    """Validate a template; raises ValueError naming the bad placeholder (pydantic reports it at the key).
+
+    ``extra``: placeholders allowed beyond the prompt's (hooks also get ``{sidecar}`` and ``{status}``).
+    """
     for field_name in template_fields(template):
-        if field_name not in PLACEHOLDERS:
-            allowed = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+        if field_name not in PLACEHOLDERS and field_name not in extra:
+            allowed = ", ".join("{" + p + "}" for p in (*PLACEHOLDERS, *extra))
             raise ValueError(f"unknown placeholder {{{field_name}}}; allowed: {allowed} (write {{{{ for a literal brace)")
     return template
 
