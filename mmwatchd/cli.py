@@ -8,13 +8,17 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from mmwatchd import __version__, config as config_mod, log as log_mod
 from mmwatchd.config import Config
 from mmwatchd.errors import ConfigError, MmwatchdError, VLMError
 from mmwatchd.pipeline import Outcome, Processor
+
+if TYPE_CHECKING:
+    from mmwatchd.state import State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: One-shot commands give a file this many tries at transient failures before reporting it failed.
@@ -74,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="scan, then watch the folders until SIGTERM/SIGINT")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", parents=[common], help="done/pending/failed/retrying per folder, and recent errors")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_status)
     return parser
 
 
@@ -86,9 +94,24 @@ def _load(args: argparse.Namespace) -> Config:
 def _client(cfg: Config):  # type: ignore[no-untyped-def]
     from mmwatchd.vlm import VLMClient
 
-    key_env = cfg.endpoint.api_key_env
-    api_key = os.environ.get(key_env) if key_env else None
-    return VLMClient(cfg.endpoint, api_key=api_key or None)
+    return VLMClient(cfg.endpoint, api_key=api_key(cfg))
+
+
+def api_key(cfg: Config, env: Mapping[str, str] = os.environ) -> str | None:
+    """The key from the variable named by endpoint.api_key_env, else from a systemd credential of that name
+    (``LoadCredential=OPENAI_API_KEY:/etc/mmwatchd/OPENAI_API_KEY`` puts it in ``$CREDENTIALS_DIRECTORY``)."""
+    name = cfg.endpoint.api_key_env
+    if not name:
+        return None
+    if env.get(name):
+        return env[name]
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        try:
+            return (Path(creds) / name).read_text(encoding="utf-8").strip() or None
+        except OSError:
+            return None
+    return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -130,7 +153,7 @@ def cmd_once(args: argparse.Namespace) -> int:
         daemon.submit_all((Path(os.path.abspath(p)) for p in paths if p not in missing), explicit=True, force=args.force)
         daemon.wait_idle()
     finally:
-        daemon.stop()
+        daemon.close()
     _print_outcomes(daemon.outcomes, cfg)
     return EXIT_FAILED if missing or any(o.failed for o in daemon.outcomes) else EXIT_OK
 
@@ -143,7 +166,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         daemon.scan_roots()
         daemon.wait_idle()
     finally:
-        daemon.stop()
+        daemon.close()
     c = daemon.counts
     print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
     return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
@@ -151,24 +174,57 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mmwatchd.daemon import Daemon
+    from mmwatchd.notify import Notifier
 
+    path = config_mod.find_config(args.config)
     cfg = _load(args)
     _require_roots(cfg)
     if not cfg.watch:
         raise ConfigError(f"{cfg.where(('watch',))}: nothing to watch; add a folder under watch:")
+
+    def reload() -> Config:
+        new = config_mod.load(path)
+        _require_roots(new)
+        return new
+
     stop = threading.Event()
+    with _state(cfg) as state, Notifier() as notifier:
+        daemon = Daemon(cfg, _client(cfg), state=state, notifier=notifier, reload=reload, make_client=_client)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log_mod.get_logger().info("daemon.stopping", signal=signal.Signals(signum).name)
-        stop.set()
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+        def on_signal(signum: int, _frame: object) -> None:
+            if signum == signal.SIGHUP:
+                log_mod.get_logger().info("daemon.reloading", signal="SIGHUP", config=str(path))
+                daemon.reload_requested.set()
+                return
+            log_mod.get_logger().info("daemon.stopping", signal=signal.Signals(signum).name)
+            stop.set()
+            signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    daemon = Daemon(cfg, _client(cfg))
-    daemon.run(stop)
-    log_mod.get_logger().info("daemon.stopped", **dict(daemon.counts))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        daemon.run(stop)
+        log_mod.get_logger().info("daemon.stopped", **dict(daemon.counts))
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mmwatchd import status
+
+    cfg = _load(args)
+    with _state(cfg) as state:
+        report = status.collect(cfg, state)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(status.render(report))
+    return EXIT_OK
+
+
+def _state(cfg: Config) -> State:
+    from mmwatchd.state import State, default_state_dir
+
+    return State((cfg.state_dir or default_state_dir()) / "state.sqlite3")
 
 
 def _require_roots(cfg: Config) -> None:
@@ -194,7 +250,7 @@ def _one_shot_daemon(cfg: Config):  # type: ignore[no-untyped-def]
     """A daemon without a watcher whose files get a few tries; an unreachable endpoint is reported at once."""
     from mmwatchd.daemon import Daemon
 
-    daemon = Daemon(cfg, _client(cfg), max_attempts=ONE_SHOT_ATTEMPTS)
+    daemon = Daemon(cfg, _client(cfg), state=_state(cfg), one_shot_attempts=ONE_SHOT_ATTEMPTS)
     try:
         daemon.check_endpoint()
     except VLMError as exc:

@@ -1,10 +1,20 @@
-"""The running service: intake (startup scan + watcher), a bounded queue, N workers, the endpoint gate, shutdown.
+"""The running service: intake (startup scan, watcher, periodic rescan), a bounded queue, N workers, the endpoint
+gate, request limits, retries that survive restarts, reload, systemd notification, shutdown.
 
 Threads, all owned and joined here: the workers (``endpoint.concurrency`` of them: requests in flight at most) and
-one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs intake.
+one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs intake and the
+service loop (watchdog pings, status, reload, rescans).
 
-While the endpoint is unreachable the gate is closed: workers hold their jobs instead of failing file after file,
-and the prober retries ``GET /models`` with a capped backoff; when it answers, the gate opens and work resumes.
+Failures are kept apart:
+
+- the endpoint is unreachable: the gate closes, workers hold their jobs, and the prober retries ``GET /models`` with
+  a capped backoff; nothing fails, however long the outage;
+- the server answered 408/409/5xx for a file: the file is retried with exponential backoff and jitter (honouring
+  ``Retry-After``); after ``endpoint.max_attempts`` such answers it gets an error sidecar, so no file can make the
+  daemon pay for requests forever;
+- 429s and quota limits never count against a file: they only delay it;
+- a bad key or unknown model (``VLMMisconfigured``): files wait, the log says what to fix;
+- permanent problems (bad media, a 4xx refusal, an unusable reply) got their error sidecar in the pipeline already.
 """
 
 from __future__ import annotations
@@ -16,12 +26,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from mmwatchd.config import Config
-from mmwatchd.errors import VLMError, VLMUnavailable
+from mmwatchd.errors import ConfigError, VLMError, VLMMisconfigured, VLMUnavailable
 from mmwatchd.log import get_logger
+from mmwatchd.model import Reply, VLMRequest
+from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
+from mmwatchd.rules import rel_to_roots
+from mmwatchd.state import State
 from mmwatchd.vlm import VLMClient
 from mmwatchd.watch import Watcher, scan
 
@@ -31,6 +46,78 @@ log = get_logger()
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 600.0
 PROBE_MAX_S = 30.0
+#: How often STATUS= is refreshed for systemd.
+STATUS_EVERY_S = 5.0
+
+
+class QuotaReached(VLMUnavailable):
+    """endpoint.max_requests_per_day is used up: work waits for the next day."""
+
+    kind = "quota"
+
+    @property
+    def counts_against_file(self) -> bool:
+        return False
+
+
+class RateLimiter:
+    """At most ``per_minute`` request starts in any 60 s window (a sliding log: exact, and small at these rates)."""
+
+    def __init__(self, per_minute: int | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._starts: list[float] = []
+        self._lock = threading.Lock()
+
+    def acquire(self, stop: threading.Event) -> bool:
+        """Wait for a slot; False when ``stop`` was set first."""
+        if self.per_minute is None:
+            return True
+        while True:
+            with self._lock:
+                now = self.clock()
+                self._starts = [t for t in self._starts if t > now - 60.0]
+                if len(self._starts) < self.per_minute:
+                    self._starts.append(now)
+                    return True
+                wait = self._starts[0] + 60.0 - now
+            if stop.wait(max(0.01, wait)):
+                return False
+
+
+class _MeteredClient:
+    """The VLM client as workers see it: request limits applied and every request counted for the day."""
+
+    def __init__(self, client: VLMClient, daemon: Daemon) -> None:
+        self.client = client
+        self.daemon = daemon
+
+    def describe(self, req: VLMRequest) -> Reply:
+        d = self.daemon
+        cap = d.config.endpoint.max_requests_per_day
+        if cap is not None and d.state is not None and d.state.requests_today() >= cap:
+            error = QuotaReached(
+                f"endpoint.max_requests_per_day ({cap}) reached; work resumes after midnight (local time)"
+            )
+            error.retry_after = _seconds_to_midnight()
+            raise error
+        if not d.limiter.acquire(d.stopping):
+            raise VLMUnavailable("stopping")
+        try:
+            reply = self.client.describe(req)
+        except VLMError as exc:
+            if d.state is not None and getattr(exc, "status", 0) is not None:
+                d.state.count_request()  # the server saw it (and may bill it)
+            raise
+        if d.state is not None:
+            d.state.count_request(reply.attempts)
+        return reply
+
+
+def _seconds_to_midnight() -> float:
+    now = datetime.now()
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time())
+    return (midnight - now).total_seconds() + 1
 
 
 class Daemon:
@@ -39,27 +126,40 @@ class Daemon:
         config: Config,
         client: VLMClient,
         *,
+        state: State | None = None,
+        notifier: Notifier | None = None,
+        reload: Callable[[], Config] | None = None,
+        make_client: Callable[[Config], VLMClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        max_attempts: int | None = None,
+        one_shot_attempts: int | None = None,
     ) -> None:
-        """``max_attempts``: give up on a file after that many transient failures (one-shot runs); None = never."""
+        """``one_shot_attempts``: give up on a file after that many transient failures of any kind (``once`` and
+        ``scan``, which must end); None for the service. ``reload`` loads the config again on SIGHUP."""
         self.config = config
         self.client = client
+        self.state = state
+        self.notifier = notifier or Notifier({})
+        self._reload_config = reload
+        self._make_client = make_client
         self.clock = clock
-        self.processor = Processor(config, client, clock=clock)
-        self.max_attempts = max_attempts
+        self.one_shot_attempts = one_shot_attempts
+        self.limiter = RateLimiter(config.endpoint.requests_per_minute, clock=clock)
+        self.processor = Processor(config, _MeteredClient(client, self), clock=clock)  # type: ignore[arg-type]
         self.counts: Counter[str] = Counter()
         self.outcomes: list[Outcome] = []
+        self.status_every_s = STATUS_EVERY_S
+        self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
         self._queue: queue.Queue[tuple[Path, bool, bool] | None] = queue.Queue(
             maxsize=max(64, 16 * config.endpoint.concurrency)
         )
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending: set[Path] = set()  # queued, in flight, or waiting to retry
-        self._attempts: Counter[Path] = Counter()
+        self._attempts: Counter[Path] = Counter()  # one-shot runs only; the service keeps them in the state db
         self._retries: list[tuple[float, Path]] = []
-        self._logged_skips: set[tuple[Path, str]] = set()
-        self._stop = threading.Event()
+        self._busy: dict[str, float] = {}  # worker name → when its current job started
+        self._logged: set[tuple[Path | None, str]] = set()
         self._gate = threading.Event()  # set while the endpoint is believed reachable
         self._probe_now = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -81,7 +181,7 @@ class Daemon:
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking work; let in-flight requests finish (bounded by the request timeout); join every thread."""
-        self._stop.set()
+        self.stopping.set()
         self._gate.set()  # wake workers held at the gate so they can leave
         self._probe_now.set()
         dropped = 0
@@ -108,15 +208,21 @@ class Daemon:
         if stuck:
             log.warning("daemon.abandoned", threads=stuck, note="in-flight requests abandoned; no partial sidecar")
 
+    def close(self) -> None:
+        """Stop, and close the state store (one-shot runs own theirs)."""
+        self.stop()
+        if self.state is not None:
+            self.state.close()
+
     # -- intake ----------------------------------------------------------------------------------------------
 
     def submit(self, path: Path, *, explicit: bool = False, force: bool = False) -> bool:
         """Queue a file unless it is already queued or in flight. Blocks while the queue is full (backpressure)."""
         with self._lock:
-            if path in self._pending or self._stop.is_set():
+            if path in self._pending or self.stopping.is_set():
                 return False
             self._pending.add(path)
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 self._queue.put((path, explicit, force), timeout=0.2)
                 return True
@@ -154,7 +260,7 @@ class Daemon:
         while True:
             nxt = self.due_retries()
             with self._lock:
-                if not self._pending or self._stop.is_set():
+                if not self._pending or self.stopping.is_set():
                     return True
                 wait = 0.5 if nxt is None else min(0.5, max(0.01, nxt))
                 if deadline is not None:
@@ -164,49 +270,144 @@ class Daemon:
                     wait = min(wait, left)
                 self._idle.wait(wait)
 
+    # -- the service loop ------------------------------------------------------------------------------------
+
     def run(self, stop: threading.Event, *, on_ready: Callable[[], None] | None = None) -> None:
         """Watch, scan, and keep going until ``stop`` is set."""
-        watcher = Watcher(self.config.watch, settle_s=self.config.settle_s, sidecar_suffix=self.config.sidecar.suffix)
-        watcher.start()
+        watcher = self._watcher(self.config)
         try:
             self.start()
             log.info("daemon.watching", roots=[str(r.path) for r in self.config.watch])
+            self.notifier.ready(self._status_line())
             if on_ready:
                 on_ready()
-            queued = self.scan_roots()
-            log.info("daemon.scanned", queued=queued)
+            log.info("daemon.scanned", queued=self.scan_roots())
+            ping_every = self.notifier.watchdog_interval()
+            next_ping = next_status = last_scan = self.clock()
             while not stop.is_set():
                 nxt = self.due_retries()
-                timeout = 0.5 if nxt is None else max(0.01, min(0.5, nxt))
-                for path in watcher.ready(timeout):
+                timeout = min(0.5, ping_every or 0.5, nxt if nxt is not None else 0.5)
+                for path in watcher.ready(max(0.01, timeout)):
                     self.submit(path)
+                now = self.clock()
                 if watcher.take_overflow():
                     # The kernel dropped events: only a full scan can tell what was missed.
                     log.warning("watch.overflow", note="rescanning every folder")
                     self.scan_roots()
+                    last_scan = now
+                elif self.config.rescan_interval_s and now - last_scan >= self.config.rescan_interval_s:
+                    log.info("daemon.rescanned", queued=self.scan_roots())
+                    last_scan = now
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    watcher = self._reload(watcher)
+                if ping_every is not None and now >= next_ping and self._healthy(now):
+                    self.notifier.watchdog()
+                    next_ping = now + ping_every
+                if now >= next_status:
+                    self.notifier.status(self._status_line())
+                    next_status = now + self.status_every_s
         finally:
+            self.notifier.stopping()
             watcher.stop()
             self.stop()
+
+    def _watcher(self, config: Config) -> Watcher:
+        watcher = Watcher(config.watch, settle_s=config.settle_s, sidecar_suffix=config.sidecar.suffix)
+        watcher.start()
+        return watcher
+
+    def _healthy(self, now: float) -> bool:
+        """False when a worker has been on one job far longer than any request may take: systemd then restarts us."""
+        ep = self.config.endpoint
+        limit = 2 * ep.timeout_s * (ep.max_retries + 1) + 300.0
+        with self._lock:
+            stuck = [name for name, since in self._busy.items() if now - since > limit]
+        if stuck:
+            key = (None, "stuck")
+            if key not in self._logged:
+                self._logged.add(key)
+                log.error("daemon.stuck", workers=stuck, limit_s=limit, note="watchdog pings stopped")
+        return not stuck
+
+    def _status_line(self) -> str:
+        with self._lock:
+            queued = self._queue.qsize()
+            busy = len(self._busy)
+            retrying = len(self._retries)
+            c = dict(self.counts)
+        endpoint = "up" if self._gate.is_set() else "unreachable"
+        return (
+            f"{queued} queued, {busy} in flight, {c.get('ok', 0)} done, {c.get('error', 0)} failed, "
+            f"{retrying} retrying; endpoint {endpoint}"
+        )
+
+    def _reload(self, watcher: Watcher) -> Watcher:
+        """Apply a new config to files not yet started; an invalid one is logged and the old one stays."""
+        if self._reload_config is None:
+            return watcher
+        self.notifier.reloading()
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems, note="the previous config stays in force")
+            self.notifier.ready(self._status_line())
+            return watcher
+        old = self.config
+        if new.endpoint != old.endpoint and self._make_client is not None:
+            self.client = self._make_client(new)
+            self.limiter = RateLimiter(new.endpoint.requests_per_minute, clock=self.clock)
+            if new.endpoint.concurrency != old.endpoint.concurrency:
+                log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
+        self.config = new
+        self.processor = Processor(new, _MeteredClient(self.client, self), clock=self.clock)  # type: ignore[arg-type]
+        if new.watch != old.watch or new.settle_s != old.settle_s or new.sidecar != old.sidecar:
+            try:
+                replacement = self._watcher(new)
+            except ConfigError as exc:
+                log.error("config.reload_watch_failed", problems=exc.problems, note="still watching the old folders")
+            else:
+                watcher.stop()
+                watcher = replacement
+        log.info("config.reloaded", rules=[r.name for r in new.rules], roots=[str(r.path) for r in new.watch])
+        self.notifier.ready(self._status_line())
+        self.scan_roots()  # new rules or prompts may apply to files already there
+        return watcher
 
     # -- workers ---------------------------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        name = threading.current_thread().name
         while True:
             item = self._queue.get()
-            if item is None or self._stop.is_set():
+            if item is None or self.stopping.is_set():
                 return
             path, explicit, force = item
             while not self._gate.wait(0.5):
-                if self._stop.is_set():
+                if self.stopping.is_set():
                     return
-            if self._stop.is_set():
+            if self.stopping.is_set():
                 return
-            outcome = self._run_job(path, explicit=explicit, force=force)
-            self._finish(outcome)
+            with self._lock:
+                self._busy[name] = self.clock()
+            try:
+                outcome = self._run_job(path, explicit=explicit, force=force)
+            finally:
+                with self._lock:
+                    self._busy.pop(name, None)
+            if not self.stopping.is_set() or outcome.status != "retry":
+                self._finish(outcome)
+
+    def _attempts_so_far(self, path: Path) -> int:
+        if self.one_shot_attempts is not None:
+            with self._lock:
+                return self._attempts[path]
+        return self.state.attempts(path) if self.state is not None else 0
 
     def _run_job(self, path: Path, *, explicit: bool, force: bool) -> Outcome:
+        last = self.one_shot_attempts is None and self._attempts_so_far(path) + 1 >= self.config.endpoint.max_attempts
         try:
-            return self.processor.process(path, explicit=explicit, force=force)
+            return self.processor.process(path, explicit=explicit, force=force, last_attempt=last)
         except Exception as exc:  # the one per-job boundary: a bug must not kill the worker
             log.exception("job.crashed", path=str(path), error=f"{type(exc).__name__}: {exc}")
             return Outcome(path=path, status="retry", reason=f"internal error: {type(exc).__name__}: {exc}")
@@ -215,18 +416,38 @@ class Daemon:
         path = outcome.path
         retry_in: float | None = None
         final = True
+        root = rel_to_roots(path, [r.path for r in self.config.watch])[0]
+        root_key = str(root) if root else None
+        error = outcome.error
         if outcome.status == "retry":
-            with self._lock:
-                self._attempts[path] += 1
-                attempts = self._attempts[path]
-            if isinstance(outcome.error, VLMUnavailable) and self.max_attempts is None:
-                self._endpoint_down(outcome.error)
-            if self.max_attempts is None or attempts < self.max_attempts:
+            counted = not isinstance(error, VLMUnavailable) or error.counts_against_file
+            if self.one_shot_attempts is not None:
+                with self._lock:
+                    self._attempts[path] += 1
+                    attempts = self._attempts[path]
+                final = attempts >= self.one_shot_attempts or isinstance(error, VLMMisconfigured)
+            else:
                 final = False
-                backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempts - 1)) * random.uniform(0.8, 1.2)
+                attempts = self._attempts_so_far(path)
+                if isinstance(error, VLMUnavailable) and error.status is None and not isinstance(error, QuotaReached):
+                    self._endpoint_down(error)
+                if isinstance(error, VLMMisconfigured):
+                    self._log_once(None, error.message, "endpoint.misconfigured")
+            if not final:
+                backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
                 retry_in = max(backoff, outcome.retry_after or 0.0)
-                if isinstance(outcome.error, VLMUnavailable) and outcome.retry_after is None:
+                if isinstance(error, VLMUnavailable) and error.status is None and outcome.retry_after is None:
                     retry_in = RETRY_BASE_S  # the gate holds work until the endpoint is back; no need to wait longer
+                if self.state is not None and counted and self.one_shot_attempts is None:
+                    self.state.record_attempt(
+                        path, root=root_key, kind=error.kind if error else "internal", message=outcome.reason,
+                        retry_at=time.time() + retry_in,
+                    )  # fmt: skip
+        elif self.state is not None and outcome.status in ("ok", "error"):
+            self.state.record_done(
+                path, root=root_key, status=outcome.status,  # type: ignore[arg-type]
+                message=outcome.reason or None, kind=error.kind if error else "error",
+            )  # fmt: skip
         self._log(outcome, retry_in)
         with self._lock:
             if final:
@@ -238,6 +459,15 @@ class Daemon:
                 heapq.heappush(self._retries, (self.clock() + (retry_in or 0.0), path))
             self._idle.notify_all()
 
+    def _log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
+        key = (path, reason)
+        with self._lock:
+            first = key not in self._logged
+            self._logged.add(key)
+        if first:
+            getattr(log, level)(event, **({"path": str(path)} if path else {}), reason=reason, **fields)
+        return first
+
     def _log(self, outcome: Outcome, retry_in: float | None) -> None:
         fields: dict[str, object] = {"path": str(outcome.path), "status": outcome.status}
         if outcome.rule:
@@ -248,6 +478,10 @@ class Daemon:
             fields["elapsed_ms"] = round(outcome.elapsed_s * 1000)
         if outcome.reason:
             fields["reason"] = outcome.reason
+        if outcome.moved_to:
+            fields["moved_to"] = str(outcome.moved_to)
+        if outcome.action_problems:
+            fields["action_problems"] = list(outcome.action_problems)
         if outcome.status == "ok":
             log.info("job.done", **fields)
         elif outcome.status == "error":
@@ -259,8 +493,8 @@ class Daemon:
         else:
             key = (outcome.path, outcome.reason)
             with self._lock:
-                first = key not in self._logged_skips
-                self._logged_skips.add(key)
+                first = key not in self._logged
+                self._logged.add(key)
             (log.info if first else log.debug)("job.skipped", **fields)
 
     # -- the endpoint gate -----------------------------------------------------------------------------------
@@ -292,21 +526,25 @@ class Daemon:
     def _prober(self) -> None:
         delay = 1.0
         self._probe_now.set()
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             self._probe_now.wait()
-            if self._stop.is_set():
+            if self.stopping.is_set():
                 return
             try:
                 self.check_endpoint()
+            except VLMMisconfigured as exc:
+                self._log_once(None, exc.message, "endpoint.misconfigured")
+                self.stopping.wait(min(PROBE_MAX_S, delay * 4))
+                continue
             except VLMUnavailable as exc:
                 if delay == 1.0:
                     log.error("endpoint.unreachable", url=self.config.endpoint.base_url, reason=exc.message)
-                self._stop.wait(delay * random.uniform(0.8, 1.2))
+                self.stopping.wait(delay * random.uniform(0.8, 1.2))
                 delay = min(PROBE_MAX_S, delay * 2)
                 continue
             except VLMError as exc:
                 # It answered, so it is up; some gateways simply have no /models. Requests will tell.
-                log.warning("endpoint.models_refused", url=self.config.endpoint.base_url, reason=exc.message)
+                self._log_once(None, exc.message, "endpoint.models_refused", level="warning")
                 self._gate.set()
             delay = 1.0
             self._probe_now.clear()

@@ -33,6 +33,7 @@ def write_config(folder: Path, *, base_url: str, inbox: Path | None = None, **ch
         "watch": [{"path": str(inbox), "recursive": True}],
         "settle_s": 0.3,
         "rules": [rule],
+        "state_dir": str(folder / "state"),
     }
     doc["endpoint"].update(changes.pop("endpoint", {}))
     doc.update(changes)

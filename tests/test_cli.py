@@ -232,3 +232,45 @@ class TestRun:
         unreachable = [e for e in logs if e["event"] == "endpoint.unreachable"]
         assert len(unreachable) == 1 and unreachable[0]["url"] == fake_vlm.base_url
         assert "endpoint.up" in [e["event"] for e in logs]
+
+
+class TestStatus:
+    def test_status_counts_per_root_and_last_errors(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        make_jpeg(inbox / "a.jpg", (64, 48))
+        make_named_text(inbox / "bad.jpg")
+        assert main(["scan", "-c", str(cfg)]) == 1  # bad.jpg failed
+        make_jpeg(inbox / "new.jpg", (64, 48), seed=5)  # arrived after the scan
+        (inbox / "foreign.jpg.json").write_text("{}")
+        make_jpeg(inbox / "foreign.jpg", (64, 48), seed=6)
+        capsys.readouterr()
+        assert main(["status", "-c", str(cfg), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["roots"][str(inbox)] == {"done": 1, "failed": 1, "pending": 1, "retrying": 0, "foreign": 1}
+        assert report["requests_today"] == 1
+        (err,) = report["last_errors"]
+        assert err["path"] == str(inbox / "bad.jpg") and err["kind"] == "unsupported"
+        assert main(["status", "-c", str(cfg)]) == 0
+        text = capsys.readouterr().out
+        assert f"{inbox}: 1 done, 1 failed, 1 pending, 0 retrying, 1 blocked by a foreign file" in text
+        assert "bad.jpg: unsupported: bad.jpg: not an image: looks like text" in text
+
+
+def test_sighup_reloads_a_running_daemon(tmp_path: Path, fake_vlm: FakeVLM) -> None:
+    cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+    inbox = tmp_path / "inbox"
+    proc = _spawn(cfg, tmp_path)
+    try:
+        make_jpeg(inbox / "a.jpg", (64, 48))
+        _wait_for(lambda: (inbox / "a.jpg.json").exists())
+        write_config(tmp_path, base_url=fake_vlm.base_url, rule={"prompt": "Reloaded: {name}"})
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: len(fake_vlm.chat_requests) >= 2)
+    finally:
+        code, logs = _stop(proc)
+    assert code == 0
+    assert fake_vlm.chat_requests[-1].content[0]["text"] == "Reloaded: a.jpg"
+    assert "config.reloaded" in [e["event"] for e in logs]

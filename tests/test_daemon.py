@@ -1,21 +1,27 @@
-"""The daemon in-process: real watcher, real workers, the real openai client against a loopback server."""
+"""The daemon in-process: real watcher, real workers, real state store, real sd_notify socket, the real openai
+client against a loopback server."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
-from configs import load_config
-from fakevlm import FakeVLM, chat_completion
+from configs import write_config
+from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_jpeg
 
-from mmwatchd.daemon import Daemon
+from mmwatchd import config
+from mmwatchd.daemon import Daemon, RateLimiter
+from mmwatchd.notify import Notifier
+from mmwatchd.state import State
 from mmwatchd.vlm import VLMClient
 
 
@@ -25,23 +31,46 @@ def running(tmp_path: Path, fake_vlm: FakeVLM) -> Iterator[Runner]:
     try:
         yield r
     finally:
-        r.stop()
+        r.close()
 
 
 class Runner:
-    """A daemon running ``run()`` in a thread, as the CLI runs it in the main thread."""
+    """A daemon running ``run()`` in a thread, as the CLI runs it in the main thread, with a notify socket."""
 
     def __init__(self, tmp_path: Path, fake: FakeVLM) -> None:
         self.tmp, self.fake = tmp_path, fake
         self.inbox = tmp_path / "inbox"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.client: VLMClient | None = None
+        self._clients: list[VLMClient] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(tmp_path / "notify.sock"))
+        self.sock.settimeout(0.05)
+        self._received: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="notify-reader")
+        self._reading = True
+        self._reader.start()
+        self.notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        self.state: State | None = None
+        self.daemon: Daemon | None = None
 
-    def start(self, **changes: object) -> Daemon:
-        cfg = load_config(self.tmp, base_url=self.fake.base_url, **changes)
-        self.client = VLMClient(cfg.endpoint, api_key=None)
-        self.daemon = Daemon(cfg, self.client)
+    def client(self, cfg: config.Config) -> VLMClient:
+        c = VLMClient(cfg.endpoint, api_key=None)
+        self._clients.append(c)
+        return c
+
+    def start(self, watchdog_usec: int | None = None, **changes: Any) -> Daemon:
+        self.config_path = write_config(self.tmp, base_url=self.fake.base_url, **changes)
+        cfg = config.load(self.config_path)
+        env = dict(self.notify_env)
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.state = State(self.tmp / "state" / "state.sqlite3")
+        self.notifier = Notifier(env)
+        self.daemon = Daemon(
+            cfg, self.client(cfg), state=self.state, notifier=self.notifier,
+            reload=lambda: config.load(self.config_path), make_client=self.client,
+        )  # fmt: skip
         ready = threading.Event()
         self._thread = threading.Thread(target=self.daemon.run, args=(self._stop,), kwargs={"on_ready": ready.set})
         self._thread.start()
@@ -53,8 +82,32 @@ class Runner:
         if self._thread:
             self._thread.join(30)
             assert not self._thread.is_alive()
-        if self.client:
-            self.client.close()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        for c in self._clients:
+            c.close()
+        if self.state:
+            self.state.close()
+            self.notifier.close()
+        self._reading = False
+        self._reader.join()
+        self.sock.close()
+
+    def _read(self) -> None:
+        # Like systemd, read datagrams as they come: the socket's queue is short (often 10).
+        while self._reading:
+            try:
+                self._received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def messages(self) -> list[str]:
+        """Datagrams received since the last call."""
+        time.sleep(0.1)
+        out, self._received = self._received, []
+        return out
 
     def wait_sidecar(self, path: Path, timeout: float = 15) -> dict:
         side = path.with_name(path.name + ".json")
@@ -91,21 +144,144 @@ def test_slow_copy_is_sent_once_and_whole(running: Runner) -> None:
     assert len(running.fake.chat_requests) == 1
 
 
-def test_model_missing_from_the_server_is_warned_once(running: Runner) -> None:
-    with structlog.testing.capture_logs() as logs:
-        running.start(endpoint={"model": "qwen2.5vl:7b"}, rule={"model": "not-pulled"})
+class TestSystemd:
+    def test_ready_status_watchdog_and_stopping(self, running: Runner) -> None:
+        running.start(watchdog_usec=400_000).status_every_s = 0.1  # ping every 0.2 s
+        make_jpeg(running.inbox / "a.jpg", (64, 48))
+        running.wait_sidecar(running.inbox / "a.jpg")
+        time.sleep(0.7)
+        running.stop()
+        msgs = running.messages()
+        assert msgs[0].startswith("READY=1\nSTATUS=") and "endpoint" in msgs[0]
+        assert msgs.count("WATCHDOG=1") >= 2
+        assert "STATUS=0 queued, 0 in flight, 1 done, 0 failed, 0 retrying; endpoint up" in msgs
+        assert msgs[-1] == "STOPPING=1"
+
+    def test_a_stuck_worker_stops_the_watchdog_pings(self, running: Runner) -> None:
+        daemon = running.start(watchdog_usec=200_000, endpoint={"timeout_s": 0.05, "max_retries": 0})
+        time.sleep(0.4)
+        assert "WATCHDOG=1" in running.messages()
+        with daemon._lock:  # a worker that has been on one job for an hour
+            daemon._busy["mmwatchd-worker-0"] = daemon.clock() - 3600
+        time.sleep(0.3)
+        running.messages()  # drain what was sent before the check noticed
+        time.sleep(0.5)
+        assert "WATCHDOG=1" not in running.messages()
+
+    def test_reload_applies_a_new_prompt_and_keeps_the_old_config_when_broken(self, running: Runner) -> None:
+        daemon = running.start()
+        a = make_jpeg(running.inbox / "a.jpg", (64, 48))
+        running.wait_sidecar(a)
+        write_config(running.tmp, base_url=running.fake.base_url, rule={"prompt": "New words for {name}."})
+        daemon.reload_requested.set()
+        # The changed prompt changes the fingerprint: the reload's rescan describes a.jpg again.
+        deadline = time.monotonic() + 10
+        while len(running.fake.chat_requests) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert running.fake.chat_requests[-1].content[0]["text"] == "New words for a.jpg."
+        msgs = running.messages()
+        reloading = [m for m in msgs if m.startswith("RELOADING=1\nMONOTONIC_USEC=")]
+        assert reloading and msgs[msgs.index(reloading[0]) + 1].startswith("READY=1")
+
+        running.config_path.write_text("rules: [\n")  # broken
+        with structlog.testing.capture_logs() as logs:
+            daemon.reload_requested.set()
+            deadline = time.monotonic() + 5
+            while not any(e["event"] == "config.reload_failed" for e in logs):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            b = make_jpeg(running.inbox / "b.jpg", (64, 48), seed=3)
+            running.wait_sidecar(b)
+        assert running.fake.chat_requests[-1].content[0]["text"] == "New words for b.jpg."
+
+
+class TestFailures:
+    def test_429_waits_for_retry_after_and_does_not_use_up_attempts(self, running: Runner) -> None:
+        running.fake.enqueue(status=429, json=error_body("slow down"), headers={"Retry-After": "1"},
+                             path="/v1/chat/completions")  # fmt: skip
         photo = make_jpeg(running.inbox / "a.jpg", (64, 48))
-        running.wait_sidecar(photo)
-    warnings = [e for e in logs if e["event"] == "endpoint.model_not_listed"]
-    assert len(warnings) == 1 and warnings[0]["models"] == ["not-pulled"]
+        t0 = time.monotonic()
+        running.start(endpoint={"max_attempts": 1})
+        assert running.wait_sidecar(photo)["status"] == "ok"
+        assert time.monotonic() - t0 >= 1.0
+        assert running.state is not None and running.state.retrying() == []
+
+    def test_repeated_5xx_for_one_file_ends_in_an_error_sidecar(self, running: Runner) -> None:
+        for _ in range(3):
+            running.fake.enqueue(status=500, json=error_body("the model crashed on this image"),
+                                 headers={"Retry-After": "0"}, path="/v1/chat/completions")  # fmt: skip
+        photo = make_jpeg(running.inbox / "a.jpg", (64, 48))
+        running.start(endpoint={"max_attempts": 2})
+        doc = running.wait_sidecar(photo, timeout=30)
+        assert doc["status"] == "error" and doc["error"]["kind"] == "unavailable"
+        assert doc["error"]["message"].startswith("gave up after repeated failures:")
+        assert len(running.fake.chat_requests) == 2  # exactly max_attempts paid requests, never more
+        errors = running.state.last_errors()  # type: ignore[union-attr]
+        assert errors and errors[0].path == photo
+
+    def test_a_hang_past_the_timeout_is_retried(self, running: Runner) -> None:
+        running.fake.enqueue(json=chat_completion("too late"), delay_s=5, path="/v1/chat/completions")
+        photo = make_jpeg(running.inbox / "a.jpg", (64, 48))
+        running.start(endpoint={"timeout_s": 0.5, "max_attempts": 1})
+        doc = running.wait_sidecar(photo, timeout=30)
+        assert doc["status"] == "ok" and doc["response"]["text"] != "too late"
+
+    def test_unknown_model_fails_no_file(self, running: Runner) -> None:
+        running.fake.models = ["fake-vlm"]
+        photo = make_jpeg(running.inbox / "a.jpg", (64, 48))
+        with structlog.testing.capture_logs() as logs:
+            running.start(rule={"model": "not-pulled"})
+            deadline = time.monotonic() + 10
+            while not any(e["event"] == "endpoint.misconfigured" for e in logs):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert [e["models"] for e in logs if e["event"] == "endpoint.model_not_listed"] == [["not-pulled"]]
+        misconfigured = [e for e in logs if e["event"] == "endpoint.misconfigured"]
+        assert len(misconfigured) == 1 and "ollama pull not-pulled" in misconfigured[0]["reason"]
+        assert not (running.inbox / "a.jpg.json").exists()
+
+    def test_daily_cap_pauses_work(self, running: Runner) -> None:
+        photos = [make_jpeg(running.inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(3)]
+        with structlog.testing.capture_logs() as logs:
+            running.start(endpoint={"max_requests_per_day": 2, "concurrency": 1})
+            running.wait_sidecar(photos[0])
+            running.wait_sidecar(photos[1])
+            time.sleep(0.5)
+        assert len(running.fake.chat_requests) == 2
+        assert not (running.inbox / "2.jpg.json").exists()
+        assert any("max_requests_per_day (2) reached" in e.get("reason", "") for e in logs)
 
 
-def test_transient_failure_is_retried_and_then_succeeds(running: Runner) -> None:
-    running.fake.enqueue(status=503, json={"error": {"message": "loading model"}}, path="/v1/chat/completions")
-    photo = make_jpeg(running.inbox / "a.jpg", (64, 48))
-    running.start()
-    assert running.wait_sidecar(photo, timeout=30)["status"] == "ok"
-    assert len(running.fake.chat_requests) == 2
+class TestIntake:
+    def test_periodic_rescan_finds_what_the_watcher_missed(self, running: Runner) -> None:
+        # Polling every minute: only the rescan can find the new file in time.
+        running.start(watch=[{"path": str(running.inbox), "polling": True, "poll_interval_s": 60}],
+                      rescan_interval_s=0.5)  # fmt: skip
+        photo = make_jpeg(running.inbox / "late.jpg", (64, 48))
+        assert running.wait_sidecar(photo)["status"] == "ok"
+
+    def test_on_success_moves_file_and_sidecar_and_a_failing_hook_loses_nothing(self, running: Runner) -> None:
+        done = running.tmp / "done"
+        with structlog.testing.capture_logs() as logs:
+            running.start(rule={"on_success": {"move_to": str(done), "exec": ["/bin/false", "{path}"]}})
+            make_jpeg(running.inbox / "sub" / "a.jpg", (64, 48))
+            moved = done / "sub" / "a.jpg"
+            running.wait_sidecar(moved)
+        assert not (running.inbox / "sub" / "a.jpg").exists()
+        job = next(e for e in logs if e["event"] == "job.done")
+        assert job["moved_to"] == str(moved) and job["action_problems"]
+
+
+def test_rate_limiter_allows_n_per_minute() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, clock=lambda: now[0])
+    stop = threading.Event()
+    assert limiter.acquire(stop) and limiter.acquire(stop)
+    stop.set()
+    assert not limiter.acquire(stop)  # a third within the minute has to wait
+    now[0] = 60.1
+    assert limiter.acquire(stop)
 
 
 def test_stop_leaves_no_temp_files(running: Runner) -> None:

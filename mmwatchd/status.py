@@ -1,0 +1,107 @@
+"""``mmwatchd status``: where every file under the watched folders stands, and what went wrong lately.
+
+Done/failed/pending come from the folders and their sidecars (the truth); retrying, recent errors and today's
+request count come from the state store. Nothing is decoded: a file is sniffed (a few hundred bytes) only to know
+which rule it gets.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mmwatchd import rules, sidecar
+from mmwatchd.config import Config
+from mmwatchd.errors import ForeignSidecar, SidecarError
+from mmwatchd.media import media_suffix_kind, sniff
+from mmwatchd.state import State
+from mmwatchd.watch import scan
+
+
+def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
+    retrying = state.retrying()
+    retrying_paths = {r.path for r in retrying}
+    roots: dict[str, dict[str, int]] = {}
+    for root in cfg.watch:
+        counts = {"done": 0, "failed": 0, "pending": 0, "retrying": 0, "foreign": 0}
+        for path in scan(root, sidecar_suffix=cfg.sidecar.suffix):
+            where = _classify(cfg, root.path, Path(path))
+            if where is None:
+                continue  # not media, or no rule: never processed, so neither done nor pending
+            if where == "pending" and Path(path) in retrying_paths:
+                where = "retrying"
+            counts[where] += 1
+        roots[str(root.path)] = counts
+    return {
+        "roots": roots,
+        "retrying": [
+            {"path": os.fsdecode(r.path), "attempts": r.attempts, "kind": r.kind, "last_error": r.last_error,
+             "retry_at": _iso(r.retry_at)}
+            for r in retrying
+        ],  # fmt: skip
+        "last_errors": [
+            {"path": os.fsdecode(e.path), "kind": e.kind, "message": e.message, "at": _iso(e.at)}
+            for e in state.last_errors(errors)
+        ],
+        "requests_today": state.requests_today(),
+        "max_requests_per_day": cfg.endpoint.max_requests_per_day,
+    }
+
+
+def _classify(cfg: Config, root: Path, path: Path) -> str | None:
+    try:
+        st = path.stat()
+        # Like the pipeline: a file named like media that is not gets its rule (and an error sidecar).
+        kind = sniff(path).kind or media_suffix_kind(path)
+    except OSError:
+        return None
+    if kind is None:
+        return None
+    rule = rules.match(rules.rel_to_roots(path, [root])[1], kind, cfg.rules)
+    if rule is None:
+        return None
+    try:
+        doc = sidecar.read(sidecar.sidecar_path(path, cfg.sidecar.suffix))
+    except ForeignSidecar:
+        return "foreign"
+    except SidecarError:
+        return "pending"
+    if doc is None:
+        return "pending"
+    fresh = sidecar.is_fresh(
+        doc,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        fingerprint=rules.fingerprint(rule, cfg.endpoint, kind),
+        sha256=lambda: "",  # a touched file counts as pending here; the daemon settles it by hash
+    )
+    if not fresh:
+        return "pending"
+    return "failed" if doc.get("status") == "error" else "done"
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report for a person."""
+    lines = []
+    for root, c in report["roots"].items():
+        extra = f", {c['foreign']} blocked by a foreign file" if c["foreign"] else ""
+        lines.append(
+            f"{root}: {c['done']} done, {c['failed']} failed, {c['pending']} pending, {c['retrying']} retrying{extra}"
+        )
+    cap = report["max_requests_per_day"]
+    lines.append(f"requests today: {report['requests_today']}" + (f" of {cap}" if cap else ""))
+    if report["retrying"]:
+        lines.append("retrying:")
+        for r in report["retrying"]:
+            lines.append(f"  {r['path']}: {r['attempts']} attempt(s), next {r['retry_at'] or 'soon'}: {r['last_error']}")
+    if report["last_errors"]:
+        lines.append("last errors:")
+        for e in report["last_errors"]:
+            lines.append(f"  {e['at']}  {e['path']}: {e['kind']}: {e['message']}")
+    return "\n".join(lines)
