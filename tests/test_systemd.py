@@ -1,0 +1,53 @@
+"""The shipped systemd units pass systemd-analyze verify; the API key is found where the units put it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from configs import load_config
+
+from mmwatchd.cli import api_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("unit", "user", "exe"),
+    [
+        ("mmwatchd.service", False, "/opt/mmwatchd/bin/mmwatchd"),
+        ("mmwatchd-user.service", True, "%h/.local/share/mmwatchd/venv/bin/mmwatchd"),
+    ],
+)
+def test_units_verify(tmp_path: Path, unit: str, user: bool, exe: str) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    stub = tmp_path / "mmwatchd"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    text = (REPO / "systemd" / unit).read_text()
+    assert exe in text
+    assert "Type=notify" in text and "ExecReload=/bin/kill -HUP $MAINPID" in text and "WatchdogSec=" in text
+    (tmp_path / "units").mkdir()
+    target = tmp_path / "units" / "mmwatchd.service"
+    target.write_text(text.replace(exe, str(stub)))  # verify insists the program exists
+    (tmp_path / "run").mkdir(mode=0o700)
+    cmd = [analyze, *(["--user"] if user else []), "verify", str(target)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={"XDG_RUNTIME_DIR": str(tmp_path / "run"),
+                          "PATH": "/usr/bin:/bin"}, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "mmwatchd.service" not in done.stderr, done.stderr
+
+
+def test_api_key_from_environment_or_systemd_credential(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, base_url="http://127.0.0.1:9/v1")
+    assert api_key(cfg, {}) is None
+    assert api_key(cfg, {"MMWATCHD_TEST_KEY": "sk-env"}) == "sk-env"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "MMWATCHD_TEST_KEY").write_text("sk-credential\n")
+    assert api_key(cfg, {"CREDENTIALS_DIRECTORY": str(creds)}) == "sk-credential"
+    assert api_key(cfg, {"CREDENTIALS_DIRECTORY": str(creds), "MMWATCHD_TEST_KEY": "sk-env"}) == "sk-env"
