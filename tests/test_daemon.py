@@ -296,3 +296,15 @@ def test_stop_leaves_no_temp_files(running: Runner) -> None:
     for n in names:
         if n.endswith(".json"):
             json.loads((running.inbox / n).read_text())  # whole JSON, never torn
+
+
+def test_a_dropped_video_is_described(running: Runner) -> None:
+    from media import make_numbered_video
+
+    running.start(rule={"match": {"kind": "any"}, "video": {"frames": 4, "max_side": 96}})
+    clip = make_numbered_video(running.tmp / "staging" / "clip.mp4", (160, 120), frames=20, fps=10)
+    os.rename(clip, running.inbox / "clip.mp4")
+    doc = running.wait_sidecar(running.inbox / "clip.mp4")
+    assert doc["status"] == "ok" and doc["media"]["kind"] == "video" and len(doc["media"]["frames"]) == 4
+    (req,) = running.fake.chat_requests
+    assert req.content[1]["type"] == "video_url"
