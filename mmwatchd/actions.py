@@ -44,7 +44,7 @@ from pathlib import Path
 
 from mmwatchd.model import ActionSpec
 from mmwatchd.rules import render
-from mmwatchd.sidecar import TEMP_MARK
+from mmwatchd.sidecar import TEMP_MARK, fsync_dir
 
 #: Highest clash number tried before the move is given up.
 MAX_NUMBER = 9999
@@ -262,14 +262,14 @@ def _place(src: Path, folder: Path, names: Iterable[str], *, accept: Callable[[s
             break
         else:
             raise FileExistsError(errno.EEXIST, "no free name", str(folder / src.name))
-        _fsync_dir(folder)
+        fsync_dir(folder)
         if tmp is not None:
             try:
                 os.unlink(src)
             except OSError:
                 os.unlink(dst)  # the copy is ours and unseen so far: undo rather than leave two files
                 raise
-        _fsync_dir(src.parent)
+        fsync_dir(src.parent)
         return dst
     finally:
         if tmp is not None and not claimed:
@@ -345,16 +345,6 @@ def _reserve_noreplace(src: Path, dst: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(dst)
         raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is durable only once the directory entry is; some filesystems refuse O_RDONLY dir fsync.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _why(exc: OSError) -> str:

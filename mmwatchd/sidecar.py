@@ -72,7 +72,7 @@ def write(path: Path, doc: Mapping[str, Any]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise SidecarError(f"{path}: cannot write sidecar: {_why(exc)}") from exc
 
@@ -86,7 +86,7 @@ def _why(exc: OSError) -> str:
     return reason
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     # The rename is durable only once the directory entry is; some filesystems refuse O_RDONLY dir fsync.
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
