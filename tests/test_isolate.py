@@ -1,0 +1,417 @@
+from __future__ import annotations
+
+import gc
+import inspect
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import isolate_helpers as helpers
+import pytest
+from media import make_jpeg
+
+from mmwatchd import errors
+from mmwatchd.encode import encode_image
+from mmwatchd.errors import DecodeError, MediaTooLarge, MmwatchdError
+from mmwatchd.isolate import Isolator
+from mmwatchd.model import ImageSpec, Limits
+
+GiB = 2**30
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+# multiprocessing's own helpers live as long as the test session and are shared by everything that uses the
+# forkserver start method: they are not ours to stop.
+_INFRASTRUCTURE = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, or None when it no longer exists."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], int(fields[1])
+
+
+def _gone(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X")  # a zombie has exited; reaping it is its new parent's business
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None and stat[0] not in ("Z", "X"):
+            parents[int(entry.name)] = stat[1]
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _worker_processes() -> set[int]:
+    """Processes below this one, apart from multiprocessing's forkserver and resource tracker themselves.
+
+    Workers are forked by the forkserver, so they share its command line; they are its children, not ours.
+    """
+    me = os.getpid()
+    return {
+        pid
+        for pid in _descendants(me)
+        if (_proc_stat(pid) or ("", 0))[1] != me or not any(name in _cmdline(pid) for name in _INFRASTRUCTURE)
+    }
+
+
+def _wait_until(condition, timeout_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves a worker process behind (the thread guard in conftest covers threads)."""
+    before = _worker_processes()
+    yield
+    assert multiprocessing.active_children() == []
+    leaked = _worker_processes() - before
+    assert not leaked, {pid: _cmdline(pid) for pid in leaked}
+
+
+@pytest.fixture
+def iso() -> Iterator[Isolator]:
+    with Isolator(workers=2, timeout_s=5, memory_bytes=GiB) as isolator:
+        yield isolator
+
+
+class TestResults:
+    def test_returns_the_value(self, iso: Isolator) -> None:
+        assert iso.call(helpers.echo, 1, "two", three=[3], label="a.jpg") == ((1, "two"), {"three": [3]})
+        assert iso.call(helpers.square, 7, label="a.jpg") == 49
+
+    def test_runs_in_another_process_that_is_reused(self, iso: Isolator) -> None:
+        first = iso.call(helpers.pid, label="a.jpg")
+        assert first != os.getpid()
+        assert iso.call(helpers.pid, label="a.jpg") == first
+
+    def test_large_results_come_back_whole(self, iso: Isolator) -> None:
+        assert iso.call(helpers.blob, 3 * 2**20, label="a.jpg") == b"x" * (3 * 2**20)
+
+    def test_mmwatchd_errors_are_raised_as_they_were(self, iso: Isolator) -> None:
+        with pytest.raises(DecodeError) as caught:
+            iso.call(helpers.raise_decode_error, "IMG_1.jpg: truncated after 1024 bytes", label="IMG_1.jpg")
+        assert str(caught.value) == "IMG_1.jpg: truncated after 1024 bytes"
+        assert caught.value.message == "IMG_1.jpg: truncated after 1024 bytes"
+
+    def test_other_exceptions_become_decode_errors_naming_the_file(self, iso: Isolator) -> None:
+        with pytest.raises(DecodeError) as caught:
+            iso.call(helpers.raise_value_error, "bad huffman table", label="IMG_2.jpg")
+        assert type(caught.value) is DecodeError
+        assert str(caught.value) == "IMG_2.jpg: decoding failed: ValueError: bad huffman table"
+        assert not caught.value.retryable
+        # Where it happened, for whoever reads the log with a traceback.
+        assert "raise_value_error" in "\n".join(caught.value.__notes__)
+
+    def test_an_error_that_does_not_unpickle_is_sent_by_name_and_message(self, iso: Isolator) -> None:
+        with pytest.raises(DecodeError) as caught:
+            iso.call(helpers.raise_two_part_error, label="IMG_2.jpg")
+        assert str(caught.value) == "IMG_2.jpg: decoding failed: TwoPartError: IMG_2.jpg: the header lies"
+        assert iso.call(helpers.square, 3, label="a.jpg") == 9
+
+    def test_an_unpicklable_call_fails_in_the_caller(self, iso: Isolator) -> None:
+        with pytest.raises((pickle.PicklingError, AttributeError)):
+            iso.call(lambda: 1, label="a.jpg")
+        assert iso.call(helpers.square, 4, label="a.jpg") == 16
+
+
+def _error_classes() -> list[type[MmwatchdError]]:
+    return [cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, MmwatchdError)]
+
+
+class TestErrorsPickle:
+    @pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+    def test_round_trip_keeps_type_message_and_attributes(self, cls: type[MmwatchdError]) -> None:
+        error = cls("IMG_3.jpg: something is wrong")
+        error.extra = 42  # type: ignore[attr-defined]
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is cls
+        assert str(copy) == str(error)
+        assert copy.message == error.message
+        assert copy.kind == error.kind
+        assert copy.retryable == error.retryable
+        assert copy.extra == 42  # type: ignore[attr-defined]
+
+    def test_config_error_keeps_its_problems(self) -> None:
+        error = errors.ConfigError(["config.yaml:3:1: rules: required", "config.yaml:9:5: rules[0].max_bytes: > 0"])
+        copy = pickle.loads(pickle.dumps(error))
+        assert copy.problems == error.problems
+        assert str(copy) == str(error)
+
+    def test_unavailable_keeps_status_and_retry_after(self) -> None:
+        error = errors.VLMUnavailable("endpoint busy")
+        error.status, error.retry_after = 503, 2.5
+        copy = pickle.loads(pickle.dumps(error))
+        assert (copy.status, copy.retry_after, copy.counts_against_file) == (503, 2.5, True)
+
+    def test_across_a_worker(self, iso: Isolator) -> None:
+        error = errors.ConfigError(["a.yaml:1:1: one", "a.yaml:2:1: two"])
+        with pytest.raises(errors.ConfigError) as caught:
+            iso.call(helpers.raise_error, error, label="a.jpg")
+        assert caught.value.problems == error.problems
+        unavailable = errors.VLMUnavailable("down")
+        unavailable.status = 502
+        with pytest.raises(errors.VLMUnavailable) as caught_unavailable:
+            iso.call(helpers.raise_error, unavailable, label="a.jpg")
+        assert caught_unavailable.value.status == 502
+
+
+class TestFailures:
+    def test_a_hang_is_stopped_at_the_timeout_and_the_worker_replaced(self) -> None:
+        with Isolator(workers=1, timeout_s=0.5, memory_bytes=None) as iso:
+            hung_pid = iso.call(helpers.pid, label="warm-up")  # the worker's start-up is not what is timed
+            started = time.monotonic()
+            with pytest.raises(DecodeError) as caught:
+                iso.call(helpers.hang, label="IMG_4.mov")
+            assert time.monotonic() - started < 1.5  # 0.5 s, then a kill and a reap; more only on a loaded machine
+            assert str(caught.value) == (
+                "IMG_4.mov: decoding took longer than 0.5 s and was stopped (limits.decode_timeout_s)"
+            )
+            assert not caught.value.retryable
+            assert _gone(hung_pid)
+            assert iso.call(helpers.square, 5, label="a.jpg") == 25
+            assert iso.call(helpers.pid, label="a.jpg") != hung_pid
+
+    @pytest.mark.parametrize(
+        ("fn", "args", "what"),
+        [
+            (helpers.kill_self, (signal.SIGSEGV,), "SIGSEGV"),
+            (helpers.abort, (), "SIGABRT"),
+            (helpers.kill_self, (signal.SIGBUS,), "SIGBUS"),
+            (helpers.exit_with, (3,), "exit status 3"),
+        ],
+    )
+    def test_a_crash_is_a_decode_error_and_the_worker_replaced(self, iso: Isolator, fn, args, what) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(DecodeError) as caught:
+            iso.call(fn, *args, label="IMG_5.heic")
+        assert str(caught.value) == f"IMG_5.heic: the decoder crashed ({what}); the file is probably damaged"
+        assert not caught.value.retryable
+        assert iso.call(helpers.square, 6, label="a.jpg") == 36
+
+    def test_an_allocation_past_the_limit_is_media_too_large(self, iso: Isolator) -> None:
+        with pytest.raises(MediaTooLarge) as caught:
+            iso.call(helpers.allocate, 3 * GiB, label="IMG_6.png")
+        assert str(caught.value) == "IMG_6.png: decoding needed more than 1024 MB (limits.decode_memory_mb)"
+        with pytest.raises(MediaTooLarge):  # many smaller allocations (anonymous mmap) count too
+            iso.call(helpers.allocate_in_chunks, 3 * GiB, 64 * 2**20, label="IMG_6.png")
+        assert iso.call(helpers.allocate, 256 * 2**20, label="a.jpg") == 256 * 2**20
+        assert iso.call(helpers.square, 7, label="a.jpg") == 49
+
+    def test_without_a_limit_the_message_has_no_number(self) -> None:
+        with (
+            Isolator(workers=1, timeout_s=5, memory_bytes=None) as iso,
+            pytest.raises(MediaTooLarge, match=r"^a\.png: decoding ran out of memory$"),
+        ):
+            iso.call(helpers.raise_error, MemoryError(), label="a.png")
+
+    def test_a_kill_from_outside_is_taken_for_the_oom_killer(self, iso: Isolator) -> None:
+        with pytest.raises(MediaTooLarge, match=r"^IMG_7\.jpg: the decoder was killed \(SIGKILL\), most likely"):
+            iso.call(helpers.kill_self, signal.SIGKILL, label="IMG_7.jpg")
+        assert iso.call(helpers.square, 8, label="a.jpg") == 64
+
+    def test_a_worker_that_died_while_idle_is_replaced_silently(self, iso: Isolator) -> None:
+        dead = iso.call(helpers.pid, label="a.jpg")
+        os.kill(dead, signal.SIGKILL)
+        assert _wait_until(lambda: _gone(dead))
+        assert iso.call(helpers.pid, label="a.jpg") not in (dead, os.getpid())
+
+    def test_workers_ignore_sigterm(self, iso: Isolator) -> None:
+        worker = iso.call(helpers.sigterm_self, label="a.jpg")
+        os.kill(worker, signal.SIGINT)
+        assert iso.call(helpers.pid, label="a.jpg") == worker
+
+    def test_a_preload_that_fails_is_reported(self) -> None:
+        with (
+            Isolator(workers=1, timeout_s=5, memory_bytes=None, preload=["no_such_module_here"]) as iso,
+            pytest.raises(DecodeError, match=r"^a\.jpg: the decoder process could not start: ModuleNotFoundError"),
+        ):
+            iso.call(helpers.square, 2, label="a.jpg")
+
+
+class TestPool:
+    def test_concurrent_callers_share_the_workers(self, tmp_path: Path) -> None:
+        with Isolator(workers=2, timeout_s=10, memory_bytes=None) as iso:
+
+            def five(thread: int) -> list[tuple[int, int, int]]:
+                return [
+                    iso.call(helpers.tracked, tmp_path, thread * 10 + i, 0.02, label=f"{thread}-{i}") for i in range(5)
+                ]
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                results = [r for batch in pool.map(five, range(8)) for r in batch]
+        assert sorted(square for square, _, _ in results) == sorted(
+            (t * 10 + i) ** 2 for t in range(8) for i in range(5)
+        )
+        assert len({pid for _, pid, _ in results}) <= 2
+        assert max(running for _, _, running in results) == 2
+
+    def test_a_hung_call_does_not_hold_up_other_callers(self, tmp_path: Path) -> None:
+        marker = tmp_path / "hanging"
+        with Isolator(workers=2, timeout_s=10, memory_bytes=None) as iso:
+            outcome: list[BaseException] = []
+
+            def hang() -> None:
+                try:
+                    iso.call(helpers.hang, marker, label="IMG_8.mov")
+                except DecodeError as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=hang)
+            thread.start()
+            try:
+                assert _wait_until(marker.exists)
+                started = time.monotonic()
+                assert [iso.call(helpers.square, i, label="a.jpg") for i in range(5)] == [0, 1, 4, 9, 16]
+                assert time.monotonic() - started < 3.0  # starting the second worker included
+            finally:
+                iso.close()
+                thread.join(5)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and outcome[0].retryable
+
+    def test_workers_are_recycled_after_max_calls(self) -> None:
+        with Isolator(workers=1, timeout_s=5, memory_bytes=None, max_calls_per_worker=3) as iso:
+            pids = [iso.call(helpers.pid, label="a.jpg") for _ in range(7)]
+        assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] == pids[5] != pids[6]
+        assert all(_gone(pid) for pid in pids)
+
+    def test_workers_start_lazily(self) -> None:
+        before = _worker_processes()
+        with Isolator(workers=2, timeout_s=5, memory_bytes=None):
+            assert _worker_processes() == before
+
+
+class TestClose:
+    def test_close_with_a_hung_call_in_flight_returns_promptly(self, tmp_path: Path) -> None:
+        marker = tmp_path / "hanging"
+        iso = Isolator(workers=1, timeout_s=30, memory_bytes=None)
+        outcome: list[BaseException] = []
+
+        def hang() -> None:
+            try:
+                iso.call(helpers.hang, marker, label="IMG_9.mov")
+            except DecodeError as exc:
+                outcome.append(exc)
+
+        def wait_for_a_worker() -> None:  # the only worker is busy: this caller is queued when close() comes
+            try:
+                iso.call(helpers.square, 2, label="IMG_10.jpg")
+            except DecodeError as exc:
+                outcome.append(exc)
+
+        threads = [threading.Thread(target=hang), threading.Thread(target=wait_for_a_worker)]
+        threads[0].start()
+        assert _wait_until(marker.exists)
+        threads[1].start()
+        time.sleep(0.05)
+        worker_pids = _worker_processes()
+        assert worker_pids
+        started = time.monotonic()
+        iso.close()
+        assert time.monotonic() - started < 2.0
+        assert all(_gone(pid) for pid in worker_pids)
+        for thread in threads:
+            thread.join(2)
+            assert not thread.is_alive()
+        assert sorted(str(exc) for exc in outcome) == [
+            "IMG_10.jpg: decoding was interrupted because the decoder processes were stopped (shutdown)",
+            "IMG_9.mov: decoding was interrupted because the decoder processes were stopped (shutdown)",
+        ]
+        assert all(exc.retryable for exc in outcome)
+        assert multiprocessing.active_children() == []
+
+    def test_close_is_idempotent_and_later_calls_fail(self, iso: Isolator) -> None:
+        iso.call(helpers.square, 2, label="a.jpg")
+        iso.close()
+        iso.close()
+        with pytest.raises(DecodeError, match="stopped"):
+            iso.call(helpers.square, 2, label="a.jpg")
+
+    def test_a_forgotten_isolator_stops_its_workers_when_collected(self) -> None:
+        iso = Isolator(workers=1, timeout_s=5, memory_bytes=None)
+        worker = iso.call(helpers.pid, label="a.jpg")
+        del iso
+        gc.collect()
+        assert _wait_until(lambda: _gone(worker))
+
+    def test_workers_die_with_a_killed_parent(self, tmp_path: Path) -> None:
+        # The parent starts an isolator and leaves a call hanging, so the worker is not reading its pipe: only the
+        # parent-death signal can stop it once the parent (and with it the forkserver) is gone.
+        marker = tmp_path / "hanging"
+        script = textwrap.dedent(
+            f"""
+            import sys
+            from pathlib import Path
+            import isolate_helpers
+            from mmwatchd.isolate import Isolator
+
+            iso = Isolator(workers=1, timeout_s=600, memory_bytes=None)
+            print(iso.call(isolate_helpers.pid, label="pid"), flush=True)
+            iso.call(isolate_helpers.hang, Path({str(marker)!r}), label="hang")
+            """
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True)
+        assert parent.stdout is not None
+        below: set[int] = set()
+        try:
+            worker = int(parent.stdout.readline())
+            assert _wait_until(marker.exists, 10)
+            below = _descendants(parent.pid)  # the forkserver, the resource tracker and the worker
+            assert worker in below
+            parent.kill()
+            parent.wait(5)
+            assert _wait_until(lambda: all(_gone(pid) for pid in below), 5), {
+                pid: _cmdline(pid) for pid in below if not _gone(pid)
+            }
+        finally:
+            parent.kill()
+            parent.wait(5)
+            parent.stdout.close()
+            for pid in below:  # only after a failure: nothing may outlive the test
+                if not _gone(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+class TestRealDecoder:
+    @pytest.mark.slow
+    def test_encode_image_of_a_24_mp_jpeg_under_1_gib(self, tmp_path: Path) -> None:
+        path = make_jpeg(tmp_path / "IMG_0001.jpg", (6000, 4000))
+        spec, limits = ImageSpec(passthrough=False), Limits()
+        with Isolator(workers=1, timeout_s=20, memory_bytes=GiB, preload=["mmwatchd.encode"]) as iso:
+            isolated = iso.call(encode_image, path, spec, budget=2_000_000, limits=limits, label=path.name)
+        direct = encode_image(path, spec, budget=2_000_000, limits=limits)
+        assert isolated == direct
+        assert (isolated.width, isolated.height) == (1536, 1024)
