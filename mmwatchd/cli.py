@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 from pathlib import Path
 
 from mmwatchd import __version__, config as config_mod, log as log_mod
@@ -94,7 +96,27 @@ def _load(args: argparse.Namespace) -> Config:
 def _client(cfg: Config):  # type: ignore[no-untyped-def]
     from mmwatchd.vlm import VLMClient
 
+    if insecure_endpoint(cfg.endpoint.base_url):
+        log_mod.get_logger().warning(
+            "endpoint.plain_http",
+            url=cfg.endpoint.base_url,
+            note="photos and the API key cross the network unencrypted; use https:// for hosts other than this one",
+        )
     return VLMClient(cfg.endpoint, api_key=api_key(cfg))
+
+
+def insecure_endpoint(base_url: str) -> bool:
+    """Plain HTTP to anything but this machine."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def api_key(cfg: Config, env: Mapping[str, str] = os.environ) -> str | None:

@@ -20,6 +20,7 @@ Failures are kept apart:
 from __future__ import annotations
 
 import heapq
+import os
 import queue
 import random
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from mmwatchd.config import Config
 from mmwatchd.errors import ConfigError, VLMError, VLMMisconfigured, VLMUnavailable
+from mmwatchd.isolate import Isolator
 from mmwatchd.log import get_logger
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
@@ -46,6 +48,8 @@ log = get_logger()
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 600.0
 PROBE_MAX_S = 30.0
+#: Sidecar temp files older than this at startup were left by a killed process.
+STALE_TEMP_S = 60.0
 #: How often STATUS= is refreshed for systemd.
 STATUS_EVERY_S = 5.0
 
@@ -114,6 +118,15 @@ class _MeteredClient:
         return reply
 
 
+def _remove_stale(path: Path) -> None:
+    try:
+        if time.time() - path.stat().st_mtime > STALE_TEMP_S:
+            path.unlink()
+            log.info("daemon.removed_stale_temp", path=str(path))
+    except OSError:
+        pass  # gone already, or not ours to remove: harmless either way
+
+
 def _seconds_to_midnight() -> float:
     now = datetime.now()
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time())
@@ -144,7 +157,15 @@ class Daemon:
         self.clock = clock
         self.one_shot_attempts = one_shot_attempts
         self.limiter = RateLimiter(config.endpoint.requests_per_minute, clock=clock)
-        self.processor = Processor(config, _MeteredClient(client, self), clock=clock)  # type: ignore[arg-type]
+        # Decoders (C libraries fed untrusted files) run in their own processes: one that hangs, crashes or
+        # balloons costs only its file. Both cores decode while requests are in flight.
+        self.isolator = Isolator(
+            workers=max(1, min(config.endpoint.concurrency, os.cpu_count() or 1)),
+            timeout_s=config.limits.decode_timeout_s,
+            memory_bytes=config.limits.decode_memory_mb * 1024 * 1024,
+            preload=("mmwatchd.encode",),
+        )
+        self.processor = self._processor(config)
         self.counts: Counter[str] = Counter()
         self.outcomes: list[Outcome] = []
         self.status_every_s = STATUS_EVERY_S
@@ -164,6 +185,11 @@ class Daemon:
         self._probe_now = threading.Event()
         self._threads: list[threading.Thread] = []
         self._model_warned = False
+
+    def _processor(self, config: Config) -> Processor:
+        return Processor(
+            config, _MeteredClient(self.client, self), clock=self.clock, isolator=self.isolator  # type: ignore[arg-type]
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -203,6 +229,7 @@ class Daemon:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in self._threads if t.is_alive()]
         self._threads.clear()
+        self.isolator.close()
         if dropped:
             log.info("daemon.dropped_queue", files=dropped, note="they are picked up again by the next scan")
         if stuck:
@@ -233,11 +260,17 @@ class Daemon:
     def submit_all(self, paths: Iterable[Path], **kw: bool) -> int:
         return sum(self.submit(p, **kw) for p in paths)
 
-    def scan_roots(self) -> int:
-        """Queue every wanted file under the roots (freshness is checked by the worker, against the sidecar)."""
+    def scan_roots(self, *, clean: bool = False) -> int:
+        """Queue every wanted file under the roots (freshness is checked by the worker, against the sidecar).
+
+        ``clean``: also delete sidecar temp files left by a killed process (only at startup, before any worker
+        writes, and only ones older than a minute, in case another process is writing there).
+        """
         n = 0
+        on_temp = _remove_stale if clean else None
         for root in self.config.watch:
-            n += self.submit_all(Path(p) for p in scan(root, sidecar_suffix=self.config.sidecar.suffix))
+            found = scan(root, sidecar_suffix=self.config.sidecar.suffix, on_temp=on_temp)
+            n += self.submit_all(Path(p) for p in found)
         return n
 
     def due_retries(self) -> float | None:
@@ -281,7 +314,7 @@ class Daemon:
             self.notifier.ready(self._status_line())
             if on_ready:
                 on_ready()
-            log.info("daemon.scanned", queued=self.scan_roots())
+            log.info("daemon.scanned", queued=self.scan_roots(clean=True))
             ping_every = self.notifier.watchdog_interval()
             next_ping = next_status = last_scan = self.clock()
             while not stop.is_set():
@@ -360,7 +393,7 @@ class Daemon:
             if new.endpoint.concurrency != old.endpoint.concurrency:
                 log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
         self.config = new
-        self.processor = Processor(new, _MeteredClient(self.client, self), clock=self.clock)  # type: ignore[arg-type]
+        self.processor = self._processor(new)
         if new.watch != old.watch or new.settle_s != old.settle_s or new.sidecar != old.sidecar:
             try:
                 replacement = self._watcher(new)

@@ -7,6 +7,10 @@ the bytes say what it is (:func:`sniff`). This module reads bytes only and impor
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -245,9 +249,20 @@ def sniff_bytes(head: bytes) -> Sniffed:
 
 
 def sniff(path: Path) -> Sniffed:
-    """Read the first :data:`HEAD_SIZE` bytes of ``path`` and judge them. ``OSError`` propagates."""
-    with open(path, "rb") as fp:
-        return sniff_bytes(fp.read(HEAD_SIZE))
+    """Read the first :data:`HEAD_SIZE` bytes of ``path`` and judge them. ``OSError`` propagates.
+
+    Opened non-blocking and checked with ``fstat`` before reading: a path swapped for a FIFO or a device after the
+    caller looked at it (or a folder) is refused with ``OSError(EINVAL)`` instead of blocking a worker forever.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fp:
+            return sniff_bytes(fp.read(HEAD_SIZE))
+    finally:
+        os.close(fd)
 
 
 def media_suffix_kind(path: Path) -> Literal["image", "video"] | None:

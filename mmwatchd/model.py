@@ -71,6 +71,12 @@ class Limits:
 
     max_pixels: Positive = 200_000_000
     max_file_bytes: Positive = 2_000_000_000
+    #: Longer videos are refused (None: any length).
+    max_duration_s: PositiveFloat | None = None
+    #: Decoding runs in a separate process; one that takes longer than this is stopped and the file fails.
+    decode_timeout_s: PositiveFloat = 120.0
+    #: Memory (heap) a decoding process may use before the file fails as too large.
+    decode_memory_mb: Annotated[int, Field(ge=64)] = 2048
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,6 +175,9 @@ class WatchRoot:
     #: Create the folder when it is missing (off by default: a missing mount point should be an error, not a new
     #: empty folder on the root filesystem).
     create: bool = False
+    #: Follow symlinks that point outside this folder (off: a link may only point at a file inside it, so a link
+    #: dropped into the folder can never make mmwatchd read and send a private file from elsewhere).
+    follow_symlinks: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,14 +7,18 @@ what happened. Permanent problems leave an error sidecar; transient ones leave n
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from mmwatchd import __version__, rules, sidecar
+from mmwatchd.actions import run_actions
 from mmwatchd.config import Config, Rule
 from mmwatchd.encode import encode_image, encode_video, probe_image, probe_video
 from mmwatchd.errors import (
@@ -29,11 +33,13 @@ from mmwatchd.errors import (
     VLMError,
     VLMUnavailable,
 )
+from mmwatchd.isolate import Isolator
 from mmwatchd.media import media_suffix_kind, sniff
-from mmwatchd.actions import run_actions
 from mmwatchd.model import ActionSpec, Part, Reply, VideoSpec, VLMRequest
 from mmwatchd.vlm import VLMClient, build_body, request_bytes
+from mmwatchd.watch import link_allowed
 
+T = TypeVar("T")
 Status = Literal["ok", "error", "retry", "skipped", "planned"]
 
 
@@ -86,10 +92,20 @@ class _Planned:
 class Processor:
     """Turns paths into outcomes under one config. Thread-safe: it holds no per-job state."""
 
-    def __init__(self, config: Config, client: VLMClient | None, *, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        client: VLMClient | None,
+        *,
+        clock: Any = time.monotonic,
+        isolator: Isolator | None = None,
+    ) -> None:
+        """``isolator``: decode in separate processes with a timeout and memory limit (the daemon's way); without
+        one, encoders run in the calling thread (dry runs, tests)."""
         self.config = config
         self.client = client
         self.clock = clock
+        self.isolator = isolator
         self._roots = [r.path for r in config.watch]
 
     # -- the job ---------------------------------------------------------------------------------------------
@@ -118,18 +134,27 @@ class Processor:
             return Outcome(path=path, status="skipped", reason=f"cannot stat: {exc.strerror or exc}")
         if not stat.S_ISREG(st.st_mode):
             return Outcome(path=path, status="skipped", reason="not a regular file")
+        if not explicit and os.path.islink(path):
+            root_spec = next((r for r in self.config.watch if r.path == rules.rel_to_roots(path, self._roots)[0]), None)
+            if root_spec is None or not link_allowed(root_spec, path):
+                return Outcome(
+                    path=path, status="skipped",
+                    reason="symlink to a file outside the watched folder (set follow_symlinks: true to allow)",
+                )  # fmt: skip
         before = _Stat.of(st)
         side = sidecar.sidecar_path(path, self.config.sidecar.suffix)
         rule: Rule | None = None
         fingerprint = ""
         root, rel = rules.rel_to_roots(path, self._roots)
         values: dict[str, object] = {
-            "name": path.name,
-            "stem": path.stem,
-            "ext": path.suffix[1:].lower(),
-            "folder": path.parent.name,
-            "path": str(path),
-            "relpath": rel,
+            # Names are data, never instructions: they go into prompts as quoted strings (JSON escaping, so a
+            # newline or a quote in a file name cannot break out of the quotes).
+            "name": _quoted(path.name),
+            "stem": _quoted(path.stem),
+            "ext": re.sub(r"[^a-z0-9]", "", path.suffix[1:].lower()),
+            "folder": _quoted(path.parent.name),
+            "path": _quoted(str(path)),
+            "relpath": _quoted(rel),
             "size_bytes": before.size,
         }
         try:
@@ -188,6 +213,13 @@ class Processor:
             return self._act(outcome, rule.on_success, side, root, values)
         except ForeignSidecar as exc:
             return Outcome(path=path, status="skipped", reason=exc.message, rule=rule and rule.name, error=exc)
+        except FileNotFoundError:
+            return Outcome(path=path, status="skipped", reason="file is gone")
+        except OSError as exc:  # unreadable now (permissions, I/O error, swapped for a FIFO): not the file's content
+            return Outcome(
+                path=path, status="retry", reason=f"cannot read the file: {exc.strerror or exc}",
+                rule=rule and rule.name,
+            )  # fmt: skip
         except (MediaError, VLMError, SidecarError) as exc:
             gave_up = last_attempt and isinstance(exc, VLMUnavailable) and exc.counts_against_file
             if exc.retryable and not gave_up:
@@ -231,7 +263,7 @@ class Processor:
     def _plan(self, path: Path, kind: str, rule: Rule, values: dict[str, object], fingerprint: str) -> _Planned:
         refs = self._references(rule)
         if kind == "image":
-            facts = probe_image(path, limits=self.config.limits)
+            facts = self._decode(probe_image, path, limits=self.config.limits)
             values.update(width=facts.width, height=facts.height, taken=facts.taken)
             if facts.frames > 1 and rule.video is not None:
                 return self._plan_video(path, rule, values, refs, fingerprint)
@@ -239,7 +271,7 @@ class Processor:
             budget = self._budget(request, (Part(mime="image/jpeg", chunks=(b"",), width=0, height=0),))
             if budget <= 0:
                 raise self._no_room(path, request)
-            part = encode_image(path, rule.image, budget=budget, limits=self.config.limits)
+            part = self._decode(encode_image, path, rule.image, budget=budget, limits=self.config.limits)
             request = replace(request, parts=(*refs, part))
             media = {"kind": "image", "format": facts.format, "width": facts.width, "height": facts.height,
                      "taken": facts.taken or None}  # fmt: skip
@@ -251,7 +283,11 @@ class Processor:
     ) -> _Planned:
         spec = rule.video or VideoSpec()
         limits = self.config.limits
-        facts = probe_video(path, limits=limits)
+        facts = self._decode(probe_video, path, limits=limits)
+        if limits.max_duration_s is not None and facts.duration_s and facts.duration_s > limits.max_duration_s:
+            raise MediaTooLarge(
+                f"{path.name}: {facts.duration_s:.1f} s is longer than limits.max_duration_s ({limits.max_duration_s:g})"
+            )
         values.update(
             kind="video",
             width=facts.width,
@@ -264,7 +300,7 @@ class Processor:
         longest = self._request(rule, values, refs)
         stamp_room = len(f", {facts.duration_s or 0:.1f} s") + 2  # per frame, for the timestamps line (images mode)
 
-        def budget(n: int) -> int:
+        def room(n: int) -> int:
             if spec.mode == "images":
                 placeholders = tuple(Part(mime="image/jpeg", chunks=(b"",), width=0, height=0) for _ in range(n))
                 req = replace(longest, prompt=longest.prompt + _frames_line(n, [0.0] * n) + " " * (stamp_room * n))
@@ -273,9 +309,14 @@ class Processor:
                 req = longest
             return self._budget(req, placeholders)
 
+        # The room shrinks by the same JSON bytes for every further part; a frame count with more digits in the
+        # timestamps line costs at most a few bytes more, which the slack covers. Plain numbers cross into the
+        # decoding process, where a closure could not.
+        one, two = room(1), room(2)
+        budget = LinearBudget(first=one - 8, per_part=max(0, one - two))
         if budget(1) <= 0:
             raise self._no_room(path, longest)
-        video = encode_video(path, spec, budget=budget, limits=limits)
+        video = self._decode(encode_video, path, spec, budget=budget, limits=limits)
         values["frames"] = len(video.frames) or ""
         request = self._request(rule, values, refs)
         if video.mode == "images":
@@ -295,6 +336,13 @@ class Processor:
             "degradations": list(video.degradations),
         }
         return self._checked(path, rule, request, media, fingerprint)
+
+    def _decode(self, fn: Callable[..., T], path: Path, /, *args: Any, **kwargs: Any) -> T:
+        """Run a decoder on ``path``: isolated when there is an isolator, so a decoder that hangs or crashes costs
+        only this file."""
+        if self.isolator is None:
+            return fn(path, *args, **kwargs)
+        return self.isolator.call(fn, path, *args, label=path.name, **kwargs)
 
     def _request(self, rule: Rule, values: dict[str, object], parts: tuple[Part, ...]) -> VLMRequest:
         endpoint = self.config.endpoint
@@ -330,7 +378,7 @@ class Processor:
         parts = []
         for ref in rule.reference_images:
             try:
-                part = encode_image(ref, rule.image, budget=share, limits=self.config.limits)
+                part = self._decode(encode_image, ref, rule.image, budget=share, limits=self.config.limits)
             except FileNotFoundError:
                 raise DecodeError(f"reference image {ref} is missing (rules: {rule.name}.reference_images)") from None
             except MediaError as exc:
@@ -449,6 +497,21 @@ class Processor:
             return outcome
         result = run_actions(spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status)
         return replace(outcome, moved_to=result.path if result.moved else None, action_problems=result.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearBudget:
+    """Data-URL bytes available for a clip sent as ``n`` parts: each further part costs its JSON wrapper."""
+
+    first: int
+    per_part: int
+
+    def __call__(self, n: int) -> int:
+        return self.first - self.per_part * (n - 1)
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _frames_line(n: int, times: list[float]) -> str:

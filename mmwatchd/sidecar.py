@@ -24,8 +24,25 @@ TEMP_MARK = ".mmwatchd-tmp-"
 _HASH_CHUNK = 1 << 20
 
 
+#: Longest file name most filesystems allow, in bytes.
+NAME_MAX = 255
+
+
 def sidecar_path(media: Path, suffix: str) -> Path:
-    return media.with_name(media.name + suffix)
+    """``<name><suffix>`` beside the file; for a name too long to take the suffix, a shortened name that ends in a
+    hash of the full one (still deterministic, and the sidecar records the full name in ``source.name``)."""
+    return media.with_name(_fit(media.name, suffix))
+
+
+def _fit(name: str, tail: str, *, head: str = "") -> str:
+    """``head + name + tail``, with ``name`` shortened (keeping a hash of it) when the whole exceeds NAME_MAX bytes."""
+    raw = os.fsencode(name)
+    room = NAME_MAX - len(os.fsencode(head + tail))
+    if len(raw) <= room:
+        return head + name + tail
+    digest = hashlib.sha256(raw).hexdigest()[:10]
+    keep = raw[: max(0, room - len(digest) - 1)]
+    return head + keep.decode("utf-8", "ignore") + "~" + digest + tail
 
 
 def is_ours(doc: object) -> bool:
@@ -58,8 +75,10 @@ def read(path: Path) -> dict[str, Any] | None:
 def write(path: Path, doc: Mapping[str, Any]) -> None:
     """Write ``doc`` atomically: same-folder temp file, fsync, ``os.replace``. Never replaces a foreign file."""
     read(path)  # raises ForeignSidecar when something else is there
-    data = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    tmp = path.with_name(f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}")
+    # File names that are not UTF-8 reach us as lone surrogates: written as \\udcXX escapes they keep the JSON
+    # valid UTF-8 and still round-trip to the original bytes (os.fsencode of the parsed string).
+    data = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8", "backslashreplace")
+    tmp = path.with_name(_fit(path.name, f"{TEMP_MARK}{secrets.token_hex(4)}", head="."))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:

@@ -46,6 +46,7 @@ from watchdog.observers.polling import PollingObserver
 from .errors import ConfigError
 from .globs import any_match
 from .model import WatchRoot
+from .sidecar import TEMP_MARK
 
 from watchdog.utils import UnsupportedLibcError
 
@@ -178,12 +179,14 @@ def scan(
     *,
     sidecar_suffix: str,
     on_error: ScanErrorCallback | None = None,
+    on_temp: Callable[[Path], None] | None = None,
 ) -> Iterator[Path]:
     """Yield the absolute paths of the wanted regular files below ``root``.
 
-    Order is deterministic: in each folder, its files by name, then its subfolders by name. Symlinks are neither
-    followed nor yielded; ignored folders are not entered. A folder that cannot be listed (the root included) is
-    passed to ``on_error`` (default: a warning log line) and skipped. Uses the file type cached by ``scandir``,
+    Order is deterministic: in each folder, its files by name, then its subfolders by name. Symlinked folders are
+    not entered; a symlinked file is yielded only when :func:`link_allowed`; ignored folders are not entered. A folder that cannot be listed (the root included) is
+    passed to ``on_error`` (default: a warning log line) and skipped. Our own temp files are passed to ``on_temp``
+    when given. Uses the file type cached by ``scandir``,
     so a plain walk makes no ``stat`` call per file on local file systems.
     """
     report = on_error or _log_scan_error
@@ -201,6 +204,9 @@ def scan(
         subdirs: list[tuple[str, str]] = []
         for entry in entries:
             name = entry.name
+            if on_temp is not None and TEMP_MARK in name and entry.is_file(follow_symlinks=False):
+                on_temp(Path(entry.path))  # a sidecar write cut short (the process was killed)
+                continue
             if _ignored_name(name):
                 continue
             try:
@@ -208,7 +214,10 @@ def scan(
                     if root.recursive:
                         subdirs.append((entry.path, f"{rel_dir}{name}/"))
                     continue
-                if not entry.is_file(follow_symlinks=False):
+                if entry.is_symlink():
+                    if not link_allowed(root, Path(entry.path)):
+                        continue
+                elif not entry.is_file(follow_symlinks=False):
                     continue
             except OSError:  # vanished between listing and looking
                 continue
@@ -242,6 +251,26 @@ def _signature(path: Path) -> Signature | None:
     return (st.st_size, st.st_mtime_ns)
 
 
+def link_allowed(root: WatchRoot, path: Path) -> bool:
+    """Whether a symlink at ``path`` may be processed: it points at a regular file inside ``root`` (or anywhere,
+    with ``follow_symlinks: true``)."""
+    target = os.path.realpath(path)
+    if not os.path.isfile(target):
+        return False
+    if root.follow_symlinks:
+        return True
+    return target.startswith(os.path.join(os.path.realpath(root.path), ""))
+
+
+def _link_signature(path: Path) -> Signature | None:
+    """(size, mtime_ns) of a symlink's target."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
 @dataclass(slots=True)
 class _Tracked:
     signature: Signature
@@ -249,6 +278,8 @@ class _Tracked:
     deadline: float
     #: Deadline of this entry's live heap item; other heap items for the path are stale.
     queued: float
+    #: An allowed symlink: its target is what is watched for stability.
+    link: bool = False
 
 
 class StabilityTracker:
@@ -291,16 +322,17 @@ class StabilityTracker:
         entry.queued = deadline
         heapq.heappush(self._heap, (deadline, next(self._seq), path))
 
-    def touch(self, path: Path, *, closed: bool = False) -> None:
-        """Record an event for ``path``; ``closed`` for a close-after-write or a rename into place."""
-        sig = _signature(path)
+    def touch(self, path: Path, *, closed: bool = False, link: bool = False) -> None:
+        """Record an event for ``path``; ``closed`` for a close-after-write or a rename into place; ``link`` for a
+        symlink the caller has allowed (see :func:`link_allowed`): its target's size and mtime are tracked."""
+        sig = _link_signature(path) if link else _signature(path)
         if sig is None:  # gone already, or a symlink/fifo/folder
             self._files.pop(path, None)
             return
         deadline = self._clock() + (self.confirm_s if closed else self.settle_s)
         entry = self._files.get(path)
         if entry is None:
-            entry = self._files[path] = _Tracked(signature=sig, deadline=deadline, queued=deadline)
+            entry = self._files[path] = _Tracked(signature=sig, deadline=deadline, queued=deadline, link=link)
             self._push(entry, path, deadline)
             return
         entry.signature = sig
@@ -352,7 +384,7 @@ class StabilityTracker:
             if entry.deadline > now:  # events arrived since this item was queued
                 self._push(entry, path, entry.deadline)
                 continue
-            sig = _signature(path)
+            sig = _link_signature(path) if entry.link else _signature(path)
             if sig is None:
                 del self._files[path]
             elif sig == entry.signature:
@@ -681,7 +713,10 @@ class Watcher:
                 return
             if target is None or not _wanted_rel(self.roots[i], target[1], self.sidecar_suffix):
                 return
-            self._tracker.touch(target[0], closed=closed)
+            link = os.path.islink(target[0])
+            if link and not link_allowed(self.roots[i], target[0]):
+                return
+            self._tracker.touch(target[0], closed=closed, link=link)
             after = self._tracker.next_deadline()
             if after is not None and (before is None or after < before):
                 self._cond.notify_all()

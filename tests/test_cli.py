@@ -272,5 +272,5 @@ def test_sighup_reloads_a_running_daemon(tmp_path: Path, fake_vlm: FakeVLM) -> N
     finally:
         code, logs = _stop(proc)
     assert code == 0
-    assert fake_vlm.chat_requests[-1].content[0]["text"] == "Reloaded: a.jpg"
+    assert fake_vlm.chat_requests[-1].content[0]["text"] == 'Reloaded: "a.jpg"'
     assert "config.reloaded" in [e["event"] for e in logs]

@@ -175,11 +175,11 @@ class TestSystemd:
         write_config(running.tmp, base_url=running.fake.base_url, rule={"prompt": "New words for {name}."})
         daemon.reload_requested.set()
         # The changed prompt changes the fingerprint: the reload's rescan describes a.jpg again.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while len(running.fake.chat_requests) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert running.fake.chat_requests[-1].content[0]["text"] == "New words for a.jpg."
+        assert running.fake.chat_requests[-1].content[0]["text"] == 'New words for "a.jpg".'
         msgs = running.messages()
         reloading = [m for m in msgs if m.startswith("RELOADING=1\nMONOTONIC_USEC=")]
         assert reloading and msgs[msgs.index(reloading[0]) + 1].startswith("READY=1")
@@ -187,13 +187,13 @@ class TestSystemd:
         running.config_path.write_text("rules: [\n")  # broken
         with structlog.testing.capture_logs() as logs:
             daemon.reload_requested.set()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30
             while not any(e["event"] == "config.reload_failed" for e in logs):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             b = make_jpeg(running.inbox / "b.jpg", (64, 48), seed=3)
             running.wait_sidecar(b)
-        assert running.fake.chat_requests[-1].content[0]["text"] == "New words for b.jpg."
+        assert running.fake.chat_requests[-1].content[0]["text"] == 'New words for "b.jpg".'
 
 
 class TestFailures:
@@ -229,7 +229,7 @@ class TestFailures:
 
     def test_unknown_model_fails_no_file(self, running: Runner) -> None:
         running.fake.models = ["fake-vlm"]
-        photo = make_jpeg(running.inbox / "a.jpg", (64, 48))
+        make_jpeg(running.inbox / "a.jpg", (64, 48))
         with structlog.testing.capture_logs() as logs:
             running.start(rule={"model": "not-pulled"})
             deadline = time.monotonic() + 10
@@ -268,6 +268,10 @@ class TestIntake:
             make_jpeg(running.inbox / "sub" / "a.jpg", (64, 48))
             moved = done / "sub" / "a.jpg"
             running.wait_sidecar(moved)
+            deadline = time.monotonic() + 5  # the job's log line follows its actions
+            while not any(e["event"] == "job.done" for e in logs):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
         assert not (running.inbox / "sub" / "a.jpg").exists()
         job = next(e for e in logs if e["event"] == "job.done")
         assert job["moved_to"] == str(moved) and job["action_problems"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,11 @@ class TestGeneratedFiles:
     def test_os_errors_propagate(self, tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError):
             sniff(tmp_path / "gone.jpg")
-        with pytest.raises(IsADirectoryError):
+        with pytest.raises(OSError, match="not a regular file"):
             sniff(tmp_path)
+        os.mkfifo(tmp_path / "pipe.jpg")  # would block a plain open() forever
+        with pytest.raises(OSError, match="not a regular file"):
+            sniff(tmp_path / "pipe.jpg")
 
 
 class TestIsoBmffBrands:

@@ -75,7 +75,7 @@ class TestOk:
         assert body["model"] == "fake-vlm" and body["max_tokens"] == 512
         (user,) = body["messages"]
         assert [p["type"] for p in user["content"]] == ["text", "image_url"]
-        assert user["content"][0]["text"] == "Describe IMG_1.jpg (3000x2000)."
+        assert user["content"][0]["text"] == 'Describe "IMG_1.jpg" (3000x2000).'
         assert req.headers["authorization"] == f"Bearer {KEY}"
         img = sent_image(env.fake)
         assert img.format == "JPEG" and img.size == (1536, 1024)  # max_side 1536, aspect kept
@@ -108,7 +108,7 @@ class TestOk:
         photo = make_jpeg(env.inbox / "cat.jpg", (200, 100))
         assert env.processor.process(photo).status == "ok"
         body = env.fake.chat_requests[0].json
-        assert body["messages"][0] == {"role": "system", "content": "You archive inbox."}
+        assert body["messages"][0] == {"role": "system", "content": 'You archive "inbox".'}
         assert body["response_format"]["json_schema"]["schema"] == schema
         assert env.sidecar(photo)["response"]["data"] == {"caption": "a cat"}
 
@@ -173,7 +173,7 @@ class TestFreshness:
         env.configure(rule={"prompt": "Something else about {name}."})
         assert env.processor.process(photo).status == "ok"
         assert len(env.fake.chat_requests) == 3
-        assert env.fake.chat_requests[-1].content[0]["text"] == "Something else about a.jpg."
+        assert env.fake.chat_requests[-1].content[0]["text"] == 'Something else about "a.jpg".'
 
     def test_force_describes_again(self, env: Env) -> None:
         photo = make_jpeg(env.inbox / "a.jpg", (100, 100))

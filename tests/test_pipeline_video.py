@@ -54,7 +54,7 @@ class TestModes:
         assert out["code"] == 0
         (req,) = fake_vlm.chat_requests
         text, part = req.content
-        assert text["text"] == "What happens in clip.mp4 (4.0 s, 8 frames)?"
+        assert text["text"] == 'What happens in "clip.mp4" (4.0 s, 8 frames)?'
         assert part["type"] == "video_url" and part["video_url"]["url"].startswith("data:video/jpeg;base64,")
         frames = _images(part["video_url"]["url"])
         assert len(frames) == 8 and {f.size for f in frames} == {(128, 96)}

@@ -51,3 +51,20 @@ def test_api_key_from_environment_or_systemd_credential(tmp_path: Path) -> None:
     (creds / "MMWATCHD_TEST_KEY").write_text("sk-credential\n")
     assert api_key(cfg, {"CREDENTIALS_DIRECTORY": str(creds)}) == "sk-credential"
     assert api_key(cfg, {"CREDENTIALS_DIRECTORY": str(creds), "MMWATCHD_TEST_KEY": "sk-env"}) == "sk-env"
+
+
+@pytest.mark.parametrize(
+    ("url", "insecure"),
+    [
+        ("http://127.0.0.1:11434/v1", False),
+        ("http://localhost:8000/v1", False),
+        ("http://[::1]:8000/v1", False),
+        ("https://api.openai.com/v1", False),
+        ("http://192.168.1.20:11434/v1", True),
+        ("http://gpu-box.lan:8000/v1", True),
+    ],
+)
+def test_plain_http_to_another_host_is_flagged(url: str, insecure: bool) -> None:
+    from mmwatchd.cli import insecure_endpoint
+
+    assert insecure_endpoint(url) is insecure
