@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -123,17 +124,30 @@ def api_key(cfg: Config, env: Mapping[str, str] = os.environ) -> str | None:
     """The key from the variable named by endpoint.api_key_env, else from a systemd credential of that name
     (``LoadCredential=OPENAI_API_KEY:/etc/mmwatchd/OPENAI_API_KEY`` puts it in ``$CREDENTIALS_DIRECTORY``)."""
     name = cfg.endpoint.api_key_env
-    if not name:
-        return None
-    if env.get(name):
+    if name and env.get(name):
         return env[name]
     creds = env.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        try:
-            return (Path(creds) / name).read_text(encoding="utf-8").strip() or None
-        except OSError:
-            return None
+    if name and creds and (Path(creds) / name).is_file():
+        return (Path(creds) / name).read_text(encoding="utf-8").strip() or None
+    if cfg.endpoint.api_key_file is not None:
+        return _key_from_file(cfg)
     return None
+
+
+def _key_from_file(cfg: Config) -> str | None:
+    path = cfg.endpoint.api_key_file
+    assert path is not None
+    where = cfg.where(("endpoint", "api_key_file"))
+    try:
+        st = path.stat()
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"{where}: {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                f"run: chmod 600 {path}"
+            )
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -189,6 +203,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         daemon.wait_idle()
     finally:
         daemon.close()
+    _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
     c = daemon.counts
     print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
     return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK

@@ -91,6 +91,10 @@ class SidecarConfig:
 
     #: Appended to the media file's full name: IMG_1.jpg → IMG_1.jpg.json
     suffix: Annotated[str, Field(pattern=r"^\.[A-Za-z0-9._-]+$")] = ".json"
+    #: Write sidecars into this folder, under each media file's full path, instead of beside the media (for
+    #: read-only photo folders): /srv/photos/a.jpg → <dir>/srv/photos/a.jpg.json. Files outside every watched
+    #: folder go to its top level.
+    dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -198,6 +202,12 @@ def loads(text: str, *, source: Path | None = None) -> Config:
             root["path"] = str(_resolve(root["path"], base))
     if isinstance(data.get("state_dir"), str):
         data["state_dir"] = str(_resolve(data["state_dir"], base))
+    endpoint = data.get("endpoint")
+    if isinstance(endpoint, dict) and isinstance(endpoint.get("api_key_file"), str):
+        endpoint["api_key_file"] = str(_resolve(endpoint["api_key_file"], base))
+    side = data.get("sidecar")
+    if isinstance(side, dict) and isinstance(side.get("dir"), str):
+        side["dir"] = str(_resolve(side["dir"], base))
     for rule in data.get("rules") or []:
         if not isinstance(rule, dict):
             continue

@@ -142,6 +142,8 @@ class EndpointConfig:
     model: str = "qwen2.5vl:7b"
     #: Name of the environment variable holding the API key (the key itself never sits in the config).
     api_key_env: str | None = "OPENAI_API_KEY"
+    #: Or a file holding the key; it must not be readable by other users (chmod 600).
+    api_key_file: Path | None = None
     concurrency: Annotated[int, Field(ge=1, le=256)] = 4
     timeout_s: PositiveFloat = 120.0
     #: Cap on the whole HTTP request body, JSON included.

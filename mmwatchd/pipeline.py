@@ -142,7 +142,9 @@ class Processor:
                     reason="symlink to a file outside the watched folder (set follow_symlinks: true to allow)",
                 )  # fmt: skip
         before = _Stat.of(st)
-        side = sidecar.sidecar_path(path, self.config.sidecar.suffix)
+        side = sidecar.locate(
+            path, suffix=self.config.sidecar.suffix, mirror=self.config.sidecar.dir, roots=self._roots
+        )
         rule: Rule | None = None
         fingerprint = ""
         root, rel = rules.rel_to_roots(path, self._roots)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,20 @@ def sidecar_path(media: Path, suffix: str) -> Path:
     """``<name><suffix>`` beside the file; for a name too long to take the suffix, a shortened name that ends in a
     hash of the full one (still deterministic, and the sidecar records the full name in ``source.name``)."""
     return media.with_name(_fit(media.name, suffix))
+
+
+def locate(media: Path, *, suffix: str, mirror: Path | None, roots: Sequence[Path]) -> Path:
+    """Where ``media``'s sidecar lives: beside it, or under ``mirror`` at the media's full path (so two watched
+    folders with the same name cannot collide): ``/srv/photos/a.jpg`` → ``<mirror>/srv/photos/a.jpg.json``."""
+    if mirror is None:
+        return sidecar_path(media, suffix)
+    for root in sorted(roots, key=lambda r: len(r.parts), reverse=True):
+        try:
+            rel = media.relative_to(root)
+        except ValueError:
+            continue
+        return sidecar_path(mirror / root.relative_to(root.anchor) / rel, suffix)
+    return sidecar_path(mirror / media.name, suffix)
 
 
 def _fit(name: str, tail: str, *, head: str = "") -> str:
@@ -80,8 +94,11 @@ def write(path: Path, doc: Mapping[str, Any]) -> None:
     data = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8", "backslashreplace")
     tmp = path.with_name(_fit(path.name, f"{TEMP_MARK}{secrets.token_hex(4)}", head="."))
     try:
+        if not path.parent.is_dir():  # a sidecar.dir mirror grows with the watched trees
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
+            _own_like_folder(fd, path.parent)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -94,6 +111,19 @@ def write(path: Path, doc: Mapping[str, Any]) -> None:
         fsync_dir(path.parent)
     except OSError as exc:
         raise SidecarError(f"{path}: cannot write sidecar: {_why(exc)}") from exc
+
+
+def _own_like_folder(fd: int, folder: Path) -> None:
+    """A sidecar belongs to whoever owns its folder (a service running as root writing into a user's photos must
+    not leave root-owned files there); the group follows the folder where we are allowed to set it."""
+    try:
+        st = os.stat(folder)
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        else:
+            os.fchown(fd, -1, st.st_gid)
+    except OSError:
+        pass  # not allowed to change it: the file keeps our own user and group, which is still correct
 
 
 def _why(exc: OSError) -> str:

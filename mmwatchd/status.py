@@ -63,7 +63,9 @@ def _classify(cfg: Config, root: Path, path: Path) -> str | None:
     if rule is None:
         return None
     try:
-        doc = sidecar.read(sidecar.sidecar_path(path, cfg.sidecar.suffix))
+        doc = sidecar.read(
+            sidecar.locate(path, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=[r.path for r in cfg.watch])
+        )
     except ForeignSidecar:
         return "foreign"
     except SidecarError:

@@ -278,3 +278,37 @@ class TestDecoderContainment:
         err = _sidecar(slow)["error"]
         assert err["kind"] == "decode" and "crashed (SIGSEGV)" in err["message"]
         assert proc.process(make_jpeg(tmp_path / "inbox" / "after.jpg", (32, 24))).status == "ok"
+
+
+class TestReadOnlyFolders:
+    @pytest.fixture
+    def read_only_inbox(self, tmp_path: Path):  # type: ignore[no-untyped-def]
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(inbox)], check=False).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        try:
+            make_jpeg(inbox / "sub" / "a.jpg", (32, 24))
+            subprocess.run(["mount", "-o", "remount,ro", str(inbox)], check=True)
+            yield inbox
+        finally:
+            subprocess.run(["umount", "-l", str(inbox)], check=False)
+
+    def test_sidecars_go_to_a_mirror_tree(self, tmp_path: Path, fake_vlm: FakeVLM, read_only_inbox: Path) -> None:
+        mirror = tmp_path / "sidecars"
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, sidecar={"dir": str(mirror)})
+        assert main(["scan", "-c", str(cfg)]) == 0
+        doc = json.loads((mirror / str(read_only_inbox / "sub" / "a.jpg.json").lstrip("/")).read_text())
+        assert doc["status"] == "ok"
+        assert main(["scan", "-c", str(cfg)]) == 0  # up to date: found in the mirror
+        assert len(fake_vlm.chat_requests) == 1
+
+    def test_without_a_mirror_it_is_a_clear_error_and_nothing_is_marked(
+        self, tmp_path: Path, fake_vlm: FakeVLM, read_only_inbox: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        assert main(["scan", "-c", str(cfg)]) == 1
+        out = capsys.readouterr().out
+        assert "cannot write sidecar: Read-only file system" in out and "tried again" in out

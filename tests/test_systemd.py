@@ -68,3 +68,17 @@ def test_plain_http_to_another_host_is_flagged(url: str, insecure: bool) -> None
     from mmwatchd.cli import insecure_endpoint
 
     assert insecure_endpoint(url) is insecure
+
+
+def test_api_key_file_must_be_private(tmp_path: Path) -> None:
+    from mmwatchd.errors import ConfigError
+
+    key = tmp_path / "key"
+    key.write_text("sk-from-file\n")
+    key.chmod(0o644)
+    cfg = load_config(tmp_path, base_url="http://127.0.0.1:9/v1", endpoint={"api_key_env": None,
+                      "api_key_file": str(key)})  # fmt: skip
+    with pytest.raises(ConfigError, match="can be read by other users \\(mode 644\\); run: chmod 600"):
+        api_key(cfg, {})
+    key.chmod(0o600)
+    assert api_key(cfg, {}) == "sk-from-file"
