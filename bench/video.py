@@ -1,19 +1,20 @@
-"""How much of a clip the video encoder decodes, and whether its memory stays flat in clip length.
+"""Video rows of the benchmark suite: how much of a clip the video encoder decodes, and whether its memory stays
+flat in clip length.
 
-    python bench/video.py
+    python bench/run.py --only video      (python bench/video.py does the same)
 
-Writes (once; later runs reuse it) a seeded 2-minute 1080p H.264 clip with a 2 s GOP (libx264 at preset ultrafast
-when FFmpeg has it, else the built-in mpeg4) and its first 30 s, under the system temp folder, then measures:
+Writes (once; later runs reuse it) a seeded 1080p H.264 clip with a 2 s GOP (libx264 at preset ultrafast when
+FFmpeg has it, else the built-in mpeg4): 2 minutes, or 1 minute with ``--quick``, plus its first quarter (remuxed),
+under the bench cache folder, then measures:
 
 (a) decoding every frame, the reference;
-(b) ``encode_video`` for 16 frames, ``mode: video_url``, ``max_side: 768``;
+(b) ``encode_video`` for 16 frames (8 with ``--quick``), ``mode: video_url``, ``max_side: 768``;
 (c) the same with ``keyframes_only``;
 
-(best of 2 for the reference, of 3 for ours)
-
-and the peak RSS growth during (b) on the 30 s and the 120 s clip, each in a fresh process (VmHWM from
-/proc/self/status, reset through /proc/self/clear_refs where the kernel allows; ru_maxrss otherwise), plus the
-peak of Python allocations (tracemalloc; pixel buffers of Pillow and FFmpeg are not Python allocations).
+(best of 2 for the reference, of 3 for ours) and the peak RSS growth during (b) on the quarter and the whole clip,
+each in a fresh process (VmHWM from /proc/self/status, reset through /proc/self/clear_refs where the kernel allows;
+ru_maxrss otherwise), plus the peak of Python allocations (tracemalloc; pixel buffers of Pillow and FFmpeg are not
+Python allocations).
 """
 
 from __future__ import annotations
@@ -36,16 +37,15 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmwatchd.encode.video import encode_video  # noqa: E402
-from mmwatchd.model import Limits, VideoSpec  # noqa: E402
+from mmwatchd.encode.video import encode_video
+from mmwatchd.model import Limits, VideoSpec
 
 SEED = 20240601
 FPS = 25
 GOP_S = 2
 WIDTH, HEIGHT = 1920, 1080
-LONG_S, SHORT_S = 120, 30
-CACHE = Path(tempfile.gettempdir()) / "mmwatchd-bench"
-SPEC = VideoSpec(frames=16, mode="video_url", max_side=768)
+LONG_S = 120
+CACHE = Path(os.environ.get("MMWATCHD_BENCH_CACHE") or Path(tempfile.gettempdir()) / "mmwatchd-bench")
 BUDGET = 20_000_000
 
 
@@ -93,7 +93,7 @@ def _frames(seconds: int) -> Callable[[int], av.VideoFrame]:
 
 def make_clip(seconds: int) -> Path:
     codec = _codec()
-    path = CACHE / f"clip-{seconds}s-{HEIGHT}p-gop{GOP_S}s-{codec}-{SEED}.mp4"
+    path = clip_path(seconds)
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -119,9 +119,23 @@ def make_clip(seconds: int) -> Path:
     return path
 
 
+def clip_path(seconds: int) -> Path:
+    return CACHE / f"clip-{seconds}s-{HEIGHT}p-gop{GOP_S}s-{_codec()}-{SEED}.mp4"
+
+
+def clip(seconds: int) -> Path:
+    """The clip of ``seconds``: cached, else cut from the cached 2-minute clip, else encoded."""
+    path = clip_path(seconds)
+    if path.exists():
+        return path
+    if seconds < LONG_S and clip_path(LONG_S).exists():
+        return cut_clip(clip_path(LONG_S), seconds)
+    return make_clip(seconds)
+
+
 def cut_clip(source: Path, seconds: int) -> Path:
     """The first ``seconds`` of ``source``, remuxed (no re-encode)."""
-    path = source.with_name(source.name.replace(f"-{LONG_S}s-", f"-{seconds}s-"))
+    path = clip_path(seconds)
     if path.exists():
         return path
     partial = path.with_suffix(".part.mp4")
@@ -148,6 +162,23 @@ def decode_all(path: Path) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
+def keyframe_floor(path: Path, n: int) -> float:
+    """Seconds to seek to and decode the keyframe at or before each of ``n`` evenly spread times, and nothing else:
+    what any keyframes-only sampler pays at least (no scaling, no JPEG)."""
+    start = time.perf_counter()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.skip_frame = "NONKEY"
+        duration = float(container.duration / av.time_base) if container.duration else LONG_S
+        for i in range(n):
+            t = duration * i / (n - 1) if n > 1 else 0.0
+            container.seek(int(min(t, duration - 0.5) / stream.time_base), stream=stream, backward=True)
+            for _ in container.decode(stream):
+                break
+    return time.perf_counter() - start
+
+
 def run_encode(path: Path, spec: VideoSpec) -> tuple[float, int]:
     start = time.perf_counter()
     result = encode_video(path, spec, budget=lambda n: BUDGET, limits=Limits())
@@ -161,7 +192,7 @@ def _status(key: str) -> int:
     return 0
 
 
-def measure_memory(path: Path) -> dict[str, float]:
+def measure_memory(path: Path, frames: int = 16) -> dict[str, float]:
     """Run (b) once in this process; peak RSS growth and Python allocation peak."""
     run_encode(path, VideoSpec(frames=2, max_side=64))  # import-time and first-call allocations out of the way
     before = _status("VmRSS")
@@ -171,56 +202,63 @@ def measure_memory(path: Path) -> dict[str, float]:
     except OSError:
         source = "ru_maxrss"
     tracemalloc.start()
-    seconds, frames = run_encode(path, SPEC)
+    seconds, sent = run_encode(path, VideoSpec(frames=frames, mode="video_url", max_side=768))
     _, python_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     peak = _status("VmHWM") if source == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"growth": peak - before, "python": python_peak, "seconds": seconds, "frames": frames, "source": source}
+    return {"growth": peak - before, "python": python_peak, "seconds": seconds, "frames": sent, "source": source}
 
 
-def memory_in_child(path: Path) -> dict[str, float]:
+def memory_in_child(path: Path, frames: int = 16) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, "--memory", str(path)], check=True, capture_output=True, text=True
+        [sys.executable, __file__, "--memory", str(path), "--frames", str(frames)],
+        check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(quick: bool) -> dict[str, float]:
+    """Everything the suite's video rows report, in seconds and bytes."""
+    av.logging.set_level(av.logging.ERROR)
+    long_s = LONG_S // 2 if quick else LONG_S
+    frames = 8 if quick else 16
+    began = time.perf_counter()
+    long_clip = clip(long_s)
+    short_clip = clip(long_s // 4)
+    made = time.perf_counter() - began
+    spec = VideoSpec(frames=frames, mode="video_url", max_side=768)
+    keys_spec = VideoSpec(frames=frames, mode="video_url", max_side=768, keyframes_only=True)
+    # Best of n everywhere, interleaved, so that a burst of load elsewhere on the machine hits one try of each.
+    refs, ours, keys, floor = [], [], [], []
+    for i in range(3):
+        if i < 2:
+            refs.append(decode_all(long_clip))
+        ours.append(run_encode(long_clip, spec))
+        keys.append(run_encode(long_clip, keys_spec))
+        floor.append(keyframe_floor(long_clip, frames))
+    (reference, decoded), (frames_s, frames_n), (keys_s, keys_n) = min(refs), min(ours), min(keys)
+    mem_short = memory_in_child(short_clip, frames)
+    mem_long = memory_in_child(long_clip, frames)
+    return {
+        "long_s": long_s, "short_s": long_s // 4, "frames": frames, "clip_bytes": long_clip.stat().st_size,
+        "made_s": made, "reference_s": reference, "decoded": decoded, "ours_s": frames_s, "ours_n": frames_n,
+        "keys_s": keys_s, "keys_n": keys_n, "keyframe_floor_s": min(floor), "mem_short": mem_short["growth"], "mem_long": mem_long["growth"],
+        "py_short": mem_short["python"], "py_long": mem_long["python"], "mem_source": mem_long["source"],
+    }  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--memory", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    av.logging.set_level(av.logging.ERROR)
+    parser.add_argument("--frames", type=int, default=16, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
     if args.memory:
-        print(json.dumps(measure_memory(args.memory)))
+        av.logging.set_level(av.logging.ERROR)
+        print(json.dumps(measure_memory(args.memory, args.frames)))
         return 0
+    import run  # the suite, beside this file
 
-    began = time.perf_counter()
-    long_clip = make_clip(LONG_S)
-    short_clip = cut_clip(long_clip, SHORT_S)
-    made = time.perf_counter() - began
-    print(f"clips: {long_clip.name} ({long_clip.stat().st_size / 1e6:.0f} MB), {short_clip.name} "
-          f"({short_clip.stat().st_size / 1e6:.0f} MB), ready in {made:.1f} s")  # fmt: skip
-
-    reference, decoded = min(decode_all(long_clip) for _ in range(2))  # best of n everywhere: a busy machine is noisy
-    frames_s, frames_n = min(run_encode(long_clip, SPEC) for _ in range(3))
-    keys_spec = VideoSpec(frames=16, mode="video_url", max_side=768, keyframes_only=True)
-    keys_s, keys_n = min(run_encode(long_clip, keys_spec) for _ in range(3))
-    print()
-    print("what                                      | ours s | reference s | ratio  | target")
-    print("------------------------------------------|--------|-------------|--------|-------")
-    print(f"(a) decode all {decoded} frames (120 s 1080p)    |   -    | {reference:11.2f} |   -    |   -")
-    print(f"(b) 16 frames, video_url, 768 px ({frames_n} sent) | {frames_s:6.2f} | {reference:11.2f} | "
-          f"{frames_s / reference:5.3f}x | 0.25x")  # fmt: skip
-    print(f"(c) keyframes_only ({keys_n} sent)              | {keys_s:6.2f} | {reference:11.2f} | "
-          f"{keys_s / reference:5.3f}x | 0.05x")  # fmt: skip
-    print()
-    print("peak memory during (b), fresh process each:")
-    for seconds, clip in ((SHORT_S, short_clip), (LONG_S, long_clip)):
-        mem = memory_in_child(clip)
-        print(f"  {seconds:4d} s clip: RSS growth {mem['growth'] / 2**20:6.1f} MiB ({mem['source']}), "
-              f"Python allocations peak {mem['python'] / 2**20:5.2f} MiB, {mem['seconds']:.2f} s")  # fmt: skip
-    print(f"\ntotal {time.perf_counter() - began:.1f} s")
-    return 0
+    return run.main(["--only", "video", *rest])
 
 
 if __name__ == "__main__":

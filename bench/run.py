@@ -1,0 +1,719 @@
+"""mmwatchd's benchmark suite: one table, every figure a ratio against a reference measured in the same run.
+
+    python bench/run.py [--quick] [--only ROW ...] [--markdown] [--keep]
+
+Rows (``--only`` takes the name or the number; repeatable):
+
+1 images      photos to size-bounded data URLs with ``encode_image`` (max_side 1024) on 2 threads, as the daemon's
+              workers call it, vs (a) the common Pillow recipe one by one and (b) a reduced-scale JPEG decode alone
+2 video       16 frames from a 2-minute 1080p H.264 clip vs decoding every frame; keyframes_only; RSS growth on
+              a clip four times longer (see video.py)
+3 throughput  small JPEGs through ``mmwatchd scan`` against a server answering after a fixed 0.2 s, concurrency 8,
+              vs the ideal files x latency / concurrency; whole command, and first request to last reply
+4 latency     ``mmwatchd run`` at the default settle_s (2 s): end of a file's write to its request arriving at the
+              server, for a write+close, a rename into place, and a hard link (no close-after-write event)
+5 rescan      ``mmwatchd scan`` over a large tree whose sidecars are all up to date vs a bare scandir+stat walk of
+              the same tree in a Python subprocess; the rescan must send no request
+6 memory      peak memory of ``mmwatchd scan`` and its decoder processes over the 2-minute clip and the photos,
+              concurrency 4, as summed PSS and summed RSS (sampled, see spawn.py); the same scan of an empty folder
+              for comparison
+7 wire        request bytes the server received vs base64 of the original files (from the row 6 run)
+
+Times are best of 3 (images), of 2-3 (video, see video.py) or single runs (the CLI rows, which are long enough).
+Inputs are generated from fixed seeds and cached (see :mod:`inputs`; ``$MMWATCHD_BENCH_CACHE``), so a second run
+starts measuring at once. ``--quick`` runs the same rows on smaller inputs (8 photos, a 1-minute clip with 8 frames,
+120 throughput files, 10,000 rescan files). mmwatchd runs as the real CLI in a subprocess (``python -m mmwatchd``
+from this checkout) against :class:`server.FixedLatencyServer` on loopback; the config is a YAML file in a
+temporary folder, removed afterwards unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for extra in (BENCH, ROOT):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+import inputs
+from server import FixedLatencyServer, self_check
+
+ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire")
+LATENCY_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    photos: int
+    throughput_files: int
+    latency_files: int
+    rescan_files: int
+    rescan_dirs: int
+    image_rounds: int
+
+
+FULL = Size(photos=24, throughput_files=300, latency_files=5, rescan_files=100_000, rescan_dirs=100, image_rounds=3)
+QUICK = Size(photos=8, throughput_files=120, latency_files=3, rescan_files=10_000, rescan_dirs=10, image_rounds=3)
+
+
+# ----------------------------------------------------------------------------------------------------------- table
+
+
+@dataclass(slots=True)
+class Row:
+    key: str
+    what: str
+    ours: str
+    reference: str
+    ratio: float | None = None
+    #: The ratio must be at most this; None: reported only.
+    target: float | None = None
+    target_text: str = "-"
+    #: Overrides the ratio check (rows whose target is not a ratio).
+    met: bool | None = None
+    miss: str = ""
+
+    def verdict(self) -> str:
+        met = self.met
+        if met is None and self.target is not None and self.ratio is not None:
+            met = self.ratio <= self.target
+        if met is None:
+            return "-"
+        if met:
+            return "yes"
+        if self.miss:
+            return f"no: {self.miss}"
+        return f"no: {self.ratio / self.target:.2f}x the target" if self.ratio and self.target else "no"
+
+
+@dataclass(slots=True)
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        progress(f"  {row.key} {row.what}: {row.ours} vs {row.reference} -> {fmt_ratio(row.ratio)} ({row.verdict()})")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        progress(f"     {text}")
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:.3f}x" if r < 0.1 else f"{r:.2f}x"
+
+
+def fmt_s(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def render(report: Report, *, markdown: bool) -> str:
+    head = ("", "what", "ours", "reference", "ratio", "target", "met?")
+    body = [(r.key, r.what, r.ours, r.reference, fmt_ratio(r.ratio), r.target_text, r.verdict()) for r in report.rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+    fmt = lambda row: " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *(fmt(row) for row in body)])
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------------- children
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    rc: int
+    wall_s: float
+    started: float  # time.time() when the process was started
+    ended: float
+    maxrss: int  # bytes
+    stdout: str
+    stderr: str
+    #: With ``tree=True``: tree_rss, tree_pss, tree_hwm_sum (bytes), tree_processes (see spawn.py).
+    tree: dict[str, int] = field(default_factory=dict)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    for name in ("MMWATCHD_CONFIG", "STATE_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "MMWATCHD_BENCH_KEY"):
+        env.pop(name, None)
+    return env
+
+
+def mmwatchd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmwatchd", *args]
+
+
+def run_child(cmd: Sequence[str], *, cwd: Path, timeout: float, tree: bool = False) -> Child:
+    """Run ``cmd`` to the end through ``spawn.py``: its own wall time and peak RSS, not this process's."""
+    stamp = time.monotonic_ns()
+    out_path, err_path, report = cwd / f".out-{stamp}", cwd / f".err-{stamp}", cwd / f".rusage-{stamp}.json"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        spawn = [sys.executable, str(BENCH / "spawn.py"), *(["--tree"] if tree else []), str(report)]
+        proc = subprocess.Popen([*spawn, *cmd], cwd=cwd, env=_env(),
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise RuntimeError(f"{' '.join(cmd[:4])} did not finish within {timeout:.0f} s") from None
+    usage = json.loads(report.read_text())
+    child = Child(
+        rc=usage["rc"], wall_s=usage["wall_s"], started=usage["started"], ended=usage["ended"], maxrss=usage["maxrss"],
+        stdout=out_path.read_text(errors="replace"), stderr=err_path.read_text(errors="replace"),
+        tree={k: v for k, v in usage.items() if k.startswith("tree_")},
+    )  # fmt: skip
+    for path in (out_path, err_path, report):
+        path.unlink()
+    return child
+
+
+PHOTO_RULE = {"name": "photos", "match": {"kind": "image"}, "prompt": "Describe {name} ({width}x{height})."}
+
+
+def write_config(
+    folder: Path,
+    *,
+    base_url: str,
+    inbox: Path,
+    concurrency: int | None,
+    rules: list[dict[str, Any]] | None = None,
+    **top: Any,
+) -> Path:
+    """A config file like the tests' (tests/configs.py): the bench server, one watched folder, a photo rule."""
+    folder.mkdir(parents=True, exist_ok=True)
+    endpoint: dict[str, Any] = {
+        "base_url": base_url,
+        "model": "bench-vlm",
+        "api_key_env": "MMWATCHD_BENCH_KEY",
+        "timeout_s": 60,
+        "max_retries": 0,
+    }
+    if concurrency is not None:
+        endpoint["concurrency"] = concurrency
+    doc = {
+        "endpoint": endpoint,
+        "watch": [{"path": str(inbox), "recursive": True}],
+        "rules": rules or [PHOTO_RULE],
+        "state_dir": str(folder / "state"),
+        **top,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def scan_summary(child: Child) -> str:
+    lines = [line for line in child.stdout.splitlines() if line.startswith("scan done")]
+    return lines[-1] if lines else f"exit {child.rc}: {child.stderr.strip()[-300:]}"
+
+
+def check_scan(child: Child, what: str) -> None:
+    if child.rc != 0:
+        raise RuntimeError(f"{what}: mmwatchd scan exited {child.rc}: {scan_summary(child)}")
+
+
+# ------------------------------------------------------------------------------------------------------ 1. images
+
+
+IMAGE_SIDE = 1024
+BUDGET = 20_000_000 - 1_000  # max_request_bytes less a prompt's JSON, as the pipeline computes it
+
+
+def _common(path: Path) -> int:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        img = ImageOps.exif_transpose(im)
+        img = img.convert("RGB")
+        scale = IMAGE_SIDE / max(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return len("data:image/jpeg;base64,") + len(base64.b64encode(buf.getvalue()))
+
+
+def _draft(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (IMAGE_SIDE, IMAGE_SIDE))
+        im.load()
+        return im.width
+
+
+def row_images(report: Report, size: Size, work: Path) -> None:
+    from mmwatchd.encode import encode_image
+    from mmwatchd.model import ImageSpec, Limits
+
+    progress(f"1. images: {size.photos} photos, 12 MP")
+    began = time.perf_counter()
+    photos = inputs.photos(size.photos)
+    made = time.perf_counter() - began
+    spec, limits = ImageSpec(max_side=IMAGE_SIDE), Limits()
+
+    def ours() -> list[Any]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(lambda p: encode_image(p, spec, budget=BUDGET, limits=limits), photos))
+
+    cpu: list[float] = []
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        cpu.append(time.process_time() - c0)
+        return time.perf_counter() - t0, result
+
+    times: dict[str, list[float]] = {"ours": [], "common": [], "draft": []}
+    parts: list[Any] = []
+    common_len: list[int] = []
+    ours_cpu = []
+    for _ in range(size.image_rounds):
+        t, parts = timed(ours)
+        times["ours"].append(t)
+        ours_cpu.append(cpu[-1])
+        t, common_len = timed(lambda: [_common(p) for p in photos])
+        times["common"].append(t)
+        times["draft"].append(timed(lambda: [_draft(p) for p in photos])[0])
+    best = {k: min(v) for k, v in times.items()}
+    n = len(photos)
+    what = f"{n} photos 4000x3000 q90 -> data URLs, 1024 px"
+    report.add(Row("1a", what + ", vs common recipe", fmt_s(best["ours"]),
+                   f"{fmt_s(best['common'])} (open, exif_transpose, RGB, LANCZOS, q85; one by one)",
+                   best["ours"] / best["common"], 0.25, "<= 0.25x"))  # fmt: skip
+    report.add(Row("1b", what + ", vs decode floor", fmt_s(best["ours"]),
+                   f"{fmt_s(best['draft'])} (draft decode alone, one core)",
+                   best["ours"] / best["draft"], 1.0, "<= 1.0x"))  # fmt: skip
+    sizes = [p.url_len for p in parts]
+    dims = {f"{p.width}x{p.height}" for p in parts}
+    report.note(
+        f"1: ours {fmt_s(best['ours'] / n)}/photo on 2 threads ({fmt_s(min(ours_cpu) / n)} CPU), {statistics.mean(sizes) / 1e3:.0f} kB URLs "
+        f"({', '.join(sorted(dims))}, q{parts[0].quality}); common recipe {statistics.mean(common_len) / 1e3:.0f} kB; "
+        f"inputs {sum(p.stat().st_size for p in photos) / n / 1e6:.1f} MB/photo"
+        + (f", generated in {made:.0f} s" if made > 1 else "")
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- 2. video
+
+
+def row_video(report: Report, size: Size, work: Path) -> None:
+    import video
+
+    quick = size is QUICK
+    progress(f"2. video: {'1-minute' if quick else '2-minute'} 1080p clip")
+    m = video.measure(quick)
+    length = f"{m['long_s'] // 60}-min 1080p H.264, 2 s GOP"
+    ref = f"{fmt_s(m['reference_s'])} (decode all {m['decoded']} frames)"
+    report.add(Row("2a", f"{m['frames']} frames from {length}", fmt_s(m["ours_s"]), ref,
+                   m["ours_s"] / m["reference_s"], 0.25, "<= 0.25x"))  # fmt: skip
+    report.add(Row("2b", f"same, keyframes_only ({m['keys_n']} sent)", fmt_s(m["keys_s"]), ref,
+                   m["keys_s"] / m["reference_s"], 0.05, "<= 0.05x (aim)"))  # fmt: skip
+    report.add(Row("2c", f"RSS growth while sampling, {m['long_s']} s vs {m['short_s']} s clip",
+                   fmt_mb(m["mem_long"]), fmt_mb(m["mem_short"]),
+                   m["mem_long"] / m["mem_short"] if m["mem_short"] > 0 else None, 1.5, "<= 1.5x (flat; linear = 4x)"))  # fmt: skip
+    report.note(
+        f"2: seeking to and decoding the {m['frames']} keyframes alone (no scaling, no JPEG) takes "
+        f"{fmt_s(m['keyframe_floor_s'])} ({fmt_ratio(m['keyframe_floor_s'] / m['reference_s'])}); "
+        f"clip {m['clip_bytes'] / 1e6:.0f} MB; Python allocation peak {fmt_mb(m['py_short'])} / "
+        f"{fmt_mb(m['py_long'])} ({m['mem_source']})" + (f"; clips made in {m['made_s']:.0f} s" if m["made_s"] > 1 else "")
+    )
+
+
+# -------------------------------------------------------------------------------------------------- 3. throughput
+
+
+def row_throughput(report: Report, size: Size, work: Path) -> None:
+    n, concurrency = size.throughput_files, 8
+    progress(f"3. throughput: {n} files 640x480, {LATENCY_S} s server, concurrency {concurrency}")
+    files = inputs.small(n)
+    with FixedLatencyServer(LATENCY_S) as srv:
+        extra, parallel = self_check(srv, concurrency)
+        srv.reset()
+        folder = work / "throughput"
+        inbox = folder / "inbox"
+        inputs.link_into(files, inbox)
+        config = write_config(folder, base_url=srv.base_url, inbox=inbox, concurrency=concurrency)
+        child = run_child(mmwatchd("scan", "-c", str(config)), cwd=folder, timeout=600)
+        check_scan(child, "throughput")
+        hits = srv.hits
+    ideal = n * LATENCY_S / concurrency
+    report.add(Row("3a", f"{n} files 640x480 through `mmwatchd scan`, {LATENCY_S} s/request, concurrency 8",
+                   fmt_s(child.wall_s), f"{fmt_s(ideal)} (ideal: files x latency / concurrency)",
+                   child.wall_s / ideal, 1.1, "<= 1.1x"))  # fmt: skip
+    first = min(h.started for h in hits)
+    last = max(h.answered for h in hits)
+    steady = last - first
+    report.add(Row("3b", "same, first request to last reply only", fmt_s(steady), fmt_s(ideal),
+                   steady / ideal, 1.1, "<= 1.1x"))  # fmt: skip
+    busy = sum(h.answered - h.started for h in hits)
+    names = {h.name for h in hits}
+    report.note(
+        f"3: {len(hits)} requests for {len(names)} files ({scan_summary(child)}); startup to first request "
+        f"{fmt_s(first - child.started)}, last reply to exit {fmt_s(child.ended - last)}; requests in flight at the "
+        f"server on average {busy / steady:.2f} of {concurrency}; server self-check: {parallel} requests at once, median {extra * 1000:.1f} ms beyond the delay"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- 4. latency
+
+
+def _wait_for_text(path: Path, text: str, timeout: float, proc: subprocess.Popen[bytes]) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _write_slowly(data: bytes, path: Path) -> float:
+    """Write like a copy tool (64 KiB chunks), close, and return time.time() right after the close."""
+    with open(path, "wb") as fh:
+        for i in range(0, len(data), 65536):
+            fh.write(data[i : i + 65536])
+            fh.flush()
+    return time.time()
+
+
+def row_latency(report: Report, size: Size, work: Path) -> None:
+    n = size.latency_files
+    progress(f"4. latency: `mmwatchd run`, settle_s default (2 s), {n} files written one by one, three ways")
+    sources = inputs.small(n)
+    folder = work / "latency"
+    inbox = folder / "inbox"
+    inbox.mkdir(parents=True)
+    results: dict[str, list[float]] = {"close": [], "rename": [], "link": []}
+    with FixedLatencyServer(LATENCY_S) as srv:
+        config = write_config(folder, base_url=srv.base_url, inbox=inbox, concurrency=None)
+        from mmwatchd import config as config_mod
+
+        settle = config_mod.load(config).settle_s  # the default: the config above does not set it
+        err_path = folder / "run.log"
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(mmwatchd("run", "-c", str(config)), cwd=folder, env=_env(),
+                                    stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)  # fmt: skip
+            try:
+                if not _wait_for_text(err_path, "daemon.scanned", 60, proc):
+                    raise RuntimeError(f"mmwatchd run did not start: {err_path.read_text()[-500:]}")
+                time.sleep(0.3)
+                for how, latencies in results.items():
+                    for i, src in enumerate(sources):
+                        name = f"LAT_{how}_{i}.jpg"
+                        if how == "close":
+                            done = _write_slowly(src.read_bytes(), inbox / name)
+                        elif how == "rename":  # a download or rsync: written under a temp name, renamed into place
+                            _write_slowly(src.read_bytes(), inbox / f"{name}.part")
+                            os.rename(inbox / f"{name}.part", inbox / name)
+                            done = time.time()
+                        elif how == "link":  # a hard link made elsewhere: no close-after-write event at all
+                            (folder / name).write_bytes(src.read_bytes())
+                            os.link(folder / name, inbox / name)
+                            done = time.time()
+                        hit = srv.wait_for(name, timeout=settle * 5 + 5)
+                        if hit is None:
+                            raise RuntimeError(f"latency: no request for {name} within {settle * 5 + 5:.0f} s")
+                        latencies.append(hit.started - done)
+                        time.sleep(0.3)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    whats = {"close": "write+close", "rename": "write as .part, rename into place",
+             "link": "hard link in (no close event: settle path)"}  # fmt: skip
+    for key, how in (("4a", "close"), ("4b", "rename"), ("4c", "link")):
+        lat = results[how]
+        med = statistics.median(lat)
+        what = whats[how]
+        report.add(Row(key, f"`mmwatchd run`, {what} -> request at server (median of {len(lat)})", fmt_s(med),
+                       f"{fmt_s(settle)} (settle_s)", med / settle, (settle + 0.2) / settle,
+                       "<= settle + 0.2 s", miss=f"{med - settle - 0.2:+.2f} s over"))  # fmt: skip
+    report.note(
+        "4: latencies " + "; ".join(f"{how}: " + ", ".join(fmt_s(x) for x in lat) for how, lat in results.items())
+        + f"; daemon exit code {proc.returncode} after SIGTERM"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ 5. rescan
+
+
+_WALK = """
+import os, sys
+def walk(d):
+    n = 0
+    with os.scandir(d) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                n += walk(e.path)
+            else:
+                e.stat(follow_symlinks=False)
+                n += 1
+    return n
+print(walk(sys.argv[1]))
+"""
+
+
+def _rescan_config(folder: Path, base_url: str, tree: Path) -> Path:
+    return write_config(folder, base_url=base_url, inbox=tree, concurrency=8)
+
+
+def _expected(config: Path) -> dict[str, Any]:
+    """What an up-to-date sidecar for the rescan rule records, from mmwatchd itself."""
+    from mmwatchd import __version__, rules, sidecar
+    from mmwatchd import config as config_mod
+
+    cfg = config_mod.load(config)
+    return {
+        "fingerprint": rules.fingerprint(cfg.rules[0], cfg.endpoint, "image"),
+        "version": __version__,
+        "schema": sidecar.SCHEMA,
+    }
+
+
+def _clone_sidecars(template: dict[str, Any], media: list[Path], suffix: str = ".json") -> None:
+    for path in media:
+        st = path.stat()
+        doc = json.loads(json.dumps(template))
+        doc["source"].update(name=path.name, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        side = path.with_name(path.name + suffix)
+        side.write_text(json.dumps(doc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def rescan_tree(size: Size, work: Path, base_url: str) -> tuple[Path, str]:
+    """The tree of tiny JPEGs with up-to-date sidecars (cached); and how its sidecars were made."""
+    n, dirs = size.rescan_files, size.rescan_dirs
+    base = inputs.CACHE / f"rescan-{n}x{dirs}"
+    tree = base / "tree"
+    folders = [tree / f"d{j:03d}" for j in range(dirs)]
+    per = n // dirs
+    media = [[f / f"IMG_{k:05d}.jpg" for k in range(per)] for f in folders]
+    if not (base / "files.done").exists():
+        progress(f"   writing {n} files in {dirs} folders")
+        data = inputs.tiny().read_bytes()
+        for folder, files in zip(folders, media, strict=True):
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in files:
+                path.write_bytes(data)
+        (base / "files.done").write_text("")
+    config = _rescan_config(work / "rescan-make", base_url, tree)
+    expected = _expected(config)
+    meta_path = base / "sidecars.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("expected") == expected:
+        return tree, meta["how"]
+    meta_path.unlink(missing_ok=True)
+    progress("   describing the first folder with `mmwatchd scan` (concurrency 8, zero-latency server)")
+    for side in tree.rglob("*.jpg.json"):
+        side.unlink()
+    first = write_config(work / "rescan-first", base_url=base_url, inbox=folders[0], concurrency=8)
+    child = run_child(mmwatchd("scan", "-c", str(first)), cwd=first.parent, timeout=900)
+    check_scan(child, "rescan: first folder")
+    template = json.loads(media[0][0].with_name(media[0][0].name + ".json").read_text())
+    if template.get("fingerprint") != expected["fingerprint"]:
+        raise RuntimeError("rescan: the sidecar's fingerprint is not what mmwatchd.rules.fingerprint says")
+    predicted = child.wall_s * dirs
+    # A full run describes everything for real when that takes under 3 minutes; a quick run allows 30 s.
+    if predicted < (30 if size is QUICK else 180):
+        progress(f"   describing the rest with `mmwatchd scan` (predicted {predicted:.0f} s)")
+        child = run_child(mmwatchd("scan", "-c", str(config)), cwd=config.parent, timeout=900)
+        check_scan(child, "rescan: whole tree")
+        how = f"all sidecars written by a real `mmwatchd scan` ({child.wall_s:.0f} s)"
+    else:
+        progress(f"   a real scan would take ~{predicted:.0f} s: copying the first folder's sidecars to the rest")
+        for files in media[1:]:
+            _clone_sidecars(template, files)
+        how = (
+            f"first folder ({per} files) described by a real `mmwatchd scan` in {child.wall_s:.0f} s "
+            f"(~{predicted / 60:.0f} min predicted for all); the other {n - per} sidecars are copies of a real one "
+            "with name, size and mtime_ns filled in"
+        )
+    meta_path.write_text(json.dumps({"expected": expected, "how": how}))
+    return tree, how
+
+
+def _warm(tree: Path) -> None:
+    """Read every file once, so both walks below find the same warm page and inode caches."""
+    for folder in tree.iterdir():
+        with os.scandir(folder) as it:
+            for entry in it:
+                with open(entry.path, "rb") as fh:
+                    fh.read()
+
+
+def row_rescan(report: Report, size: Size, work: Path) -> None:
+    n = size.rescan_files
+    progress(f"5. rescan: {n} tiny JPEGs in {size.rescan_dirs} folders, all sidecars up to date")
+    with FixedLatencyServer(0.0) as fast:
+        tree, how = rescan_tree(size, work, fast.base_url)
+    _warm(tree)
+    walk = [sys.executable, "-c", _WALK, str(tree)]
+    with FixedLatencyServer(LATENCY_S) as srv:
+        config = _rescan_config(work / "rescan", srv.base_url, tree)
+        reference = run_child(walk, cwd=work, timeout=600)
+        child = run_child(mmwatchd("scan", "-c", str(config)), cwd=config.parent, timeout=900)
+        reference2 = run_child(walk, cwd=work, timeout=600)
+        requests = len(srv.hits)
+    check_scan(child, "rescan")
+    ref = min(reference.wall_s, reference2.wall_s)
+    report.add(Row("5", f"rescan {n} files (+{n} sidecars), all up to date", fmt_s(child.wall_s),
+                   f"{fmt_s(ref)} (scandir walk + stat of all {reference.stdout.strip()} files, Python subprocess)",
+                   child.wall_s / ref, 3.0, "<= 3x"))  # fmt: skip
+    report.note(f"5: {requests} requests during the rescan (expected 0); {scan_summary(child)}; "
+                f"{child.wall_s / n * 1e6:.0f} us/file; peak RSS {fmt_mb(child.maxrss)}; {how}")  # fmt: skip
+    if requests:
+        report.note(f"5: WARNING: the rescan sent {requests} requests: sidecars were not taken as up to date")
+
+
+# ------------------------------------------------------------------------------------------- 6. memory, 7. wire
+
+
+def row_mixed(report: Report, size: Size, work: Path, *, memory: bool, wire: bool) -> None:
+    import video
+
+    seconds = video.LONG_S // 2 if size is QUICK else video.LONG_S
+    progress(f"6/7. mixed folder: a {seconds} s 1080p clip and {size.photos} photos, concurrency 4")
+    clip = video.clip(seconds)
+    photos = inputs.photos(size.photos)
+    folder = work / "mixed"
+    inbox = folder / "inbox"
+    inputs.link_into([clip, *photos], inbox)
+    video_rule = {"name": "clips", "match": {"kind": "video"}, "prompt": PHOTO_RULE["prompt"],
+                  "video": {"frames": 16, "mode": "video_url"}}  # fmt: skip
+    photo_rule = {**PHOTO_RULE, "image": {"max_side": IMAGE_SIDE}}
+    with FixedLatencyServer(LATENCY_S) as srv:
+        empty = folder / "empty"
+        empty.mkdir(parents=True)
+        idle_config = write_config(folder / "idle", base_url=srv.base_url, inbox=empty, concurrency=4)
+        idle = run_child(mmwatchd("scan", "-c", str(idle_config)), cwd=idle_config.parent, timeout=120, tree=True)
+        config = write_config(folder, base_url=srv.base_url, inbox=inbox, concurrency=4, rules=[video_rule, photo_rule])
+        child = run_child(mmwatchd("scan", "-c", str(config)), cwd=folder, timeout=600, tree=True)
+        hits = srv.hits
+    check_scan(child, "mixed")
+    if memory:
+        peak, limit = child.tree["tree_pss"], 300 * 2**20
+        report.add(Row("6a", f"peak memory (PSS), `mmwatchd scan`: {seconds} s 1080p clip + {size.photos} photos, conc. 4",
+                       fmt_mb(peak), f"{fmt_mb(idle.tree['tree_pss'])} (same scan, empty folder)",
+                       peak / idle.tree["tree_pss"], None, "<= 300 MiB", met=peak <= limit,
+                       miss=f"{fmt_mb(peak - limit)} over"))  # fmt: skip
+        rss = child.tree["tree_rss"]
+        report.add(Row("6b", "same, summed RSS (shared pages counted in every process)", fmt_mb(rss),
+                       f"{fmt_mb(idle.tree['tree_rss'])} (same scan, empty folder)", rss / idle.tree["tree_rss"],
+                       None, "<= 300 MiB", met=rss <= limit, miss=f"{fmt_mb(rss - limit)} over"))  # fmt: skip
+        report.note(
+            f"6: {scan_summary(child)} in {fmt_s(child.wall_s)}; memory is the peak of the summed PSS of mmwatchd and "
+            f"its decoder processes ({child.tree['tree_processes']} at most), sampled every 50 ms; summed RSS peak "
+            f"{fmt_mb(child.tree['tree_rss'])}, sum of per-process peaks (VmHWM) {fmt_mb(child.tree['tree_hwm_sum'])}, "
+            f"largest single process (ru_maxrss) {fmt_mb(child.maxrss)}"
+        )
+    if wire:
+        b64 = lambda p: 4 * -(-p.stat().st_size // 3)
+        photo_names = {p.name for p in photos}
+        sent_photos = sum(h.body_bytes for h in hits if h.name in photo_names)
+        sent_clip = sum(h.body_bytes for h in hits if h.name == clip.name)
+        orig_photos = sum(b64(p) for p in photos)
+        report.add(Row("7a", f"bytes on the wire, {len(photos)} photos (max_side {IMAGE_SIDE})",
+                       f"{sent_photos / 1e6:.1f} MB", f"{orig_photos / 1e6:.1f} MB (base64 of the files)",
+                       sent_photos / orig_photos))  # fmt: skip
+        report.add(Row("7b", f"bytes on the wire, {seconds} s clip (16 frames, 768 px)", f"{sent_clip / 1e6:.2f} MB",
+                       f"{b64(clip) / 1e6:.1f} MB (base64 of the file)", sent_clip / b64(clip)))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+
+def _selected(only: list[str] | None) -> list[str]:
+    if not only:
+        return list(ROWS)
+    chosen = []
+    for item in only:
+        for word in item.split(","):
+            word = word.strip().lower()
+            name = ROWS[int(word) - 1] if word.isdigit() and 1 <= int(word) <= len(ROWS) else word
+            if name not in ROWS:
+                raise SystemExit(f"--only: unknown row {word!r}; rows: {', '.join(ROWS)} (or 1-{len(ROWS)})")
+            chosen.append(name)
+    return [r for r in ROWS if r in chosen]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="same rows on smaller inputs (under 2 minutes)")
+    parser.add_argument("--only", action="append", metavar="ROW", help=f"{', '.join(ROWS)} or 1-{len(ROWS)}")
+    parser.add_argument("--markdown", action="store_true", help="print the table in Markdown too")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary work folder (configs, sidecars)")
+    args = parser.parse_args(argv)
+    rows = _selected(args.only)
+    size = QUICK if args.quick else FULL
+    report = Report()
+    work = Path(tempfile.mkdtemp(prefix="mmwatchd-bench-run-"))
+    began = time.perf_counter()
+    progress(f"mmwatchd benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, cache {inputs.CACHE}")
+    try:
+        for name in rows:
+            if name in ("memory", "wire"):
+                if name == "memory" or "memory" not in rows:
+                    row_mixed(report, size, work, memory="memory" in rows, wire="wire" in rows)
+                continue
+            globals()[f"row_{name}"](report, size, work)
+    finally:
+        if args.keep:
+            progress(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    total = time.perf_counter() - began
+    print()
+    print(render(report, markdown=False))
+    print()
+    for note in report.notes:
+        print(f"- {note}")
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"- total {total:.0f} s ({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs); load average at the "
+          f"end {load} (other work on the machine inflates the 2-thread figures of row 1 most)")
+    if args.markdown:
+        print()
+        print(render(report, markdown=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
