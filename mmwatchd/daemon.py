@@ -37,8 +37,10 @@ from mmwatchd.log import get_logger
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
-from mmwatchd.rules import rel_to_roots
-from mmwatchd.state import State
+from mmwatchd.rules import fingerprint, rel_to_roots
+from mmwatchd.rules import match as match_rule
+from mmwatchd.sidecar import locate as sidecar_locate
+from mmwatchd.state import DoneRow, State
 from mmwatchd.vlm import VLMClient
 from mmwatchd.watch import Watcher, scan
 
@@ -261,17 +263,49 @@ class Daemon:
         return sum(self.submit(p, **kw) for p in paths)
 
     def scan_roots(self, *, clean: bool = False) -> int:
-        """Queue every wanted file under the roots (freshness is checked by the worker, against the sidecar).
+        """Queue every wanted file under the roots that may need work; return how many were queued.
 
-        ``clean``: also delete sidecar temp files left by a killed process (only at startup, before any worker
-        writes, and only ones older than a minute, in case another process is writing there).
+        A file whose size, mtime and rule fingerprint match the done-index, and whose sidecar is still there, is
+        skipped from a stat alone; anything else goes to a worker, which checks the sidecar itself (and so rebuilds
+        the index when it was lost). ``clean``: also delete sidecar temp files left by a killed process (only at
+        startup, and only ones older than a minute, in case another process is writing there).
         """
+        cfg = self.config
+        index = self.state.done_index() if self.state is not None else {}
+        fingerprints: dict[tuple[str, str], str] = {}
         n = 0
         on_temp = _remove_stale if clean else None
-        for root in self.config.watch:
-            found = scan(root, sidecar_suffix=self.config.sidecar.suffix, on_temp=on_temp)
-            n += self.submit_all(Path(p) for p in found)
+        for root in cfg.watch:
+            sidecars: set[str] = set()
+            for path in scan(root, sidecar_suffix=cfg.sidecar.suffix, on_temp=on_temp, sidecars=sidecars):
+                row = index.get(path)
+                if row is not None and self._indexed_done(root.path, path, row, sidecars, fingerprints):
+                    continue
+                n += self.submit(path)
         return n
+
+    def _indexed_done(
+        self, root: Path, path: Path, row: DoneRow, sidecars: set[str], fingerprints: dict[tuple[str, str], str]
+    ) -> bool:
+        cfg = self.config
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+            return False
+        side = sidecar_locate(path, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=[root])
+        if cfg.sidecar.dir is None and str(side) not in sidecars:
+            return False  # deleted: the sidecars are the truth
+        if cfg.sidecar.dir is not None and not side.exists():
+            return False
+        rule = match_rule(path.relative_to(root).as_posix(), row.kind, cfg.rules)
+        if rule is None:
+            return False
+        key = (rule.name, row.kind)
+        if key not in fingerprints:
+            fingerprints[key] = fingerprint(rule, cfg.endpoint, row.kind)
+        return fingerprints[key] == row.fingerprint
 
     def due_retries(self) -> float | None:
         """Re-queue files whose retry time has come; return seconds until the next one, if any."""
@@ -481,6 +515,12 @@ class Daemon:
                 path, root=root_key, status=outcome.status,  # type: ignore[arg-type]
                 message=outcome.reason or None, kind=error.kind if error else "error",
             )  # fmt: skip
+        if self.state is not None and outcome.version is not None and outcome.fingerprint and outcome.kind:
+            # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
+            size, mtime_ns = outcome.version
+            if outcome.moved_to is None:
+                self.state.mark_done(path, size=size, mtime_ns=mtime_ns, kind=outcome.kind,
+                                     fingerprint=outcome.fingerprint)  # fmt: skip
         self._log(outcome, retry_in)
         with self._lock:
             if final:

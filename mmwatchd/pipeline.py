@@ -60,6 +60,11 @@ class Outcome:
     #: Where on_success/on_error moved the file, and what went wrong with the actions.
     moved_to: Path | None = None
     action_problems: tuple[str, ...] = ()
+    #: For files that have their answer (ok, error, up to date): the version answered and under which rule
+    #: fingerprint, for the done-index that lets rescans skip them.
+    kind: str | None = None
+    fingerprint: str | None = None
+    version: tuple[int, int] | None = None
 
     @property
     def failed(self) -> bool:
@@ -147,6 +152,7 @@ class Processor:
         )
         rule: Rule | None = None
         fingerprint = ""
+        kind: str | None = None
         root, rel = rules.rel_to_roots(path, self._roots)
         values: dict[str, object] = {
             # Names are data, never instructions: they go into prompts as quoted strings (JSON escaping, so a
@@ -177,7 +183,10 @@ class Processor:
                     fingerprint=fingerprint,
                     sha256=lambda: sidecar.sha256_file(path),
                 ):
-                    return Outcome(path=path, status="skipped", reason="up to date", rule=rule.name)
+                    return Outcome(
+                        path=path, status="skipped", reason="up to date", rule=rule.name, kind=kind,
+                        fingerprint=fingerprint, version=(before.size, before.mtime_ns),
+                    )  # fmt: skip
             elif not dry_run:
                 sidecar.read(side)  # a foreign file there is never replaced, forced or not
             if problem is not None:
@@ -211,6 +220,9 @@ class Processor:
                 rule=rule.name,
                 request_bytes=request_bytes(planned.request),
                 elapsed_s=self.clock() - started,
+                kind=kind,
+                fingerprint=fingerprint,
+                version=(before.size, before.mtime_ns),
             )
             return self._act(outcome, rule.on_success, side, root, values)
         except ForeignSidecar as exc:
@@ -232,6 +244,8 @@ class Processor:
             if dry_run:
                 return Outcome(path=path, status="error", reason=exc.message, rule=rule and rule.name, error=exc)
             outcome = self._fail(path, side, rule, fingerprint, before, exc, started, gave_up=gave_up)
+            if outcome.status == "error" and fingerprint:
+                outcome = replace(outcome, kind=kind, fingerprint=fingerprint, version=(before.size, before.mtime_ns))
             if outcome.status == "error" and rule is not None:
                 return self._act(outcome, rule.on_error, side, root, values)
             return outcome

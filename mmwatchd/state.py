@@ -74,6 +74,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE requests (day TEXT PRIMARY KEY, n INTEGER NOT NULL)",
     ),
+    (
+        # The done-index: which file version was answered under which rule fingerprint, so a rescan can skip
+        # done files from a stat alone. A cache of the sidecars, which stay the truth (see Daemon.scan_roots).
+        """CREATE TABLE done (
+            path BLOB PRIMARY KEY,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            fingerprint TEXT NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -89,6 +100,16 @@ class RetryRow:
     retry_at: float | None
     kind: str
     last_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DoneRow:
+    """A file version that has its answer (see :meth:`State.done_index`)."""
+
+    size: int
+    mtime_ns: int
+    kind: str
+    fingerprint: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +316,24 @@ class State:
                 )
 
     def forget(self, path: Path) -> None:
-        """Drop a file's retry state (it was deleted or moved away). Its past errors stay in the history."""
+        """Drop a file's retry state and index entry (it was deleted or moved away). Its past errors stay."""
         with self._write() as db:
             db.execute("DELETE FROM retry WHERE path = ?", (os.fsencode(path),))
+            db.execute("DELETE FROM done WHERE path = ?", (os.fsencode(path),))
+
+    def mark_done(self, path: Path, *, size: int, mtime_ns: int, kind: str, fingerprint: str) -> None:
+        """Index a file version as answered (ok or error sidecar) under ``fingerprint``."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint) VALUES (?, ?, ?, ?, ?)",
+                (os.fsencode(path), size, mtime_ns, kind, fingerprint),
+            )
+
+    def done_index(self) -> dict[Path, DoneRow]:
+        """Every indexed file, for a rescan to compare against."""
+        with self._read() as db:
+            rows = db.execute("SELECT path, size, mtime_ns, kind, fingerprint FROM done").fetchall()
+        return {Path(os.fsdecode(p)): DoneRow(size, mtime, kind, fp) for p, size, mtime, kind, fp in rows}
 
     def retrying(self) -> list[RetryRow]:
         """Files waiting to be retried, soonest first."""

@@ -180,13 +180,14 @@ def scan(
     sidecar_suffix: str,
     on_error: ScanErrorCallback | None = None,
     on_temp: Callable[[Path], None] | None = None,
+    sidecars: set[str] | None = None,
 ) -> Iterator[Path]:
     """Yield the absolute paths of the wanted regular files below ``root``.
 
     Order is deterministic: in each folder, its files by name, then its subfolders by name. Symlinked folders are
     not entered; a symlinked file is yielded only when :func:`link_allowed`; ignored folders are not entered. A folder that cannot be listed (the root included) is
     passed to ``on_error`` (default: a warning log line) and skipped. Our own temp files are passed to ``on_temp``
-    when given. Uses the file type cached by ``scandir``,
+    when given; the paths of sidecars found are added to ``sidecars`` when given. Uses the file type cached by ``scandir``,
     so a plain walk makes no ``stat`` call per file on local file systems.
     """
     report = on_error or _log_scan_error
@@ -202,6 +203,8 @@ def scan(
             report(Path(dir_path), exc)
             continue
         subdirs: list[tuple[str, str]] = []
+        if sidecars is not None:  # before this folder's files are yielded, so a caller can look theirs up
+            sidecars.update(e.path for e in entries if _is_sidecar(e.name, sidecar_suffix))
         for entry in entries:
             name = entry.name
             if on_temp is not None and TEMP_MARK in name and entry.is_file(follow_symlinks=False):

@@ -274,3 +274,32 @@ def test_sighup_reloads_a_running_daemon(tmp_path: Path, fake_vlm: FakeVLM) -> N
     assert code == 0
     assert fake_vlm.chat_requests[-1].content[0]["text"] == 'Reloaded: "a.jpg"'
     assert "config.reloaded" in [e["event"] for e in logs]
+
+
+def test_rescans_skip_done_files_from_the_index_and_rebuild_it(
+    tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+    inbox = tmp_path / "inbox"
+    photos = [make_jpeg(inbox / f"{i}.jpg", (32, 24), seed=i) for i in range(4)]
+    assert main(["scan", "-c", str(cfg)]) == 0
+    capsys.readouterr()
+    # Indexed: not even handed to a worker (which would count it as skipped after reading its sidecar).
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert "0 described, 0 failed, 0 not reached, 0 skipped" in capsys.readouterr().out
+    # A deleted sidecar is noticed (the sidecars are the truth), and so is a changed prompt.
+    (inbox / "0.jpg.json").unlink()
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert "1 described" in capsys.readouterr().out
+    # A lost index is rebuilt from the sidecars, without a single request.
+    for f in (tmp_path / "state").iterdir():
+        f.unlink()
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert "0 described, 0 failed, 0 not reached, 4 skipped" in capsys.readouterr().out
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert "0 described, 0 failed, 0 not reached, 0 skipped" in capsys.readouterr().out
+    write_config(tmp_path, base_url=fake_vlm.base_url, rule={"prompt": "Other words for {name}."})
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert "4 described" in capsys.readouterr().out
+    assert len(fake_vlm.chat_requests) == 4 + 1 + 4
+    assert all(p.with_name(p.name + ".json").exists() for p in photos)
