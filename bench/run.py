@@ -589,6 +589,11 @@ def row_rescan(report: Report, size: Size, work: Path) -> None:
     walk = [sys.executable, "-c", _WALK, str(tree)]
     with FixedLatencyServer(LATENCY_S) as srv:
         config = _rescan_config(work / "rescan", srv.base_url, tree)
+        # Most sidecars here were copied, not written by mmwatchd, so its done-index does not know them yet: one
+        # scan reads them all and builds it (what happens once after the state directory is lost). The row
+        # measures the rescan after that, as a running service does it.
+        rebuild = run_child(mmwatchd("scan", "-c", str(config)), cwd=config.parent, timeout=1800)
+        check_scan(rebuild, "rescan: index rebuild")
         reference = run_child(walk, cwd=work, timeout=600)
         child = run_child(mmwatchd("scan", "-c", str(config)), cwd=config.parent, timeout=900)
         reference2 = run_child(walk, cwd=work, timeout=600)
@@ -598,6 +603,7 @@ def row_rescan(report: Report, size: Size, work: Path) -> None:
     report.add(Row("5", f"rescan {n} files (+{n} sidecars), all up to date", fmt_s(child.wall_s),
                    f"{fmt_s(ref)} (scandir walk + stat of all {reference.stdout.strip()} files, Python subprocess)",
                    child.wall_s / ref, 3.0, "<= 3x"))  # fmt: skip
+    report.note(f"5: index rebuilt from the sidecars in {fmt_s(rebuild.wall_s)} ({rebuild.wall_s / n * 1e6:.0f} us/file)")
     report.note(f"5: {requests} requests during the rescan (expected 0); {scan_summary(child)}; "
                 f"{child.wall_s / n * 1e6:.0f} us/file; peak RSS {fmt_mb(child.maxrss)}; {how}")  # fmt: skip
     if requests:

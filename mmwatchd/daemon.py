@@ -40,6 +40,7 @@ from mmwatchd.pipeline import Outcome, Processor
 from mmwatchd.rules import fingerprint, rel_to_roots
 from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate
+from mmwatchd.sidecar import sidecar_path
 from mmwatchd.state import DoneRow, State
 from mmwatchd.vlm import VLMClient
 from mmwatchd.watch import Watcher, scan
@@ -277,29 +278,38 @@ class Daemon:
         on_temp = _remove_stale if clean else None
         for root in cfg.watch:
             sidecars: set[str] = set()
+            prefix = len(os.path.join(root.path, ""))
             for path in scan(root, sidecar_suffix=cfg.sidecar.suffix, on_temp=on_temp, sidecars=sidecars):
-                row = index.get(path)
-                if row is not None and self._indexed_done(root.path, path, row, sidecars, fingerprints):
-                    continue
-                n += self.submit(path)
+                name = str(path)
+                row = index.get(name)
+                if row is None or not self._indexed_done(root.path, name, name[prefix:], row, sidecars, fingerprints):
+                    n += self.submit(path)
         return n
 
     def _indexed_done(
-        self, root: Path, path: Path, row: DoneRow, sidecars: set[str], fingerprints: dict[tuple[str, str], str]
+        self,
+        root: Path,
+        path: str,
+        rel: str,
+        row: DoneRow,
+        sidecars: set[str],
+        fingerprints: dict[tuple[str, str], str],
     ) -> bool:
+        """Whether the index proves ``path`` done. Plain strings and one stat: this runs for every file."""
         cfg = self.config
         try:
             st = os.stat(path)
         except OSError:
             return False
-        if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+        if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
             return False
-        side = sidecar_locate(path, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=[root])
-        if cfg.sidecar.dir is None and str(side) not in sidecars:
-            return False  # deleted: the sidecars are the truth
-        if cfg.sidecar.dir is not None and not side.exists():
+        if cfg.sidecar.dir is None:
+            simple = path + cfg.sidecar.suffix  # what sidecar_path gives unless the name is too long
+            if simple not in sidecars and str(sidecar_path(Path(path), cfg.sidecar.suffix)) not in sidecars:
+                return False  # deleted: the sidecars are the truth
+        elif not sidecar_locate(Path(path), suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=[root]).exists():
             return False
-        rule = match_rule(path.relative_to(root).as_posix(), row.kind, cfg.rules)
+        rule = match_rule(rel if os.sep == "/" else rel.replace(os.sep, "/"), row.kind, cfg.rules)
         if rule is None:
             return False
         key = (rule.name, row.kind)

@@ -58,5 +58,9 @@ def glob_match(rel_path: str, pattern: str) -> bool:
     return compile_glob(pattern).match(rel_path) is not None
 
 
+#: Patterns that match every path; the default, checked for 100,000s of files per rescan, so skip the regex.
+_EVERYTHING = frozenset({"**/*", "**", "*"})
+
+
 def any_match(rel_path: str, patterns: tuple[str, ...] | list[str]) -> bool:
-    return any(glob_match(rel_path, p) for p in patterns)
+    return any(p in _EVERYTHING or compile_glob(p).match(rel_path) is not None for p in patterns)

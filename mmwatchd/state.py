@@ -329,11 +329,11 @@ class State:
                 (os.fsencode(path), size, mtime_ns, kind, fingerprint),
             )
 
-    def done_index(self) -> dict[Path, DoneRow]:
-        """Every indexed file, for a rescan to compare against."""
+    def done_index(self) -> dict[str, DoneRow]:
+        """Every indexed file by its path (as ``str``: a rescan looks up 100,000 of them), to compare against."""
         with self._read() as db:
             rows = db.execute("SELECT path, size, mtime_ns, kind, fingerprint FROM done").fetchall()
-        return {Path(os.fsdecode(p)): DoneRow(size, mtime, kind, fp) for p, size, mtime, kind, fp in rows}
+        return {os.fsdecode(p): DoneRow(size, mtime, kind, fp) for p, size, mtime, kind, fp in rows}
 
     def retrying(self) -> list[RetryRow]:
         """Files waiting to be retried, soonest first."""
