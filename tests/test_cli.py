@@ -76,12 +76,15 @@ class TestBasics:
 
 class TestOnce:
     def test_dry_run_prints_the_plan_and_sends_nothing(
-        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        monkeypatch.setenv("MMWATCHD_TEST_KEY", "sk-dry-run-secret")
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
         photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (3000, 1500))
         assert main(["once", "-c", str(cfg), "--dry-run", str(photo)]) == 0
-        out = json.loads(capsys.readouterr().out)
+        captured = capsys.readouterr()
+        assert "sk-dry-run-secret" not in captured.out + captured.err
+        out = json.loads(captured.out)
         (plan,) = out["files"]
         assert plan["status"] == "planned" and plan["rule"] == "photos" and plan["model"] == "fake-vlm"
         (part,) = plan["media"]["parts"]
