@@ -312,3 +312,46 @@ class TestReadOnlyFolders:
         assert main(["scan", "-c", str(cfg)]) == 1
         out = capsys.readouterr().out
         assert "cannot write sidecar: Read-only file system" in out and "tried again" in out
+
+
+class TestLimitsAndFate:
+    def test_too_long_video_is_refused_by_limit(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        from media import make_numbered_video
+
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, limits={"max_duration_s": 1.5},
+                           rule={"match": {"kind": "video"}})  # fmt: skip
+        clip = make_numbered_video(tmp_path / "inbox" / "long.mp4", (64, 48), frames=30, fps=10)
+        assert main(["once", "-c", str(cfg), str(clip)]) == 1
+        err = _sidecar(clip)["error"]
+        assert err["kind"] == "too_large" and "longer than limits.max_duration_s (1.5)" in err["message"]
+        assert fake_vlm.chat_requests == []
+
+    def test_a_file_deleted_before_its_turn_is_dropped_quietly(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        from configs import load_config
+
+        from mmwatchd.pipeline import Processor
+
+        cfg = load_config(tmp_path, base_url=fake_vlm.base_url)
+        gone = make_jpeg(tmp_path / "inbox" / "gone.jpg", (32, 24))
+        gone.unlink()
+        out = Processor(cfg, None).process(gone)
+        assert (out.status, out.reason) == ("skipped", "file is gone")
+        assert os.listdir(tmp_path / "inbox") == []
+
+    def test_sidecars_belong_to_the_folder_owner(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("only root can give files away")
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        photo = make_jpeg(inbox / "a.jpg", (32, 24))
+        os.chown(inbox, 4321, 4321)  # a user's photo folder; the service runs as root
+        assert main(["once", "-c", str(cfg), str(photo)]) == 0
+        st = (inbox / "a.jpg.json").stat()
+        assert (st.st_uid, st.st_gid) == (4321, 4321)
+        assert st.st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
