@@ -3,17 +3,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mounts
 import pytest
-
 from media import make_jpeg
-from mmwatchd.actions import ActionResult, _link_noreplace, _reserve_noreplace, run_actions
+
+from mmwatchd.actions import (
+    ActionResult,
+    _link_noreplace,
+    _reserve_noreplace,
+    run_actions,
+)
 from mmwatchd.model import ActionSpec
 from mmwatchd.sidecar import TEMP_MARK
 
@@ -47,24 +52,11 @@ def act(spec: ActionSpec, media: Path, side: Path | None, root: Path | None, sta
     return run_actions(spec, path=media, sidecar=side, root=root, values=values, status=status)
 
 
-def _mount(path: Path, options: str) -> None:
-    path.mkdir(exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode(errors='replace').strip()}")
-
-
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A small tmpfs, i.e. another filesystem than ``tmp_path``."""
-    mnt = tmp_path / "mnt"
-    _mount(mnt, "size=16m")
-    try:
+    with mounts.tmpfs(tmp_path / "mnt") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 class TestMove:
@@ -238,9 +230,7 @@ class TestCrossFilesystem:
         assert os.listdir(tmpfs) == ["IMG_1.jpg"]
 
     def test_no_space_leaves_everything_in_place(self, tmp_path: Path) -> None:
-        small = tmp_path / "small"
-        _mount(small, "size=1m")
-        try:
+        with mounts.tmpfs(tmp_path / "small", "1m") as small:
             root = tmp_path / "in"
             media = root / "big.mov"
             media.parent.mkdir()
@@ -254,12 +244,10 @@ class TestCrossFilesystem:
             assert "No space left" in result.problems[0]
             assert media.stat().st_size == 3 << 20 and side.exists()
             assert os.listdir(small) == []  # the partial copy is gone
-        finally:
-            subprocess.run(["umount", "-l", str(small)], check=False)
 
     @pytest.mark.parametrize("sub", ["", "new"])
     def test_read_only_target(self, tmp_path: Path, tmpfs: Path, sub: str) -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+        mounts.read_only(tmpfs)
         media, side = make_pair(tmp_path / "in" / "IMG_1.jpg")
 
         result = act(ActionSpec(move_to=tmpfs / sub if sub else tmpfs), media, side, tmp_path / "in")

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import mounts
 import pytest
 import structlog
 from configs import write_config
@@ -283,18 +284,10 @@ class TestDecoderContainment:
 class TestReadOnlyFolders:
     @pytest.fixture
     def read_only_inbox(self, tmp_path: Path):  # type: ignore[no-untyped-def]
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        inbox = tmp_path / "inbox"
-        inbox.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(inbox)], check=False).returncode:
-            pytest.skip("cannot mount a tmpfs here")
-        try:
+        with mounts.tmpfs(tmp_path / "inbox", "4m") as inbox:
             make_jpeg(inbox / "sub" / "a.jpg", (32, 24))
-            subprocess.run(["mount", "-o", "remount,ro", str(inbox)], check=True)
+            mounts.read_only(inbox)
             yield inbox
-        finally:
-            subprocess.run(["umount", "-l", str(inbox)], check=False)
 
     def test_sidecars_go_to_a_mirror_tree(self, tmp_path: Path, fake_vlm: FakeVLM, read_only_inbox: Path) -> None:
         mirror = tmp_path / "sidecars"

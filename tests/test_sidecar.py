@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import mounts
 import pytest
 
 from mmwatchd import sidecar
@@ -57,16 +57,8 @@ class TestWrite:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real 64 KiB filesystem, so "disk full" and "read-only" are the kernel's answers, not a mock's."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with mounts.tmpfs(tmp_path / "mnt", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 class TestFullOrReadOnlyDisk:
@@ -89,7 +81,7 @@ class TestFullOrReadOnlyDisk:
         assert sorted(os.listdir(small_tmpfs)) == ["a.jpg.json", "filler"]
 
     def test_read_only_filesystem(self, small_tmpfs: Path) -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+        mounts.read_only(small_tmpfs)
         with pytest.raises(SidecarError, match="Read-only file system.*write access") as info:
             sidecar.write(small_tmpfs / "a.json", OURS)
         assert info.value.retryable
