@@ -90,7 +90,7 @@ class Isolator:
         timeout_s: float,
         memory_bytes: int | None,
         name: str = "mmwatchd-decoder",
-        max_calls_per_worker: int = 200,
+        max_calls_per_worker: int = 1000,
         preload: Sequence[str] = (),
         nice: int = 5,
     ) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from mmwatchd import __version__, rules, sidecar
 from mmwatchd.actions import run_actions
 from mmwatchd.config import Config, Rule
-from mmwatchd.encode import encode_image, encode_video, probe_image, probe_video
+from mmwatchd.encode import encode_image, encode_video, probe_and_encode_image, probe_image, probe_video
 from mmwatchd.errors import (
     BudgetExceeded,
     DecodeError,
@@ -278,17 +278,21 @@ class Processor:
 
     def _plan(self, path: Path, kind: str, rule: Rule, values: dict[str, object], fingerprint: str) -> _Planned:
         refs = self._references(rule)
-        if kind == "image":
+        if kind == "image" and rule.video is not None:  # an animated image may be sent as a video
             facts = self._decode(probe_image, path, limits=self.config.limits)
             values.update(width=facts.width, height=facts.height, taken=facts.taken)
-            if facts.frames > 1 and rule.video is not None:
+            if facts.frames > 1:
                 return self._plan_video(path, rule, values, refs, fingerprint)
-            request = self._request(rule, values, refs)
-            budget = self._budget(request, (Part(mime="image/jpeg", chunks=(b"",), width=0, height=0),))
+        if kind == "image":
+            # One trip to the decoder process: the budget is computed for the widest values the image's facts
+            # could put into the prompt, so it holds for whatever the probe then finds.
+            widest = self._request(rule, {**values, **_WIDEST_FACTS}, refs)
+            budget = self._budget(widest, (Part(mime="image/jpeg", chunks=(b"",), width=0, height=0),))
             if budget <= 0:
-                raise self._no_room(path, request)
-            part = self._decode(encode_image, path, rule.image, budget=budget, limits=self.config.limits)
-            request = replace(request, parts=(*refs, part))
+                raise self._no_room(path, widest)
+            facts, part = self._decode(probe_and_encode_image, path, rule.image, budget=budget, limits=self.config.limits)
+            values.update(width=facts.width, height=facts.height, taken=facts.taken)
+            request = replace(self._request(rule, values, refs), parts=(*refs, part))
             media = {"kind": "image", "format": facts.format, "width": facts.width, "height": facts.height,
                      "taken": facts.taken or None}  # fmt: skip
             return self._checked(path, rule, request, media, fingerprint)
@@ -524,6 +528,10 @@ class LinearBudget:
 
     def __call__(self, n: int) -> int:
         return self.first - self.per_part * (n - 1)
+
+
+#: Prompt values an image's facts can take, at their longest (pixel counts are capped by limits.max_pixels).
+_WIDEST_FACTS: dict[str, object] = {"width": 999_999_999, "height": 999_999_999, "taken": "0000-00-00 00:00:00"}
 
 
 def _quoted(text: str) -> str:

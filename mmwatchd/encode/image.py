@@ -48,6 +48,7 @@ __all__ = [
     "fit_budget",
     "fit_size",
     "max_payload",
+    "probe_and_encode_image",
     "probe_image",
     "save_image",
     "translate_pillow",
@@ -640,3 +641,8 @@ def encode_image(path: Path, spec: ImageSpec, *, budget: int, limits: Limits) ->
     if part.url_len > budget:  # cannot happen by construction; never hand an oversize part on
         raise BudgetExceeded(f"{src.name}: encoded image exceeds the budget of {budget} characters")
     return part
+
+
+def probe_and_encode_image(path: Path, spec: ImageSpec, *, budget: int, limits: Limits) -> tuple[ImageFacts, Part]:
+    """:func:`probe_image` and :func:`encode_image` in one call (one trip to a decoder process)."""
+    return probe_image(path, limits=limits), encode_image(path, spec, budget=budget, limits=limits)
