@@ -40,7 +40,7 @@ from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 from PIL import Image
 
-from mmwatchd.encode.image import save_image
+from mmwatchd.encode.image import _GOOD_ENOUGH, _QUALITY_SLOPE, _SCALE_EXPONENT, save_image
 from mmwatchd.encode.image import translate_pillow
 from mmwatchd.encode.image import fit_size
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
@@ -110,14 +110,9 @@ _MAX_FRAMES_TO_KEY: Final = 300
 # Frame rate assumed for timestamp-less elementary streams when FFmpeg cannot guess one (its own default).
 _DEFAULT_FPS: Final = 25.0
 
-# Budget search tuning (the same reasoning as the image encoder's): predict from measured sizes, aim a little under
-# the room, accept a result that uses most of it.
+# Budget search tuning: the image encoder's model of how size follows quality and scale, a little more margin
+# (a clip is many frames, so one wrong guess costs more encodes), and fewer tries.
 _AIM: Final = 0.95
-_GOOD_ENOUGH: Final = 0.85
-#: d ln(size) / d quality for JPEG before two sizes are measured (the low end of photos: errs towards fitting).
-_QUALITY_SLOPE: Final = 0.02
-#: size ~ scale**exponent (linear scale) before two sizes are measured.
-_SCALE_EXPONENT: Final = 2.0
 _MAX_QUALITY_ENCODES: Final = 4
 _MAX_SCALE_ENCODES: Final = 5
 
