@@ -432,7 +432,12 @@ class Daemon:
             return watcher
         old = self.config
         if new.endpoint != old.endpoint and self._make_client is not None:
-            self.client = self._make_client(new)
+            try:
+                self.client = self._make_client(new)
+            except ConfigError as exc:  # e.g. an api_key_file others can read
+                log.error("config.reload_failed", problems=exc.problems, note="the previous config stays in force")
+                self.notifier.ready(self._status_line())
+                return watcher
             self.limiter = RateLimiter(new.endpoint.requests_per_minute, clock=self.clock)
             if new.endpoint.concurrency != old.endpoint.concurrency:
                 log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
