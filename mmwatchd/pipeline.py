@@ -139,8 +139,9 @@ class Processor:
             return Outcome(path=path, status="skipped", reason=f"cannot stat: {exc.strerror or exc}")
         if not stat.S_ISREG(st.st_mode):
             return Outcome(path=path, status="skipped", reason="not a regular file")
+        root, rel = rules.rel_to_roots(path, self._roots)
         if not explicit and os.path.islink(path):
-            root_spec = next((r for r in self.config.watch if r.path == rules.rel_to_roots(path, self._roots)[0]), None)
+            root_spec = next((r for r in self.config.watch if r.path == root), None)
             if root_spec is None or not link_allowed(root_spec, path):
                 return Outcome(
                     path=path, status="skipped",
@@ -153,7 +154,6 @@ class Processor:
         rule: Rule | None = None
         fingerprint = ""
         kind: str | None = None
-        root, rel = rules.rel_to_roots(path, self._roots)
         values: dict[str, object] = {
             # Names are data, never instructions: they go into prompts as quoted strings (JSON escaping, so a
             # newline or a quote in a file name cannot break out of the quotes).
