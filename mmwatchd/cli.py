@@ -153,13 +153,9 @@ def _key_from_file(cfg: Config) -> str | None:
 def cmd_check(args: argparse.Namespace) -> int:
     path = config_mod.find_config(args.config)
     cfg = config_mod.load(path)
-    problems = [
-        f"{cfg.where(('watch', i, 'path'))}: {root.path} does not exist or is not a folder"
-        for i, root in enumerate(cfg.watch)
-        if not root.path.is_dir() and not root.create
-    ]
-    if problems:
-        raise ConfigError(problems)
+    missing = _missing_roots(cfg)
+    if missing:
+        raise ConfigError(missing)
     print(f"config OK: {path} ({len(cfg.rules)} rule(s), {len(cfg.watch)} watched folder(s))")
     return EXIT_OK
 
@@ -264,21 +260,26 @@ def _state(cfg: Config) -> State:
     return State((cfg.state_dir or default_state_dir()) / "state.sqlite3")
 
 
+def _missing_roots(cfg: Config) -> list[str]:
+    """One line per watched folder that is not there (folders with ``create: true`` are not missing)."""
+    return [
+        f"{cfg.where(('watch', i, 'path'))}: {root.path} does not exist or is not a folder "
+        "(create it, fix the path, or set create: true)"
+        for i, root in enumerate(cfg.watch)
+        if not root.create and not root.path.is_dir()
+    ]
+
+
 def _require_roots(cfg: Config) -> None:
     """Every watched folder must exist (those with ``create: true`` are made)."""
     problems = []
     for i, root in enumerate(cfg.watch):
-        if root.create and not root.path.exists():
+        if root.create and not root.path.is_dir():
             try:
                 root.path.mkdir(parents=True)
             except OSError as exc:
                 problems.append(f"{cfg.where(('watch', i, 'path'))}: cannot create {root.path}: {exc.strerror}")
-                continue
-        if not root.path.is_dir():
-            problems.append(
-                f"{cfg.where(('watch', i, 'path'))}: {root.path} does not exist or is not a folder "
-                "(create it, fix the path, or set create: true)"
-            )
+    problems += _missing_roots(cfg)
     if problems:
         raise ConfigError(problems)
 
