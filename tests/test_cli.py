@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +14,13 @@ import structlog
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg, make_named_text
+from running import spawn_run, stop_run, wait_until
 
 from mmwatchd import __version__
 from mmwatchd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+RUN_ENV = {"MMWATCHD_TEST_KEY": "sk-secret-run"}
 
 
 @pytest.fixture(autouse=True)
@@ -151,52 +151,19 @@ class TestScan:
         assert len(fake_vlm.chat_requests) == 4
 
 
-def _spawn(cfg: Path, tmp_path: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MMWATCHD_TEST_KEY": "sk-secret-run"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mmwatchd", "run", "-c", str(cfg), "--log-format", "json"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[str]) -> tuple[int, list[dict]]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _out, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert "Traceback" not in err, err
-    return proc.returncode, lines
-
-
 class TestRun:
     def test_scans_watches_and_stops_cleanly(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
         inbox = tmp_path / "inbox"
         old = make_jpeg(inbox / "old.jpg", (64, 48))
-        proc = _spawn(cfg, tmp_path)
+        proc = spawn_run(cfg, tmp_path, env=RUN_ENV)
         try:
-            _wait_for(lambda: (inbox / "old.jpg.json").exists())
+            wait_until(lambda: (inbox / "old.jpg.json").exists())
             new = make_jpeg(tmp_path / "staging" / "new.jpg", (64, 48), seed=2)
             os.rename(new, inbox / "new.jpg")  # an atomic move-in counts as new
-            _wait_for(lambda: (inbox / "new.jpg.json").exists())
+            wait_until(lambda: (inbox / "new.jpg.json").exists())
         finally:
-            code, logs = _stop(proc)
-        assert code == 0
+            logs = stop_run(proc, tmp_path)
         assert sidecar(old)["status"] == "ok" and sidecar(inbox / "new.jpg")["status"] == "ok"
         events = [e["event"] for e in logs]
         assert events.count("job.done") == 2 and "daemon.stopped" in events
@@ -207,13 +174,12 @@ class TestRun:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
         inbox = tmp_path / "inbox"
         fake_vlm.enqueue(json=chat_completion("slow answer"), delay_s=1.5, path="/v1/chat/completions")
-        proc = _spawn(cfg, tmp_path)
+        proc = spawn_run(cfg, tmp_path, env=RUN_ENV)
         try:
             make_jpeg(inbox / "a.jpg", (64, 48))
             fake_vlm.wait_for_requests(2, timeout=20)  # GET /models, then the chat request in flight
         finally:
-            code, _logs = _stop(proc)
-        assert code == 0
+            stop_run(proc, tmp_path)
         assert sidecar(inbox / "a.jpg")["response"]["text"] == "slow answer"
         assert sorted(os.listdir(inbox)) == ["a.jpg", "a.jpg.json"]
 
@@ -222,15 +188,14 @@ class TestRun:
         inbox = tmp_path / "inbox"
         fake_vlm.pause()
         make_jpeg(inbox / "a.jpg", (64, 48))
-        proc = _spawn(cfg, tmp_path)
+        proc = spawn_run(cfg, tmp_path, env=RUN_ENV)
         try:
             time.sleep(1.5)  # the daemon is up, probing a dead endpoint; the file must not fail meanwhile
             assert not (inbox / "a.jpg.json").exists()
             fake_vlm.resume()
-            _wait_for(lambda: (inbox / "a.jpg.json").exists(), timeout=30)
+            wait_until(lambda: (inbox / "a.jpg.json").exists(), timeout=30)
         finally:
-            code, logs = _stop(proc)
-        assert code == 0
+            logs = stop_run(proc, tmp_path)
         assert sidecar(inbox / "a.jpg")["status"] == "ok"
         unreachable = [e for e in logs if e["event"] == "endpoint.unreachable"]
         assert len(unreachable) == 1 and unreachable[0]["url"] == fake_vlm.base_url
@@ -265,16 +230,15 @@ class TestStatus:
 def test_sighup_reloads_a_running_daemon(tmp_path: Path, fake_vlm: FakeVLM) -> None:
     cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
     inbox = tmp_path / "inbox"
-    proc = _spawn(cfg, tmp_path)
+    proc = spawn_run(cfg, tmp_path, env=RUN_ENV)
     try:
         make_jpeg(inbox / "a.jpg", (64, 48))
-        _wait_for(lambda: (inbox / "a.jpg.json").exists())
+        wait_until(lambda: (inbox / "a.jpg.json").exists())
         write_config(tmp_path, base_url=fake_vlm.base_url, rule={"prompt": "Reloaded: {name}"})
         proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: len(fake_vlm.chat_requests) >= 2)
+        wait_until(lambda: len(fake_vlm.chat_requests) >= 2)
     finally:
-        code, logs = _stop(proc)
-    assert code == 0
+        logs = stop_run(proc, tmp_path)
     assert fake_vlm.chat_requests[-1].content[0]["text"] == 'Reloaded: "a.jpg"'
     assert "config.reloaded" in [e["event"] for e in logs]
 

@@ -21,10 +21,9 @@ import structlog
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg
+from running import spawn_run, stop_run, wait_until
 
 from mmwatchd.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -35,32 +34,6 @@ def _reset_logging():  # type: ignore[no-untyped-def]
 
 def _sidecar(path: Path) -> dict:
     return json.loads(path.with_name(path.name + ".json").read_bytes())
-
-
-def _spawn(cfg: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """``mmwatchd run`` in a child; its log goes to ``cwd/run.log`` (a pipe nobody reads would fill and block it)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with open(cwd / "run.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mmwatchd", "run", "-c", str(cfg), "--log-format", "json"],
-            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log,
-        )  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen[bytes], cwd: Path) -> bytes:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode == 0
-    log = (cwd / "run.log").read_bytes()
-    assert b"Traceback" not in log, log[-2000:]
-    return log
-
-
-def _wait(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 class TestNames:
@@ -152,11 +125,11 @@ class TestCrashes:
         stale = inbox / ".a.jpg.json.mmwatchd-tmp-deadbeef"
         stale.write_text('{"half": ')
         os.utime(stale, (time.time() - 3600, time.time() - 3600))
-        proc = _spawn(cfg, tmp_path)
+        proc = spawn_run(cfg, tmp_path)
         try:
-            _wait(lambda: (inbox / "a.jpg.json").exists())
+            wait_until(lambda: (inbox / "a.jpg.json").exists())
         finally:
-            _stop(proc, tmp_path)
+            stop_run(proc, tmp_path)
         assert sorted(os.listdir(inbox)) == ["a.jpg", "a.jpg.json"]
 
     def test_kill_9_at_any_moment_loses_nothing(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
@@ -167,15 +140,15 @@ class TestCrashes:
         for _ in range(3):
             for _ in range(8):
                 fake_vlm.enqueue(json=chat_completion("slow"), delay_s=0.15, path="/v1/chat/completions")
-            proc = _spawn(cfg, tmp_path)
+            proc = spawn_run(cfg, tmp_path)
             time.sleep(rng.uniform(0.5, 1.5))
             proc.kill()  # SIGKILL: no cleanup of any kind
             proc.wait(timeout=10)
-        proc = _spawn(cfg, tmp_path)
+        proc = spawn_run(cfg, tmp_path)
         try:
-            _wait(lambda: all(p.with_name(p.name + ".json").exists() for p in photos), timeout=60)
+            wait_until(lambda: all(p.with_name(p.name + ".json").exists() for p in photos), timeout=60)
         finally:
-            _stop(proc, tmp_path)
+            stop_run(proc, tmp_path)
         names = os.listdir(inbox)
         assert len(names) == 80, sorted(n for n in names if not n.endswith((".jpg", ".json")))
         for p in photos:
@@ -199,15 +172,15 @@ class TestFlood:
         staging.mkdir()
         for i in range(1000):
             (staging / f"{i:05}.jpg").write_bytes(tiny)
-        proc = _spawn(cfg, tmp_path)
+        proc = spawn_run(cfg, tmp_path)
         try:
             time.sleep(1.0)
             for i in range(1000):  # dropped in one burst, each an atomic move
                 os.rename(staging / f"{i:05}.jpg", inbox / f"{i:05}.jpg")
-            _wait(lambda: len(fake_vlm.chat_requests) >= 1000, timeout=120)
+            wait_until(lambda: len(fake_vlm.chat_requests) >= 1000, timeout=120)
             time.sleep(1.0)  # anything extra would arrive now
         finally:
-            _stop(proc, tmp_path)
+            stop_run(proc, tmp_path)
         sent = Counter(json.loads(r.content[0]["text"]) for r in fake_vlm.chat_requests)
         assert len(sent) == 1000 and set(sent.values()) == {1}
 
@@ -365,17 +338,17 @@ def test_kernel_event_queue_overflow_loses_nothing(tmp_path: Path, fake_vlm: Fak
     before = knob.read_text()
     knob.write_text("16")
     try:
-        proc = _spawn(cfg, tmp_path)
-        _wait(lambda: b"daemon.scanned" in (tmp_path / "run.log").read_bytes())  # its watches exist now
+        proc = spawn_run(cfg, tmp_path)
+        wait_until(lambda: b"daemon.scanned" in (tmp_path / "run.log").read_bytes())  # its watches exist now
     finally:
         knob.write_text(before)  # the limit is taken when an inotify instance is made: restore it at once
     try:
         for i in range(300):
             os.rename(staging / f"{i:04}.jpg", inbox / f"{i:04}.jpg")
-        _wait(lambda: len(fake_vlm.chat_requests) >= 300, timeout=120)
+        wait_until(lambda: len(fake_vlm.chat_requests) >= 300, timeout=120)
         time.sleep(0.5)
     finally:
-        log = _stop(proc, tmp_path)
-    assert b"watch.overflow" in log
+        logs = stop_run(proc, tmp_path)
+    assert "watch.overflow" in [e["event"] for e in logs]
     sent = Counter(json.loads(r.content[0]["text"]) for r in fake_vlm.chat_requests)
     assert len(sent) == 300 and set(sent.values()) == {1}
