@@ -196,13 +196,13 @@ def make_png(
 
 
 def make_heic(path: Path, size: Size = (64, 48), *, quality: int = 60, detail: bool = True, seed: int = 0,
-              corner: RGB | None = None) -> Path:  # fmt: skip
-    """A HEIC (HEVC) still image, via pillow-heif's encoder."""
+              corner: RGB | None = None, thumbnails: Sequence[int] = ()) -> Path:  # fmt: skip
+    """A HEIC (HEVC) still image, via pillow-heif's encoder; ``thumbnails``: longest sides of embedded thumbnails."""
     import pillow_heif
 
     pillow_heif.register_heif_opener()
     path = _prepare(path)
-    picture(size, detail=detail, seed=seed, corner=corner).save(path, "HEIF", quality=quality)
+    picture(size, detail=detail, seed=seed, corner=corner).save(path, "HEIF", quality=quality, thumbnails=list(thumbnails))
     return path
 
 

@@ -88,7 +88,7 @@ class TestOnce:
         (plan,) = out["files"]
         assert plan["status"] == "planned" and plan["rule"] == "photos" and plan["model"] == "fake-vlm"
         (part,) = plan["media"]["parts"]
-        assert {k: part[k] for k in ("mime", "width", "height")} == {"mime": "image/jpeg", "width": 1536, "height": 768}
+        assert {k: part[k] for k in ("mime", "width", "height")} == {"mime": "image/jpeg", "width": 1500, "height": 750}
         assert 0 < part["bytes"] < plan["request_bytes"] <= out["max_request_bytes"]
         assert fake_vlm.requests == []
         assert not (tmp_path / "inbox" / "a.jpg.json").exists()

@@ -348,6 +348,38 @@ class TestDraft:
             assert loaded.size == (1500, 1000)  # 1/4 scale: the smallest DCT scale still >= the target
         assert decoded(encode(path, max_side=1024)).size == (1024, 682)
 
+    def test_dct_scale_just_under_the_target_is_sent_as_is(self, tmp_path: Path) -> None:
+        path = make_jpeg(tmp_path / "12mp.jpg", (4000, 3000), corner=RED)
+        part = encode(path, max_side=1024)
+        # 1/4 scale gives 1000x750, 2.3% under 1024x768: sent at that size rather than decoded at 1/2 and resized
+        assert (part.width, part.height) == (1000, 750)
+        img = decoded(part)
+        assert img.size == (1000, 750) and is_red(mean(img, (0, 0, 50, 50)))
+        with Image.open(path) as full:
+            assert near(mean(img), mean(full.convert("RGB")), tol=2)
+
+    def test_dct_scale_too_far_under_is_not_used(self, tmp_path: Path) -> None:
+        path = make_jpeg(tmp_path / "odd.jpg", (3800, 2850), detail=False)
+        # 1/4 scale would be 950x713, 7% under 1024x768: decoded at 1/2 and resized to the exact size instead
+        assert decoded(encode(path, max_side=1024)).size == (1024, 768)
+
+    def test_heic_decodes_a_large_enough_thumbnail(self, tmp_path: Path) -> None:
+        path = make_heic(tmp_path / "t.heic", (2000, 1500), corner=RED, thumbnails=[1000])
+        with Image.open(path) as full:
+            reference = full.convert("RGB").resize((1000, 750))
+        part = encode(path, max_side=1024)
+        # Only the embedded 1000x750 thumbnail has this size (2% under max_side); the image itself would give 1024x768
+        assert (part.width, part.height) == (1000, 750)
+        img = decoded(part)
+        assert is_red(mean(img, (0, 0, 40, 40)))
+        assert near(mean(img), mean(reference), tol=3)
+        small = decoded(encode(path, max_side=500))  # thumbnail decoded, then resized down
+        assert small.size == (500, 375) and is_red(mean(small, (0, 0, 20, 20)))
+
+    def test_heic_thumbnail_too_small_is_not_used(self, tmp_path: Path) -> None:
+        path = make_heic(tmp_path / "t.heic", (2000, 1500), thumbnails=[320])
+        assert decoded(encode(path, max_side=1024)).size == (1024, 768)
+
     def test_no_draft_when_no_resize(self, tmp_path: Path) -> None:
         path = make_jpeg(tmp_path / "small.jpg", (300, 200))
         with Image.open(path) as im:
@@ -502,7 +534,8 @@ class TestBudget:
         budget = 300_000
         part = encode(photo_24mp, budget=budget)
         assert part.url_len <= budget
-        assert (part.width, part.height) == (1536, 1024)  # fits by quality alone, no pixels lost
+        # 6000x4000 decodes at 1/4 scale to 1500x1000, 2% under max_side 1536: sent as is, not resized
+        assert (part.width, part.height) == (1500, 1000)  # fits by quality alone, no pixels lost
         assert part.quality is not None and 50 <= part.quality < 85
         assert part.url_len > 0.8 * budget  # uses the budget rather than undershooting wildly
 
@@ -605,7 +638,9 @@ class TestSharedCorpus:
         facts = probe_image(path, limits=LIMITS)
         if path.name in DISPLAYED:
             assert (facts.width, facts.height) == DISPLAYED[path.name]
-        assert (part.width, part.height) == fit_size((facts.width, facts.height), spec)
+        want = fit_size((facts.width, facts.height), spec)
+        assert part.width <= want[0] and part.height <= want[1]
+        assert part.width >= 0.95 * want[0] and part.height >= 0.95 * want[1]
         assert img.mode in ("L", "RGB", "RGBA")
 
     @pytest.mark.parametrize("n", range(9))
@@ -669,6 +704,17 @@ class TestSharedCorpus:
         with Image.open(path) as reference:
             assert near(mean(img), mean(reference), tol=1)
             assert img.getchannel("A").getextrema() == reference.getchannel("A").getextrema()
+
+    def test_iphone_heic_thumbnail_keeps_orientation(self) -> None:
+        path = SHARED_MEDIA / "images" / "arrow.heic"  # 3024x4032 after irot 270; 240x320 thumbnail
+        with Image.open(path) as im:
+            assert _load_scaled(im, (240, 320)).size == (240, 320)  # the thumbnail, not the 12 MP image
+        img = decoded(encode(path, max_side=320))
+        assert img.size == (240, 320)
+        with Image.open(path) as full:
+            reference = full.convert("RGB").resize((240, 320))
+        for box in ((0, 0, 120, 160), (120, 0, 240, 160), (0, 160, 120, 320), (120, 160, 240, 320)):
+            assert near(mean(img, box), mean(reference, box), tol=6), box
 
     def test_heic_taken_and_orientation(self) -> None:
         facts = probe_image(SHARED_MEDIA / "images" / "arrow.heic", limits=LIMITS)

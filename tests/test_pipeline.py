@@ -78,7 +78,7 @@ class TestOk:
         assert user["content"][0]["text"] == 'Describe "IMG_1.jpg" (3000x2000).'
         assert req.headers["authorization"] == f"Bearer {KEY}"
         img = sent_image(env.fake)
-        assert img.format == "JPEG" and img.size == (1536, 1024)  # max_side 1536, aspect kept
+        assert img.format == "JPEG" and img.size == (1500, 1000)  # 1/2-scale decode, 2% under max_side 1536
 
         doc = env.sidecar(photo)
         assert doc["mmwatchd"]["schema"] == 1 and doc["status"] == "ok"
@@ -94,7 +94,7 @@ class TestOk:
         assert doc["fingerprint"].startswith("sha256:")
         assert doc["media"]["taken"] == "2024-06-01 12:30:05"
         (part,) = doc["media"]["parts"]
-        assert part["mime"] == "image/jpeg" and (part["width"], part["height"]) == (1536, 1024)
+        assert part["mime"] == "image/jpeg" and (part["width"], part["height"]) == (1500, 1000)
         assert doc["media"]["request_bytes"] >= req.content_length  # the recorded bound holds on the wire
         assert doc["response"]["text"] == "saw 1 images and 0 videos"
         assert doc["response"]["finish_reason"] == "stop" and doc["response"]["usage"]["total_tokens"] == 15
