@@ -656,7 +656,8 @@ def row_mixed(report: Report, size: Size, work: Path, *, memory: bool, wire: boo
             f"6: {scan_summary(child)} in {fmt_s(child.wall_s)}; memory is the peak of the summed PSS of mmwatchd and "
             f"its decoder processes ({child.tree['tree_processes']} at most), sampled every 50 ms; summed RSS peak "
             f"{fmt_mb(child.tree['tree_rss'])}, sum of per-process peaks (VmHWM) {fmt_mb(child.tree['tree_hwm_sum'])}, "
-            f"largest single process (ru_maxrss) {fmt_mb(child.maxrss)}"
+            f"largest single process (ru_maxrss) {fmt_mb(child.maxrss)}; at the RSS peak: "
+            + ", ".join(f"{name} {fmt_mb(rss)}" for name, rss in child.tree["tree_at_peak"])
         )
     if wire:
         b64 = lambda p: 4 * -(-p.stat().st_size // 3)

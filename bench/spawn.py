@@ -42,28 +42,49 @@ def _tree(root: int) -> list[int]:
     return out
 
 
+def _name(status: str, argv: list[bytes]) -> str:
+    """The decoder workers name themselves (prctl); multiprocessing's helpers are told apart by their command line."""
+    comm = status.split("\n", 1)[0].split(":", 1)[1].strip()
+    if comm.startswith("mmwatchd-"):
+        return comm
+    line = b" ".join(argv)
+    for marker, label in ((b"forkserver", "forkserver"), (b"resource_tracker", "resource tracker")):
+        if marker in line:
+            return label
+    return "mmwatchd"
+
+
 class _Sampler:
     def __init__(self) -> None:
         self.peak_rss = self.peak_pss = self.most = 0
         self.hwm: dict[int, int] = {}
+        #: (process name, RSS) of each process at the peak of the summed RSS.
+        self.at_peak: list[tuple[str, int]] = []
 
     def sample(self, root: int) -> None:
         rss = pss = alive = 0
+        each: list[tuple[str, int]] = []
         for pid in _tree(root):
             try:
                 with open(f"/proc/{pid}/status") as fh:
                     status = fh.read()
                 with open(f"/proc/{pid}/smaps_rollup") as fh:
                     rollup = fh.read()
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
             except OSError:
                 continue
             if _kib(status, "VmRSS:") == 0:  # a zombie
                 continue
+            name = _name(status, argv)
             alive += 1
             rss += _kib(status, "VmRSS:")
+            each.append((name, _kib(status, "VmRSS:")))
             pss += _kib(rollup, "Pss:")
             self.hwm[pid] = max(self.hwm.get(pid, 0), _kib(status, "VmHWM:"))
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        if rss > self.peak_rss:
+            self.peak_rss, self.at_peak = rss, sorted(each, key=lambda e: -e[1])
+        self.peak_pss = max(self.peak_pss, pss)
         self.most = max(self.most, alive)
 
 
@@ -90,7 +111,7 @@ def main() -> int:
     result = {"rc": rc, "wall_s": wall, "started": started, "ended": time.time(), "maxrss": usage.ru_maxrss * 1024}
     if tree:
         result.update(tree_rss=sampler.peak_rss, tree_pss=sampler.peak_pss, tree_hwm_sum=sum(sampler.hwm.values()),
-                      tree_processes=sampler.most)  # fmt: skip
+                      tree_processes=sampler.most, tree_at_peak=sampler.at_peak)  # fmt: skip
     with open(report, "w") as fh:
         json.dump(result, fh)
     return rc if rc >= 0 else 128 - rc

@@ -39,6 +39,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing import forkserver, get_context
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -69,6 +70,21 @@ _PR_SET_NAME: Final = 15
 # The forkserver reports the exit status of a worker; when the forkserver itself is gone (SIGTERM from systemd to the
 # whole control group, say) multiprocessing reports 255 instead. That says nothing about the file.
 _STATUS_UNKNOWN: Final = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ByName:
+    """A module-level function, named by module and attribute and imported where it is first called.
+
+    It pickles as the two names, so a caller can hand a function to the workers without importing its module (and the
+    C libraries behind it) itself.
+    """
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
 
 
 class Isolator:

@@ -8,17 +8,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from annotated_types import Ge, Gt, Le, MinLen
 
 MediaKind = Literal["image", "video"]
 ImageFormat = Literal["jpeg", "png", "webp"]
 
 # Config values are validated by pydantic straight from these dataclasses (see config.py): the constraints below are
-# the only place they are stated, and an unknown key is an error, never silently ignored.
+# the only place they are stated, and an unknown key is an error, never silently ignored. They are annotated_types
+# markers, which pydantic reads, so that importing this module does not import pydantic.
 _STRICT = {"extra": "forbid"}
-Positive = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Byte = Annotated[int, Field(ge=0, le=255)]
+Positive = Annotated[int, Gt(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+Byte = Annotated[int, Ge(0), Le(255)]
 
 
 
@@ -26,6 +27,20 @@ def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")) or len(value) < 10:
         raise ValueError("must be an http:// or https:// URL, like http://127.0.0.1:11434/v1")
     return value.rstrip("/")
+
+
+class HttpUrl:
+    """``Annotated[str, HttpUrl]``: an http(s) URL, trailing slashes dropped, checked when pydantic validates.
+
+    pydantic finds the hook below by name; pydantic itself is imported only by the config loader, not by every process
+    that uses these types (the decoder processes never validate a config).
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(_http_url, handler(source))
 
 
 MIME_BY_FORMAT: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -51,12 +66,12 @@ class ImageSpec:
 
     __pydantic_config__ = _STRICT
 
-    max_side: Annotated[int, Field(ge=16)] = 1536
-    max_pixels: Annotated[int, Field(ge=256)] = 2_500_000
+    max_side: Annotated[int, Ge(16)] = 1536
+    max_pixels: Annotated[int, Ge(256)] = 2_500_000
     format: ImageFormat = "jpeg"
-    quality: Annotated[int, Field(ge=1, le=100)] = 85
+    quality: Annotated[int, Ge(1), Le(100)] = 85
     #: The budget search never goes below this JPEG/WebP quality before it scales down instead.
-    min_quality: Annotated[int, Field(ge=1, le=100)] = 50
+    min_quality: Annotated[int, Ge(1), Le(100)] = 50
     #: Send the original bytes when they are already small enough and in a format every server takes.
     passthrough: bool = True
     #: Colour transparent areas are flattened onto for formats without alpha.
@@ -76,7 +91,7 @@ class Limits:
     #: Decoding runs in a separate process; one that takes longer than this is stopped and the file fails.
     decode_timeout_s: PositiveFloat = 120.0
     #: Memory (heap) a decoding process may use before the file fails as too large.
-    decode_memory_mb: Annotated[int, Field(ge=64)] = 2048
+    decode_memory_mb: Annotated[int, Ge(64)] = 2048
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,27 +153,27 @@ class EndpointConfig:
 
     __pydantic_config__ = _STRICT
 
-    base_url: Annotated[str, AfterValidator(_http_url)] = "http://127.0.0.1:11434/v1"
+    base_url: Annotated[str, HttpUrl] = "http://127.0.0.1:11434/v1"
     model: str = "qwen2.5vl:7b"
     #: Name of the environment variable holding the API key (the key itself never sits in the config).
     api_key_env: str | None = "OPENAI_API_KEY"
     #: Or a file holding the key; it must not be readable by other users (chmod 600).
     api_key_file: Path | None = None
-    concurrency: Annotated[int, Field(ge=1, le=256)] = 4
+    concurrency: Annotated[int, Ge(1), Le(256)] = 4
     timeout_s: PositiveFloat = 120.0
     #: Cap on the whole HTTP request body, JSON included.
-    max_request_bytes: Annotated[int, Field(ge=1024)] = 20_000_000
+    max_request_bytes: Annotated[int, Ge(1024)] = 20_000_000
     max_tokens: Positive = 512
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    temperature: Annotated[float, Ge(0), Le(2)] | None = None
     #: Retries the openai SDK makes itself for connection errors, 408/409/429 and 5xx.
-    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    max_retries: Annotated[int, Ge(0), Le(10)] = 2
     #: Requests started per minute at most (None: no limit). Paid APIs and shared servers want this.
-    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    requests_per_minute: Annotated[int, Ge(1)] | None = None
     #: Requests per calendar day at most (local time); work pauses until midnight once reached.
-    max_requests_per_day: Annotated[int, Field(ge=1)] | None = None
+    max_requests_per_day: Annotated[int, Ge(1)] | None = None
     #: A file whose requests the server answered with 408/409/5xx (or that timed out) this many times gets an
     #: error sidecar instead of another try. Unreachable endpoints and 429s never count: they pause work instead.
-    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 8
+    max_attempts: Annotated[int, Ge(1), Le(1000)] = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,18 +238,18 @@ class VideoSpec:
     __pydantic_config__ = _STRICT
 
     #: Frames to send at most; fewer for very short clips.
-    frames: Annotated[int, Field(ge=1, le=512)] = 16
+    frames: Annotated[int, Ge(1), Le(512)] = 16
     #: Sample at this rate instead of spreading ``frames`` over the clip; still capped by ``frames``.
     fps: PositiveFloat | None = None
-    max_side: Annotated[int, Field(ge=16)] = 768
+    max_side: Annotated[int, Ge(16)] = 768
     #: Optional per-frame pixel cap (Qwen2.5-VL: 768*28*28 = 602112).
-    max_pixels: Annotated[int, Field(ge=256)] | None = None
+    max_pixels: Annotated[int, Ge(256)] | None = None
     mode: VideoMode = "video_url"
     frame_format: Literal["jpeg", "png"] = "jpeg"
-    quality: Annotated[int, Field(ge=1, le=100)] = 80
-    min_quality: Annotated[int, Field(ge=1, le=100)] = 40
+    quality: Annotated[int, Ge(1), Le(100)] = 80
+    min_quality: Annotated[int, Ge(1), Le(100)] = 40
     #: Frame sides are rounded to multiples of this (28 for Qwen2/2.5-VL, which also wants an even frame count).
-    align: Annotated[int, Field(ge=1, le=256)] = 1
+    align: Annotated[int, Ge(1), Le(256)] = 1
     #: Decode keyframes only: much faster on long clips, at the cost of exact timestamps.
     keyframes_only: bool = False
 
@@ -282,5 +297,16 @@ class ActionSpec:
     #: Move the file and its sidecar into this folder (relative subfolders of recursive roots are kept).
     move_to: Path | None = None
     #: Run this program (argv list, no shell); placeholders as in prompts plus {sidecar} and {status}.
-    exec: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    exec: tuple[Annotated[str, MinLen(1)], ...] | None = None
     exec_timeout_s: PositiveFloat = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LinearBudget:
+    """Data-URL bytes available for a clip sent as ``n`` parts: each further part costs its JSON wrapper."""
+
+    first: int
+    per_part: int
+
+    def __call__(self, n: int) -> int:
+        return self.first - self.per_part * (n - 1)

@@ -20,7 +20,6 @@ from typing import Any, Literal, TypeVar
 from mmwatchd import __version__, rules, sidecar
 from mmwatchd.actions import run_actions
 from mmwatchd.config import Config, Rule
-from mmwatchd.encode import encode_image, encode_video, probe_and_encode_image, probe_image, probe_video
 from mmwatchd.errors import (
     BudgetExceeded,
     DecodeError,
@@ -33,11 +32,19 @@ from mmwatchd.errors import (
     VLMError,
     VLMUnavailable,
 )
-from mmwatchd.isolate import Isolator
+from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import media_suffix_kind, sniff
-from mmwatchd.model import ActionSpec, Part, Reply, VideoSpec, VLMRequest
+from mmwatchd.model import ActionSpec, LinearBudget, Part, Reply, VideoSpec, VLMRequest
 from mmwatchd.vlm import VLMClient, build_body, request_bytes
 from mmwatchd.watch import link_allowed
+
+# The decoders, named rather than imported: the daemon hands them to its decoder processes and never loads Pillow,
+# PyAV or libheif itself (about 35 MB and 0.1 s of start-up it does not need).
+probe_image = ByName("mmwatchd.encode", "probe_image")
+probe_and_encode_image = ByName("mmwatchd.encode", "probe_and_encode_image")
+encode_image = ByName("mmwatchd.encode", "encode_image")
+probe_video = ByName("mmwatchd.encode", "probe_video")
+encode_video = ByName("mmwatchd.encode", "encode_video")
 
 T = TypeVar("T")
 Status = Literal["ok", "error", "retry", "skipped", "planned"]
@@ -517,17 +524,6 @@ class Processor:
             return outcome
         result = run_actions(spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status)
         return replace(outcome, moved_to=result.path if result.moved else None, action_problems=result.problems)
-
-
-@dataclass(frozen=True, slots=True)
-class LinearBudget:
-    """Data-URL bytes available for a clip sent as ``n`` parts: each further part costs its JSON wrapper."""
-
-    first: int
-    per_part: int
-
-    def __call__(self, n: int) -> int:
-        return self.first - self.per_part * (n - 1)
 
 
 #: Prompt values an image's facts can take, at their longest (pixel counts are capped by limits.max_pixels).

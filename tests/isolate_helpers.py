@@ -104,3 +104,10 @@ class TwoPartError(MmwatchdError):
 
 def raise_two_part_error() -> None:
     raise TwoPartError("IMG_2.jpg", "the header lies")
+
+
+def loaded_modules() -> set[str]:
+    """Names of the modules this worker has imported."""
+    import sys
+
+    return set(sys.modules)

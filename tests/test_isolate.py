@@ -17,7 +17,7 @@ from pathlib import Path
 
 import isolate_helpers as helpers
 import pytest
-from media import make_jpeg
+from media import make_jpeg, make_video
 
 from mmwatchd import errors
 from mmwatchd.encode import encode_image
@@ -415,3 +415,32 @@ class TestRealDecoder:
         direct = encode_image(path, spec, budget=2_000_000, limits=limits)
         assert isolated == direct
         assert (isolated.width, isolated.height) == (1500, 1000)  # 1/4-scale decode, 2% under max_side 1536
+
+
+class TestWhatEachProcessLoads:
+    """The daemon never loads the decoders' C libraries, and the decoder processes never load the HTTP client."""
+
+    def test_the_daemon_does_not_import_the_decoders(self) -> None:
+        code = (
+            "import sys, mmwatchd.cli, mmwatchd.daemon, mmwatchd.pipeline, mmwatchd.status\n"
+            "print(sorted(m for m in ('PIL', 'av', 'pillow_heif', 'mmwatchd.encode') if m in sys.modules))"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]"
+
+    def test_a_worker_running_the_pipelines_decoders_loads_no_client_and_no_config(self, tmp_path: Path) -> None:
+        from mmwatchd import pipeline
+        from mmwatchd.model import LinearBudget, VideoSpec
+
+        clip = make_video(tmp_path / "clip.mp4", (64, 48), frames=12, fps=6)
+        photo = make_jpeg(tmp_path / "a.jpg", (64, 48))
+        limits = Limits()
+        with Isolator(workers=1, timeout_s=30, memory_bytes=GiB, preload=["mmwatchd.encode"]) as iso:
+            video = iso.call(pipeline.encode_video, clip, VideoSpec(frames=4),
+                             budget=LinearBudget(first=1_000_000, per_part=50), limits=limits, label=clip.name)  # fmt: skip
+            facts, part = iso.call(pipeline.probe_and_encode_image, photo, ImageSpec(), budget=100_000, limits=limits,
+                                   label=photo.name)  # fmt: skip
+            loaded = iso.call(helpers.loaded_modules, label="modules")
+        assert len(video.parts[0].chunks) == 4 and (facts.width, part.width) == (64, 64)
+        assert {"mmwatchd.encode", "PIL", "av"} <= loaded
+        assert not {"openai", "httpx", "pydantic", "mmwatchd.pipeline", "mmwatchd.config", "mmwatchd.vlm"} & loaded
