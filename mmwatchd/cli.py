@@ -193,10 +193,15 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _require_roots(cfg)
-    daemon = _one_shot_daemon(cfg)
+    daemon = _one_shot_daemon(cfg, start=False)
     try:
-        daemon.scan_roots()
-        daemon.wait_idle()
+        todo = daemon.needing_work()
+        first = next(todo, None)
+        if first is not None:  # the endpoint is needed (and its client made) only once there is something to send
+            _start_one_shot(daemon)
+            daemon.submit(first)
+            daemon.submit_all(todo)
+            daemon.wait_idle()
     finally:
         daemon.close()
     _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
@@ -284,11 +289,21 @@ def _require_roots(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _one_shot_daemon(cfg: Config):  # type: ignore[no-untyped-def]
-    """A daemon without a watcher whose files get a few tries; an unreachable endpoint is reported at once."""
+def _one_shot_daemon(cfg: Config, *, start: bool = True):  # type: ignore[no-untyped-def]
+    """A daemon without a watcher whose files get a few tries; its client is made when first used.
+
+    ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`).
+    """
     from mmwatchd.daemon import Daemon
 
-    daemon = Daemon(cfg, _client(cfg), state=_state(cfg), one_shot_attempts=ONE_SHOT_ATTEMPTS)
+    daemon = Daemon(cfg, _LazyClient(cfg), state=_state(cfg), one_shot_attempts=ONE_SHOT_ATTEMPTS)  # type: ignore[arg-type]
+    if start:
+        _start_one_shot(daemon)
+    return daemon
+
+
+def _start_one_shot(daemon) -> None:  # type: ignore[no-untyped-def]
+    """Probe the endpoint (an unreachable one is reported at once, not per file), then start the workers."""
     try:
         daemon.check_endpoint()
     except VLMError as exc:
@@ -296,7 +311,22 @@ def _one_shot_daemon(cfg: Config):  # type: ignore[no-untyped-def]
             raise
         log_mod.get_logger().warning("endpoint.models_refused", reason=exc.message)
     daemon.start(prober=False)
-    return daemon
+
+
+class _LazyClient:
+    """The VLM client, made on first use: making it loads the openai SDK (about half a second), which a scan that
+    finds everything up to date never needs. Attribute access goes to the real client."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._client = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        with self._lock:
+            if self._client is None:
+                self._client = _client(self._cfg)
+        return getattr(self._client, name)
 
 
 def _print_outcomes(outcomes: list[Outcome], cfg: Config) -> None:

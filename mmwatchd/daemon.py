@@ -26,9 +26,10 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmwatchd.config import Config
 from mmwatchd.errors import ConfigError, VLMError, VLMMisconfigured, VLMUnavailable
@@ -42,8 +43,10 @@ from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate
 from mmwatchd.sidecar import sidecar_path
 from mmwatchd.state import DoneRow, State
-from mmwatchd.vlm import VLMClient
-from mmwatchd.watch import Watcher, scan
+from mmwatchd.watch import Watcher, scan_paths
+
+if TYPE_CHECKING:
+    from mmwatchd.vlm import VLMClient
 
 log = get_logger()
 
@@ -264,7 +267,11 @@ class Daemon:
         return sum(self.submit(p, **kw) for p in paths)
 
     def scan_roots(self, *, clean: bool = False) -> int:
-        """Queue every wanted file under the roots that may need work; return how many were queued.
+        """Queue every file :meth:`needing_work` finds; return how many were queued."""
+        return self.submit_all(self.needing_work(clean=clean))
+
+    def needing_work(self, *, clean: bool = False) -> Iterator[Path]:
+        """Every wanted file under the roots that may need work, as the walk finds it.
 
         A file whose size, mtime and rule fingerprint match the done-index, and whose sidecar is still there, is
         skipped from a stat alone; anything else goes to a worker, which checks the sidecar itself (and so rebuilds
@@ -274,17 +281,14 @@ class Daemon:
         cfg = self.config
         index = self.state.done_index() if self.state is not None else {}
         fingerprints: dict[tuple[str, str], str] = {}
-        n = 0
         on_temp = _remove_stale if clean else None
         for root in cfg.watch:
             sidecars: set[str] = set()
             prefix = len(os.path.join(root.path, ""))
-            for path in scan(root, sidecar_suffix=cfg.sidecar.suffix, on_temp=on_temp, sidecars=sidecars):
-                name = str(path)
+            for name in scan_paths(root, sidecar_suffix=cfg.sidecar.suffix, on_temp=on_temp, sidecars=sidecars):
                 row = index.get(name)
                 if row is None or not self._indexed_done(root.path, name, name[prefix:], row, sidecars, fingerprints):
-                    n += self.submit(path)
-        return n
+                    yield Path(name)
 
     def _indexed_done(
         self,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mmwatchd import __version__, rules, sidecar
 from mmwatchd.actions import run_actions
@@ -35,8 +35,11 @@ from mmwatchd.errors import (
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import media_suffix_kind, sniff
 from mmwatchd.model import ActionSpec, LinearBudget, Part, Reply, VideoSpec, VLMRequest
-from mmwatchd.vlm import VLMClient, build_body, request_bytes
 from mmwatchd.watch import link_allowed
+from mmwatchd.wire import build_body, request_bytes
+
+if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with nothing to send never needs
+    from mmwatchd.vlm import VLMClient
 
 # The decoders, named rather than imported: the daemon hands them to its decoder processes and never loads Pillow,
 # PyAV or libheif itself (about 35 MB and 0.1 s of start-up it does not need).

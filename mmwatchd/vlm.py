@@ -1,4 +1,4 @@
-"""The model call: request building, the HTTP call, error translation, reply parsing, redaction.
+"""The model call: the HTTP call, error translation, reply parsing (the body itself is built in :mod:`mmwatchd.wire`).
 
 The only module that imports ``openai``. Everything the SDK raises is translated here, once:
 
@@ -14,15 +14,14 @@ Messages name the endpoint and what to do; they never contain the API key or bas
 
 from __future__ import annotations
 
-import copy
 import email.utils
 import json
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
@@ -32,159 +31,24 @@ import openai
 
 from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
 from .model import EndpointConfig, Reply, VLMRequest
+from .wire import build_body, plain, redact_text, request_bytes
 
-__all__ = [
-    "NO_KEY",
-    "VLMClient",
-    "budget_for_parts",
-    "build_body",
-    "build_messages",
-    "redact",
-    "request_bytes",
-]
+__all__ = ["NO_KEY", "VLMClient"]
 
 #: Sent as the bearer token when no key is configured: the SDK insists on one, local servers ignore it.
 NO_KEY = "sk-no-key-needed"
 
-PartType = Literal["image_url", "video_url"]
-
 _SERVER_MESSAGE_CHARS = 300
 _REPLY_SNIPPET_CHARS = 200
-
-# ---------------------------------------------------------------------------------------------------------------
-# Request building (pure)
-
-
-def build_messages(req: VLMRequest, *, with_payload: bool = True) -> list[dict[str, Any]]:
-    """The chat messages: an optional system message, then one user message: the prompt, then the parts in order.
-
-    ``with_payload=False`` puts ``""`` for every URL (for size arithmetic and logs).
-    """
-    content: list[dict[str, Any]] = [{"type": "text", "text": _clean_text(req.prompt)}]
-    for part in req.parts:
-        content.append({"type": part.type, part.type: {"url": part.url() if with_payload else ""}})
-    messages: list[dict[str, Any]] = []
-    if req.system:
-        messages.append({"role": "system", "content": _clean_text(req.system)})
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def build_body(req: VLMRequest, *, with_payload: bool = True) -> dict[str, Any]:
-    """Exactly the JSON body sent to ``/chat/completions``."""
-    body: dict[str, Any] = {
-        "model": req.model,
-        "messages": build_messages(req, with_payload=with_payload),
-        "max_tokens": req.max_tokens,
-    }
-    if req.temperature is not None:
-        body["temperature"] = req.temperature
-    if req.schema:
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": req.schema_name, "schema": _plain(req.schema)},
-        }
-    return body
-
-
-# Why this is an upper bound of the Content-Length the SDK sends (openai 3.57, httpx2 2.16):
-# `_base_client._build_request` serialises the body with `_utils._json.openapi_dumps`, i.e.
-# `json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()` (UTF-8), and httpx2 sends
-# those bytes as they are, with a Content-Length (request bodies are not compressed). The SDK's `maybe_transform`
-# drops only omitted arguments, so the dict it serialises equals `build_body(req)` (tests/test_vlm.py checks the
-# received JSON). Compare that with default `json.dumps` (ensure_ascii=True, separators ", " and ": ") token by token:
-#   - keys, numbers, literals and structure are identical; every separator is one byte longer here;
-#   - ASCII characters are escaped identically in both modes (`\"`, `\\`, `\n`, `\u00XX` for controls);
-#   - a non-ASCII code point is 2-4 bytes of UTF-8 there, but 6 bytes (`\uXXXX`) or, outside the BMP, 12 bytes
-#     (a surrogate pair) here; lone surrogates never reach either (`_clean_text`), as UTF-8 cannot encode them;
-#   - each URL is "" here and its exact length is added instead: a data URL is ASCII (`data:<mime>;base64,`, the
-#     base64 alphabet, commas between frames) and JSON escapes none of it (Python does not escape "/").
-# So request_bytes() >= the real length, and the excess is one byte per separator plus a few bytes per non-ASCII
-# character: noise next to the image payloads the budget is about.
-
-
-def request_bytes(req: VLMRequest) -> int:
-    """An upper bound of the HTTP body length for ``req``, without building any base64."""
-    return _json_len(build_body(req, with_payload=False)) + sum(part.url_len for part in req.parts)
-
-
-def budget_for_parts(
-    req: VLMRequest,
-    max_request_bytes: int,
-    *,
-    pending: Sequence[PartType] = ("image_url",),
-) -> int:
-    """How many data-URL bytes the ``pending`` parts (not yet encoded) may use in total.
-
-    ``req.parts`` are the parts already fixed (e.g. a rule's reference images); ``pending`` names the types of the
-    parts still to come, in order, so their JSON wrappers are counted. The result may be negative: the request is
-    already over ``max_request_bytes`` by that much without them.
-    """
-    body = build_body(req, with_payload=False)
-    user = body["messages"][-1]["content"]
-    user.extend({"type": kind, kind: {"url": ""}} for kind in pending)
-    return max_request_bytes - _json_len(body) - sum(part.url_len for part in req.parts)
-
-
-def _json_len(obj: Any) -> int:
-    # Default separators and ensure_ascii on purpose: see the note above request_bytes().
-    return len(json.dumps(obj).encode())
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _clean_text(text: str) -> str:
-    # A file name that is not valid UTF-8 reaches a prompt as lone surrogates (surrogateescape); the SDK's UTF-8
-    # body encoding would fail on them, so each becomes U+FFFD.
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def _plain(obj: Any) -> Any:
-    """Plain dicts/lists/cleaned strings: the SDK's json.dumps cannot serialise a MappingProxyType or frozen mapping."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, str):
-        return _clean_text(obj)
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Redaction
-
-_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,([A-Za-z0-9+/=,]*)")
-
-
-def _redact_text(text: str) -> str:
-    return _DATA_URL.sub(lambda m: f"data:{m[1]};base64,…({len(m[2])} bytes)", text)
-
-
-def redact(obj: Any) -> Any:
-    """A deep copy with every ``data:<mime>;base64,<payload>`` replaced by ``data:<mime>;base64,…(<N> bytes)``.
-
-    N is the length of the payload text as sent. Data URLs inside longer strings (error messages) are caught too.
-    """
-    if isinstance(obj, str):
-        return _redact_text(obj)
-    if isinstance(obj, Mapping):
-        return {k: redact(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(redact(v) for v in obj)
-    return copy.deepcopy(obj)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reply parsing (pure)
 
 
 def _schema_problem(data: Any, schema: Mapping[str, Any]) -> str | None:
-    plain = _plain(schema)
-    cls = jsonschema.validators.validator_for(plain, default=jsonschema.Draft202012Validator)
-    error = jsonschema.exceptions.best_match(cls(plain).iter_errors(data))
+    schema = plain(schema)
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    error = jsonschema.exceptions.best_match(cls(schema).iter_errors(data))
     if error is None:
         return None
     return f"the reply does not match the schema: at {error.json_path}: {_clip(error.message, _REPLY_SNIPPET_CHARS)}"
@@ -485,7 +349,7 @@ class VLMClient:
 
     def _snippet(self, text: str, *, limit: int = _REPLY_SNIPPET_CHARS, quote: bool = True) -> str:
         # Redact before clipping, so a clipped data URL cannot escape the pattern.
-        clipped = _clip(self._scrub(" ".join(_redact_text(text).split())), limit)
+        clipped = _clip(self._scrub(" ".join(redact_text(text).split())), limit)
         return repr(clipped) if quote else clipped
 
     def _scrub(self, text: str) -> str:

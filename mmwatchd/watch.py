@@ -185,13 +185,28 @@ def scan(
     """Yield the absolute paths of the wanted regular files below ``root``.
 
     Order is deterministic: in each folder, its files by name, then its subfolders by name. Symlinked folders are
-    not entered; a symlinked file is yielded only when :func:`link_allowed`; ignored folders are not entered. A folder that cannot be listed (the root included) is
-    passed to ``on_error`` (default: a warning log line) and skipped. Our own temp files are passed to ``on_temp``
-    when given; the paths of sidecars found are added to ``sidecars`` when given. Uses the file type cached by ``scandir``,
-    so a plain walk makes no ``stat`` call per file on local file systems.
+    not entered; a symlinked file is yielded only when :func:`link_allowed`; ignored folders are not entered. A folder
+    that cannot be listed (the root included) is passed to ``on_error`` (default: a warning log line) and skipped. Our
+    own temp files are passed to ``on_temp`` when given; the paths of sidecars found are added to ``sidecars`` when
+    given, before the files of their folder are yielded. Uses the file type cached by ``scandir``, so a plain walk
+    makes no ``stat`` call per file on local file systems.
     """
+    return map(Path, scan_paths(root, sidecar_suffix=sidecar_suffix, on_error=on_error, on_temp=on_temp,
+                                sidecars=sidecars))  # fmt: skip
+
+
+def scan_paths(
+    root: WatchRoot,
+    *,
+    sidecar_suffix: str,
+    on_error: ScanErrorCallback | None = None,
+    on_temp: Callable[[Path], None] | None = None,
+    sidecars: set[str] | None = None,
+) -> Iterator[str]:
+    """:func:`scan` with ``str`` paths: a rescan that skips 100,000 up-to-date files makes no ``Path`` for them."""
     report = on_error or _log_scan_error
     include, exclude = root.include, root.exclude
+    suffix = sidecar_suffix.casefold()
     # (folder path, its path relative to the root with a trailing "/", or "" for the root itself)
     stack: list[tuple[str, str]] = [(os.fspath(_abs(root.path)), "")]
     while stack:
@@ -203,8 +218,7 @@ def scan(
             report(Path(dir_path), exc)
             continue
         subdirs: list[tuple[str, str]] = []
-        if sidecars is not None:  # before this folder's files are yielded, so a caller can look theirs up
-            sidecars.update(e.path for e in entries if _is_sidecar(e.name, sidecar_suffix))
+        files: list[str] = []
         for entry in entries:
             name = entry.name
             if on_temp is not None and TEMP_MARK in name and entry.is_file(follow_symlinks=False):
@@ -217,6 +231,10 @@ def scan(
                     if root.recursive:
                         subdirs.append((entry.path, f"{rel_dir}{name}/"))
                     continue
+                if suffix and name.casefold().endswith(suffix):
+                    if sidecars is not None:
+                        sidecars.add(entry.path)
+                    continue
                 if entry.is_symlink():
                     if not link_allowed(root, Path(entry.path)):
                         continue
@@ -224,11 +242,10 @@ def scan(
                     continue
             except OSError:  # vanished between listing and looking
                 continue
-            if _is_sidecar(name, sidecar_suffix):
-                continue
             rel = rel_dir + name
             if any_match(rel, include) and not any_match(rel, exclude):
-                yield Path(entry.path)
+                files.append(entry.path)
+        yield from files
         stack.extend(reversed(subdirs))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +151,23 @@ class TestScan:
         # A second scan finds nothing to do.
         assert main(["scan", "-c", str(cfg)]) == 0
         assert len(fake_vlm.chat_requests) == 4
+
+    def test_nothing_to_do_needs_no_endpoint_and_no_client(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
+        assert main(["scan", "-c", str(cfg)]) == 0
+        fake_vlm.pause()  # the endpoint is down from here on
+        code = (
+            "import sys; from mmwatchd.cli import main; rc = main(['scan', '-c', sys.argv[1]]); "
+            "print('openai loaded:', 'openai' in sys.modules); sys.exit(rc)"
+        )
+        run = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert "scan done: 0 described" in run.stdout and "openai loaded: False" in run.stdout
+        make_jpeg(tmp_path / "inbox" / "b.jpg", (64, 48))  # now there is work: the endpoint is checked, and is down
+        run = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 1 and "cannot reach the model endpoint" in run.stderr, run.stderr
+        assert not (tmp_path / "inbox" / "b.jpg.json").exists()
 
 
 class TestRun:

@@ -20,15 +20,8 @@ from hypothesis import strategies as st
 from fakevlm import FakeVLM, chat_completion, error_body
 from mmwatchd.errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
 from mmwatchd.model import EndpointConfig, Part, VLMRequest
-from mmwatchd.vlm import (
-    NO_KEY,
-    VLMClient,
-    budget_for_parts,
-    build_body,
-    build_messages,
-    redact,
-    request_bytes,
-)
+from mmwatchd.vlm import NO_KEY, VLMClient
+from mmwatchd.wire import budget_for_parts, build_body, build_messages, redact, request_bytes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SPEC = SHARED / "openai-spec" / "chat-completions-request.schema.json"
