@@ -1,3 +1,3 @@
-from mmwatchd.cli import main
+from mmwatchd.cli import entry
 
-raise SystemExit(main())
+entry()

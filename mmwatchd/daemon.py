@@ -201,6 +201,7 @@ class Daemon:
 
     def start(self, *, prober: bool = True) -> None:
         """Start the workers, and the prober that opens the gate (without it, call ``check_endpoint`` first)."""
+        self.isolator.prestart()
         for i in range(self.config.endpoint.concurrency):
             self._spawn(self._worker, f"mmwatchd-worker-{i}")
         if prober:

@@ -131,6 +131,7 @@ class Isolator:
             preload=tuple(preload),
             nice=nice,
         )
+        self._prestarter: threading.Thread | None = None
         # Stops the workers when close() is forgotten: on garbage collection, and at interpreter exit before
         # multiprocessing joins its children (a hung worker ignores SIGTERM, so that join would never return).
         self._finalizer = Finalize(self, self._pool.close, exitpriority=10)
@@ -157,6 +158,19 @@ class Isolator:
         Idempotent. Idle workers are asked to exit; busy ones are killed, since what they run is pure.
         """
         self._finalizer()
+        if self._prestarter is not None:
+            self._prestarter.join()
+
+    def prestart(self) -> None:
+        """Start the workers now, from a background thread, so that the first calls find them ready.
+
+        The daemon does this before it loads the HTTP client: the workers' start-up (a fork and the ``preload``
+        imports) then runs on another core meanwhile. A worker that cannot start is left for the first call to
+        report. Only the first call does anything.
+        """
+        if self._prestarter is None:
+            self._prestarter = threading.Thread(target=self._pool.fill, name=f"{self.name}-prestart", daemon=True)
+            self._prestarter.start()
 
     def call(self, fn: Callable[..., T], /, *args: Any, label: str, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` in a worker process; ``label`` (the file name) starts every error message."""
@@ -329,6 +343,26 @@ class _Pool:
                 self._live -= 1
                 self._cond.notify()
             raise
+
+    def fill(self) -> None:
+        """Start workers until there are ``workers`` of them; stop quietly at the first that cannot start."""
+        while True:
+            with self._cond:
+                if self.closed or self._live >= self._size:
+                    return
+                self._live += 1
+                serial = next(self._serial)
+            try:
+                worker = self._start(serial, "decoder start-up")
+            except (MmwatchdError, OSError):  # closed meanwhile, or a start that fails: the next call reports it
+                with self._cond:
+                    self._live -= 1
+                    self._cond.notify()
+                return
+            with self._cond:
+                if not self.closed:  # else close() has already dealt with it: it was in _all
+                    self._idle.append(worker)
+                    self._cond.notify()
 
     def release(self, worker: _Worker, *, reuse: bool) -> None:
         """Return a worker after a call; one that failed, is used up or outlived the pool is retired."""

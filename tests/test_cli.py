@@ -75,6 +75,16 @@ class TestBasics:
         monkeypatch.setenv("MMWATCHD_CONFIG", str(cfg))
         assert main(["check"]) == 0
 
+    def test_the_command_exits_with_mains_code_and_flushed_output(self, tmp_path: Path) -> None:
+        """``python -m mmwatchd`` skips the interpreter's teardown: the exit code and every line still come out."""
+        good = write_config(tmp_path / "good", base_url="http://127.0.0.1:9/v1")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("endpoint:\n  timeout: 5\n")
+        for cfg, code, out, err in ((good, 0, "config OK", ""), (bad, 2, "", "endpoint.timeout: unknown key")):
+            run = subprocess.run([sys.executable, "-m", "mmwatchd", "check", "-c", str(cfg)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert run.returncode == code and out in run.stdout and err in run.stderr, run
+
 
 class TestOnce:
     def test_dry_run_prints_the_plan_and_sends_nothing(

@@ -312,6 +312,24 @@ class TestPool:
         with Isolator(workers=2, timeout_s=5, memory_bytes=None):
             assert _worker_processes() == before
 
+    def test_prestart_starts_every_worker_ahead_of_the_first_call(self) -> None:
+        with Isolator(workers=2, timeout_s=5, memory_bytes=None, preload=["mmwatchd.encode"]) as iso:
+            iso.prestart()
+            iso.prestart()  # only the first does anything
+            assert _wait_until(lambda: len(iso.pids()) == 2)
+            ready = set(iso.pids())
+            assert {iso.call(helpers.pid, label="a.jpg") for _ in range(4)} <= ready
+            assert set(iso.pids()) == ready
+        assert all(_gone(pid) for pid in ready)
+
+    def test_close_during_prestart_stops_everything(self) -> None:
+        before = _worker_processes()
+        iso = Isolator(workers=2, timeout_s=5, memory_bytes=None, preload=["mmwatchd.encode"])
+        iso.prestart()
+        iso.close()  # joins the prestart thread (the thread-leak guard checks), whatever it was doing
+        assert _wait_until(lambda: _worker_processes() == before)
+        assert iso.pids() == []
+
 
 class TestClose:
     def test_close_with_a_hung_call_in_flight_returns_promptly(self, tmp_path: Path) -> None:
