@@ -43,7 +43,7 @@ from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate
 from mmwatchd.sidecar import sidecar_path
 from mmwatchd.state import DoneRow, State
-from mmwatchd.watch import Watcher, scan_paths
+from mmwatchd.watch import Watcher, log_scan_error, scan_paths
 
 if TYPE_CHECKING:
     from mmwatchd.vlm import VLMClient
@@ -276,20 +276,38 @@ class Daemon:
 
         A file whose size, mtime and rule fingerprint match the done-index, and whose sidecar is still there, is
         skipped from a stat alone; anything else goes to a worker, which checks the sidecar itself (and so rebuilds
-        the index when it was lost). ``clean``: also delete sidecar temp files left by a killed process (only at
-        startup, and only ones older than a minute, in case another process is writing there).
+        the index when it was lost). A walk that lists every folder also drops the index entries of files it no
+        longer finds, so the index does not grow with years of deleted and moved-away files. ``clean``: also delete
+        sidecar temp files left by a killed process (only at startup, and only ones older than a minute, in case
+        another process is writing there).
         """
         cfg = self.config
         index = self.state.done_index() if self.state is not None else {}
         fingerprints: dict[tuple[str, str], str] = {}
         on_temp = _remove_stale if clean else None
+        seen: set[str] = set()
+        unlisted = False
+
+        def on_error(path: Path, exc: OSError) -> None:
+            nonlocal unlisted
+            unlisted = True  # its files are not gone, only unseen (a share not mounted): keep their entries
+            log_scan_error(path, exc)
+
         for root in cfg.watch:
             sidecars: set[str] = set()
             prefix = len(os.path.join(root.path, ""))
-            for name in scan_paths(root, sidecar_suffix=cfg.sidecar.suffix, on_temp=on_temp, sidecars=sidecars):
+            walk = scan_paths(root, sidecar_suffix=cfg.sidecar.suffix, on_error=on_error, on_temp=on_temp,
+                              sidecars=sidecars)  # fmt: skip
+            for name in walk:
+                seen.add(name)
                 row = index.get(name)
                 if row is None or not self._indexed_done(root.path, name, name[prefix:], row, sidecars, fingerprints):
                     yield Path(name)
+        if self.state is not None and not unlisted and not self.stopping.is_set():
+            gone = index.keys() - seen
+            if gone:
+                self.state.forget_done(gone)
+                log.info("index.pruned", entries=len(gone))
 
     def _indexed_done(
         self,

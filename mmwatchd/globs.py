@@ -64,3 +64,8 @@ _EVERYTHING = frozenset({"**/*", "**", "*"})
 
 def any_match(rel_path: str, patterns: tuple[str, ...] | list[str]) -> bool:
     return any(p in _EVERYTHING or compile_glob(p).match(rel_path) is not None for p in patterns)
+
+
+def matches_everything(patterns: tuple[str, ...] | list[str]) -> bool:
+    """True when ``patterns`` accept every path (one of them is ``**/*``, ``**`` or ``*``)."""
+    return any(p in _EVERYTHING for p in patterns)

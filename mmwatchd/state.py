@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -329,11 +330,17 @@ class State:
                 (os.fsencode(path), size, mtime_ns, kind, fingerprint),
             )
 
+    def forget_done(self, paths: Iterable[str]) -> None:
+        """Drop index entries (files a complete scan no longer found: deleted, moved, or no longer watched)."""
+        with self._write() as db:
+            db.executemany("DELETE FROM done WHERE path = ?", ((os.fsencode(p),) for p in paths))
+
     def done_index(self) -> dict[str, DoneRow]:
         """Every indexed file by its path (as ``str``: a rescan looks up 100,000 of them), to compare against."""
         with self._read() as db:
             rows = db.execute("SELECT path, size, mtime_ns, kind, fingerprint FROM done").fetchall()
-        return {os.fsdecode(p): DoneRow(size, mtime, kind, fp) for p, size, mtime, kind, fp in rows}
+        encoding = sys.getfilesystemencoding()  # os.fsdecode, without its per-call checks
+        return {p.decode(encoding, "surrogateescape"): DoneRow(size, mtime, kind, fp) for p, size, mtime, kind, fp in rows}
 
     def retrying(self) -> list[RetryRow]:
         """Files waiting to be retried, soonest first."""

@@ -44,7 +44,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from .errors import ConfigError
-from .globs import any_match
+from .globs import any_match, matches_everything
 from .model import WatchRoot
 from .sidecar import TEMP_MARK
 
@@ -170,7 +170,7 @@ def wanted(root: WatchRoot, path: Path, *, sidecar_suffix: str) -> bool:
 ScanErrorCallback = Callable[[Path, OSError], None]
 
 
-def _log_scan_error(path: Path, exc: OSError) -> None:
+def log_scan_error(path: Path, exc: OSError) -> None:
     log.warning("watch.scan_unreadable", path=str(path), error=exc.strerror or str(exc))
 
 
@@ -204,8 +204,9 @@ def scan_paths(
     sidecars: set[str] | None = None,
 ) -> Iterator[str]:
     """:func:`scan` with ``str`` paths: a rescan that skips 100,000 up-to-date files makes no ``Path`` for them."""
-    report = on_error or _log_scan_error
+    report = on_error or log_scan_error
     include, exclude = root.include, root.exclude
+    take_all = matches_everything(include) and not exclude  # the default: no pattern to test per file
     suffix = sidecar_suffix.casefold()
     # (folder path, its path relative to the root with a trailing "/", or "" for the root itself)
     stack: list[tuple[str, str]] = [(os.fspath(_abs(root.path)), "")]
@@ -242,8 +243,7 @@ def scan_paths(
                     continue
             except OSError:  # vanished between listing and looking
                 continue
-            rel = rel_dir + name
-            if any_match(rel, include) and not any_match(rel, exclude):
+            if take_all or (any_match(rel_dir + name, include) and not any_match(rel_dir + name, exclude)):
                 files.append(entry.path)
         yield from files
         stack.extend(reversed(subdirs))

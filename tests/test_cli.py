@@ -299,3 +299,38 @@ def test_rescans_skip_done_files_from_the_index_and_rebuild_it(
     assert "4 described" in capsys.readouterr().out
     assert len(fake_vlm.chat_requests) == 4 + 1 + 4
     assert all(p.with_name(p.name + ".json").exists() for p in photos)
+
+
+def test_a_complete_rescan_drops_the_index_entries_of_files_gone(
+    tmp_path: Path, fake_vlm: FakeVLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmwatchd.state import State
+
+    cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+    inbox = tmp_path / "inbox"
+    keep = make_jpeg(inbox / "keep.jpg", (32, 24))
+    gone = make_jpeg(inbox / "sub" / "gone.jpg", (32, 24), seed=1)
+    assert main(["scan", "-c", str(cfg)]) == 0
+
+    def indexed() -> set[str]:
+        with State(tmp_path / "state" / "state.sqlite3") as state:
+            return set(state.done_index())
+
+    assert indexed() == {str(keep), str(gone)}
+    gone.unlink()
+    # While a folder cannot be listed (a share not mounted, permissions; made to fail by hand, since the tests may
+    # run as root, who can list anything), its files are unseen, not gone: their entries stay.
+    listing = os.scandir
+
+    def scandir(path: str) -> Iterator[os.DirEntry[str]]:
+        if os.fspath(path) == str(inbox / "sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert indexed() == {str(keep), str(gone)}
+    monkeypatch.undo()
+    assert main(["scan", "-c", str(cfg)]) == 0
+    assert indexed() == {str(keep)}
+    assert len(fake_vlm.chat_requests) == 2
