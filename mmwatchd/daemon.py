@@ -42,6 +42,7 @@ from mmwatchd.rules import fingerprint, rel_to_roots
 from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate
 from mmwatchd.sidecar import sidecar_path
+from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import DoneRow, State
 from mmwatchd.watch import Watcher, log_scan_error, scan_paths
 
@@ -54,8 +55,10 @@ log = get_logger()
 RETRY_BASE_S = 2.0
 RETRY_MAX_S = 600.0
 PROBE_MAX_S = 30.0
-#: Sidecar temp files older than this at startup were left by a killed process.
+#: A sidecar temp file whose writer cannot be seen to be gone is taken as left by a killed process at this age.
 STALE_TEMP_S = 60.0
+#: When this process started, as file times count (temp files older than this cannot be its own).
+_STARTED = time.time()
 #: How often STATUS= is refreshed for systemd.
 STATUS_EVERY_S = 5.0
 
@@ -125,12 +128,28 @@ class _MeteredClient:
 
 
 def _remove_stale(path: Path) -> None:
+    """Remove a sidecar temp file left by a writer that was killed: at once when that process no longer exists on
+    this machine and the file predates this process, else once it is older than ``STALE_TEMP_S`` (its writer may be
+    another mmwatchd, here or on another machine sharing the folder, still at work)."""
     try:
-        if time.time() - path.stat().st_mtime > STALE_TEMP_S:
+        st = path.stat()
+        writer = sidecar_temp_writer(path.name)
+        orphan = writer is not None and not _running(writer) and st.st_mtime < _STARTED
+        if orphan or time.time() - st.st_mtime > STALE_TEMP_S:
             path.unlink()
             log.info("daemon.removed_stale_temp", path=str(path))
     except OSError:
         pass  # gone already, or not ours to remove: harmless either way
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _seconds_to_midnight() -> float:

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -86,13 +87,22 @@ def read(path: Path) -> dict[str, Any] | None:
     return doc
 
 
+_TEMP_WRITER = re.compile(re.escape(TEMP_MARK) + r"(\d+)-[0-9a-f]{8}\Z")
+
+
+def temp_writer(name: str) -> int | None:
+    """The id of the process that was writing the temp file ``name`` (None when the name does not say)."""
+    found = _TEMP_WRITER.search(name)
+    return int(found[1]) if found else None
+
+
 def write(path: Path, doc: Mapping[str, Any]) -> None:
     """Write ``doc`` atomically: same-folder temp file, fsync, ``os.replace``. Never replaces a foreign file."""
     read(path)  # raises ForeignSidecar when something else is there
     # File names that are not UTF-8 reach us as lone surrogates: written as \\udcXX escapes they keep the JSON
     # valid UTF-8 and still round-trip to the original bytes (os.fsencode of the parsed string).
     data = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8", "backslashreplace")
-    tmp = path.with_name(_fit(path.name, f"{TEMP_MARK}{secrets.token_hex(4)}", head="."))
+    tmp = path.with_name(_fit(path.name, f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}", head="."))
     try:
         if not path.parent.is_dir():  # a sidecar.dir mirror grows with the watched trees
             path.parent.mkdir(parents=True, exist_ok=True)

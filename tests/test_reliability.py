@@ -132,6 +132,30 @@ class TestCrashes:
             stop_run(proc, tmp_path)
         assert sorted(os.listdir(inbox)) == ["a.jpg", "a.jpg.json"]
 
+    def test_a_dead_writers_temp_file_goes_at_once_and_a_live_ones_stays(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        make_jpeg(inbox / "a.jpg", (32, 24))
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            orphan = inbox / f".a.jpg.json.mmwatchd-tmp-{dead.pid}-0123abcd"
+            busy = inbox / f".b.jpg.json.mmwatchd-tmp-{alive.pid}-4567cdef"
+            for temp in (orphan, busy):
+                temp.write_text('{"half": ')  # fresh: the age rule alone would keep both
+            proc = spawn_run(cfg, tmp_path)
+            try:
+                wait_until(lambda: (inbox / "a.jpg.json").exists())
+            finally:
+                stop_run(proc, tmp_path)
+            assert not orphan.exists() and busy.exists()
+        finally:
+            alive.kill()
+            alive.wait()
+
     def test_kill_9_at_any_moment_loses_nothing(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 4})
         inbox = tmp_path / "inbox"
