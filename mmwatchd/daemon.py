@@ -297,8 +297,8 @@ class Daemon:
         skipped from a stat alone; anything else goes to a worker, which checks the sidecar itself (and so rebuilds
         the index when it was lost). A walk that lists every folder also drops the index entries of files it no
         longer finds, so the index does not grow with years of deleted and moved-away files. ``clean``: also delete
-        sidecar temp files left by a killed process (only at startup, and only ones older than a minute, in case
-        another process is writing there).
+        sidecar temp files left by a killed process (at startup; see :func:`_remove_stale` for how they are told
+        from ones another process is still writing).
         """
         cfg = self.config
         index = self.state.done_index() if self.state is not None else {}

@@ -93,7 +93,7 @@ JUNK_NAMES: frozenset[str] = frozenset(
     }
 )
 
-#: Marker in the names of our own temp files (``.<name>.mmwatchd-tmp-<random>``; hidden as well).
+#: Marker in the names of our own temp files (``.<name>.mmwatchd-tmp-<pid>-<random>``; hidden as well).
 OWN_TEMP_MARKER = ".mmwatchd-tmp-"
 
 #: Upper bound for the short confirm after a close-after-write event.
