@@ -116,23 +116,7 @@ class TestContainment:
 
 
 class TestCrashes:
-    def test_stale_temp_files_from_a_killed_writer_are_removed_at_start(
-        self, tmp_path: Path, fake_vlm: FakeVLM
-    ) -> None:
-        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
-        inbox = tmp_path / "inbox"
-        make_jpeg(inbox / "a.jpg", (32, 24))
-        stale = inbox / ".a.jpg.json.mmwatchd-tmp-deadbeef"
-        stale.write_text('{"half": ')
-        os.utime(stale, (time.time() - 3600, time.time() - 3600))
-        proc = spawn_run(cfg, tmp_path)
-        try:
-            wait_until(lambda: (inbox / "a.jpg.json").exists())
-        finally:
-            stop_run(proc, tmp_path)
-        assert sorted(os.listdir(inbox)) == ["a.jpg", "a.jpg.json"]
-
-    def test_a_dead_writers_temp_file_goes_at_once_and_a_live_ones_stays(
+    def test_temp_files_of_killed_writers_are_removed_at_start_and_live_ones_kept(
         self, tmp_path: Path, fake_vlm: FakeVLM
     ) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
@@ -141,20 +125,22 @@ class TestCrashes:
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        old = inbox / ".a.jpg.json.mmwatchd-tmp-deadbeef"  # no writer named: goes by its age
+        orphan = inbox / f".b.jpg.json.mmwatchd-tmp-{dead.pid}-0123abcd"  # its writer is gone: goes at once
+        busy = inbox / f".c.jpg.json.mmwatchd-tmp-{alive.pid}-4567cdef"  # its writer runs: stays
+        for temp in (old, orphan, busy):
+            temp.write_text('{"half": ')
+        os.utime(old, (time.time() - 3600, time.time() - 3600))
         try:
-            orphan = inbox / f".a.jpg.json.mmwatchd-tmp-{dead.pid}-0123abcd"
-            busy = inbox / f".b.jpg.json.mmwatchd-tmp-{alive.pid}-4567cdef"
-            for temp in (orphan, busy):
-                temp.write_text('{"half": ')  # fresh: the age rule alone would keep both
             proc = spawn_run(cfg, tmp_path)
             try:
                 wait_until(lambda: (inbox / "a.jpg.json").exists())
             finally:
                 stop_run(proc, tmp_path)
-            assert not orphan.exists() and busy.exists()
         finally:
             alive.kill()
             alive.wait()
+        assert sorted(os.listdir(inbox)) == sorted(["a.jpg", "a.jpg.json", busy.name])
 
     def test_kill_9_at_any_moment_loses_nothing(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 4})
