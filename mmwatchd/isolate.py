@@ -513,18 +513,27 @@ def _worker_main(conn: Connection, memory_bytes: int | None, preload: tuple[str,
         for module in preload:
             importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - the worker's boundary: the parent reports it
-        conn.send_bytes(_failure(exc))
+        _reply(conn, _failure(exc))
         return
-    conn.send(("ready", os.getpid()))
+    if not _reply(conn, ForkingPickler.dumps(("ready", os.getpid()))):
+        return
     while True:
         try:
             request = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the daemon is gone or closed the pipe
-        if request == _STOP:
+        if request == _STOP or not _reply(conn, _serve(request, oom_reply)):
             return
-        conn.send_bytes(_serve(request, oom_reply))
         del request
+
+
+def _reply(conn: Connection, data: bytes | memoryview) -> bool:
+    """Send ``data`` to the daemon; False when it is gone (killed, or it gave up on the call and closed the pipe)."""
+    try:
+        conn.send_bytes(data)
+    except OSError:  # BrokenPipeError, ConnectionResetError: nobody left to tell, so exit quietly
+        return False
+    return True
 
 
 def _serve(request: bytes, oom_reply: memoryview) -> memoryview:

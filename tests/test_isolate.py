@@ -331,6 +331,42 @@ class TestPool:
         assert iso.pids() == []
 
 
+class TestDaemonGone:
+    """A worker whose daemon was killed (kill -9 during start-up or mid-call) exits quietly: no traceback in the log."""
+
+    @pytest.mark.parametrize("when", ["before it is ready", "before its reply"])
+    def test_the_worker_exits_quietly(self, when: str) -> None:
+        code = textwrap.dedent(
+            """
+            import os, pickle, sys
+            import isolate_helpers
+            from multiprocessing import Pipe
+            from mmwatchd.isolate import _worker_main
+            daemon_end, worker_end = Pipe()
+            if sys.argv[1] == "before it is ready":
+                daemon_end.close()  # gone before the worker says ready
+            pid = os.fork()
+            if pid == 0:  # the worker
+                if not daemon_end.closed:
+                    daemon_end.close()
+                _worker_main(worker_end, None, (), "mmwatchd-test", 0)
+                print("returned", flush=True)
+                os._exit(0)
+            worker_end.close()
+            if not daemon_end.closed:  # gone while the worker computes its reply
+                assert daemon_end.recv()[0] == "ready"
+                daemon_end.send_bytes(pickle.dumps((isolate_helpers.square, (3,), {})))
+                daemon_end.close()
+            _, status = os.waitpid(pid, 0)
+            sys.exit(os.waitstatus_to_exitcode(status))
+            """
+        )
+        run = subprocess.run([sys.executable, "-c", code, when], capture_output=True, text=True, timeout=60,
+                             cwd=Path(__file__).parent)  # fmt: skip
+        assert run.returncode == 0 and run.stdout.strip() == "returned", run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+
+
 class TestClose:
     def test_close_with_a_hung_call_in_flight_returns_promptly(self, tmp_path: Path) -> None:
         marker = tmp_path / "hanging"
