@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mmwatchd.config import Config
 from mmwatchd.errors import ConfigError, VLMError, VLMMisconfigured, VLMUnavailable
@@ -152,6 +152,10 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _decoder_limits(config: Config) -> dict[str, Any]:
+    return {"timeout_s": config.limits.decode_timeout_s, "memory_bytes": config.limits.decode_memory_mb * 2**20}
+
+
 def _seconds_to_midnight() -> float:
     now = datetime.now()
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time())
@@ -186,9 +190,8 @@ class Daemon:
         # balloons costs only its file. Both cores decode while requests are in flight.
         self.isolator = Isolator(
             workers=max(1, min(config.endpoint.concurrency, os.cpu_count() or 1)),
-            timeout_s=config.limits.decode_timeout_s,
-            memory_bytes=config.limits.decode_memory_mb * 1024 * 1024,
             preload=("mmwatchd.encode",),
+            **_decoder_limits(config),
         )
         self.processor = self._processor(config)
         self.counts: Counter[str] = Counter()
@@ -483,6 +486,7 @@ class Daemon:
             self.limiter = RateLimiter(new.endpoint.requests_per_minute, clock=self.clock)
             if new.endpoint.concurrency != old.endpoint.concurrency:
                 log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
+        self.isolator.set_limits(**_decoder_limits(new))  # decoders under other limits are replaced once idle
         self.config = new
         self.processor = self._processor(new)
         if new.watch != old.watch or new.settle_s != old.settle_s or new.sidecar != old.sidecar:

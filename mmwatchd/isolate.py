@@ -87,6 +87,13 @@ class ByName:
         return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
 
 
+def _check_limits(timeout_s: float, memory_bytes: int | None) -> None:
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    if memory_bytes is not None and memory_bytes <= 0:
+        raise ValueError(f"memory_bytes must be > 0 or None, got {memory_bytes}")
+
+
 class Isolator:
     """Runs picklable pure functions in a small pool of long-lived worker processes.
 
@@ -112,10 +119,7 @@ class Isolator:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if memory_bytes is not None and memory_bytes <= 0:
-            raise ValueError(f"memory_bytes must be > 0 or None, got {memory_bytes}")
+        _check_limits(timeout_s, memory_bytes)
         if max_calls_per_worker < 1:
             raise ValueError(f"max_calls_per_worker must be at least 1, got {max_calls_per_worker}")
         self.workers = workers
@@ -160,6 +164,15 @@ class Isolator:
         self._finalizer()
         if self._prestarter is not None:
             self._prestarter.join()
+
+    def set_limits(self, *, timeout_s: float, memory_bytes: int | None) -> None:
+        """New limits (a reloaded config): the timeout applies to calls from now on; the memory limit to workers
+        started from now on, and workers under the old one are replaced once they are idle. Calls in flight finish
+        under the limits they started with."""
+        _check_limits(timeout_s, memory_bytes)
+        self.timeout_s = timeout_s
+        self.memory_bytes = memory_bytes
+        self._pool.set_memory(memory_bytes)
 
     def prestart(self) -> None:
         """Start the workers now, from a background thread, so that the first calls find them ready.
@@ -238,9 +251,11 @@ class Isolator:
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+    def __init__(self, process: BaseProcess, conn: Connection, memory_bytes: int | None) -> None:
         self.process = process
         self.conn = conn
+        #: The memory limit it runs under (set when it started).
+        self.memory_bytes = memory_bytes
         self.pid: int = process.pid or 0
         self.sentinel: int = process.sentinel
         self.calls = 0
@@ -344,6 +359,21 @@ class _Pool:
                 self._cond.notify()
             raise
 
+    def set_memory(self, memory_bytes: int | None) -> None:
+        """Workers started from now on get ``memory_bytes``; idle ones under another limit are stopped now, busy ones
+        when their call returns."""
+        with self._cond:
+            self._memory_bytes = memory_bytes
+            stale = [w for w in self._idle if w.memory_bytes != memory_bytes]
+            self._idle = [w for w in self._idle if w.memory_bytes == memory_bytes]
+            self._live -= len(stale)
+            self._all.difference_update(stale)
+            self._cond.notify_all()
+        for worker in stale:
+            worker.stop()
+            worker.reap(STOP_GRACE_S)
+            worker.dispose()
+
     def fill(self) -> None:
         """Start workers until there are ``workers`` of them; stop quietly at the first that cannot start."""
         while True:
@@ -368,7 +398,10 @@ class _Pool:
         """Return a worker after a call; one that failed, is used up or outlived the pool is retired."""
         worker.calls += 1
         with self._cond:
-            keep = reuse and not self.closed and worker.calls < self._max_calls
+            keep = (
+                reuse and not self.closed and worker.calls < self._max_calls
+                and worker.memory_bytes == self._memory_bytes
+            )  # fmt: skip
             if keep:
                 self._idle.append(worker)
             else:
@@ -413,7 +446,7 @@ class _Pool:
             process.start()
         finally:
             child_end.close()  # the worker has its own copy; ours would keep the pipe open after the worker dies
-        worker = _Worker(process, parent_end)
+        worker = _Worker(process, parent_end, self._memory_bytes)
         with self._cond:
             closed = self.closed
             if not closed:

@@ -111,3 +111,10 @@ def loaded_modules() -> set[str]:
     import sys
 
     return set(sys.modules)
+
+
+def memory_limit() -> int:
+    """This worker's RLIMIT_DATA soft limit."""
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_DATA)[0]

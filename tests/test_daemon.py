@@ -172,7 +172,8 @@ class TestSystemd:
         daemon = running.start()
         a = make_jpeg(running.inbox / "a.jpg", (64, 48))
         running.wait_sidecar(a)
-        write_config(running.tmp, base_url=running.fake.base_url, rule={"prompt": "New words for {name}."})
+        write_config(running.tmp, base_url=running.fake.base_url, rule={"prompt": "New words for {name}."},
+                     limits={"decode_timeout_s": 33, "decode_memory_mb": 512})  # fmt: skip
         daemon.reload_requested.set()
         # The changed prompt changes the fingerprint: the reload's rescan describes a.jpg again.
         deadline = time.monotonic() + 30
@@ -180,6 +181,7 @@ class TestSystemd:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert running.fake.chat_requests[-1].content[0]["text"] == 'New words for "a.jpg".'
+        assert (daemon.isolator.timeout_s, daemon.isolator.memory_bytes) == (33, 512 * 2**20)
         msgs = running.messages()
         reloading = [m for m in msgs if m.startswith("RELOADING=1\nMONOTONIC_USEC=")]
         assert reloading and msgs[msgs.index(reloading[0]) + 1].startswith("READY=1")

@@ -312,6 +312,30 @@ class TestPool:
         with Isolator(workers=2, timeout_s=5, memory_bytes=None):
             assert _worker_processes() == before
 
+    def test_new_limits_apply_to_the_next_calls_and_replace_idle_workers(self, tmp_path: Path) -> None:
+        with Isolator(workers=1, timeout_s=10, memory_bytes=GiB) as iso:
+            first = iso.call(helpers.pid, label="a.jpg")
+            assert iso.call(helpers.memory_limit, label="a.jpg") == GiB
+            iso.set_limits(timeout_s=0.5, memory_bytes=GiB // 2)
+            assert _wait_until(lambda: _gone(first))  # idle under the old limit: stopped at once
+            assert iso.call(helpers.memory_limit, label="a.jpg") == GiB // 2
+            with pytest.raises(DecodeError, match="longer than 0.5 s"):
+                iso.call(helpers.hang, label="slow.mov")
+            with pytest.raises(ValueError):
+                iso.set_limits(timeout_s=0, memory_bytes=None)
+
+    def test_a_busy_worker_finishes_its_call_under_the_old_limits(self, tmp_path: Path) -> None:
+        with Isolator(workers=1, timeout_s=10, memory_bytes=GiB) as iso:
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                busy = pool.submit(iso.call, helpers.tracked, tmp_path, 7, 1.0, label="a.jpg")
+                assert _wait_until(lambda: len(iso.pids()) == 1)
+                (old,) = iso.pids()
+                time.sleep(0.2)  # the call is under way
+                iso.set_limits(timeout_s=0.5, memory_bytes=GiB // 2)  # shorter than what the call still needs
+                assert busy.result()[:2] == (49, old)
+            assert _wait_until(lambda: _gone(old))  # retired after its call, not reused
+            assert iso.call(helpers.memory_limit, label="b.jpg") == GiB // 2
+
     def test_prestart_starts_every_worker_ahead_of_the_first_call(self) -> None:
         with Isolator(workers=2, timeout_s=5, memory_bytes=None, preload=["mmwatchd.encode"]) as iso:
             iso.prestart()
