@@ -33,17 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 from mmwatchd.config import Config
 from mmwatchd.errors import ConfigError, VLMError, VLMMisconfigured, VLMUnavailable
+from mmwatchd.index import DoneIndex
 from mmwatchd.isolate import Isolator
 from mmwatchd.log import get_logger
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
-from mmwatchd.rules import fingerprint, rel_to_roots
-from mmwatchd.rules import match as match_rule
-from mmwatchd.sidecar import locate as sidecar_locate
-from mmwatchd.sidecar import sidecar_path
+from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
-from mmwatchd.state import DoneRow, State
+from mmwatchd.state import State
 from mmwatchd.watch import Watcher, log_scan_error, scan_paths
 
 if TYPE_CHECKING:
@@ -304,8 +302,7 @@ class Daemon:
         from ones another process is still writing).
         """
         cfg = self.config
-        index = self.state.done_index() if self.state is not None else {}
-        fingerprints: dict[tuple[str, str], str] = {}
+        index = DoneIndex(cfg, self.state.done_index() if self.state is not None else {})
         on_temp = _remove_stale if clean else None
         seen: set[str] = set()
         unlisted = False
@@ -322,45 +319,13 @@ class Daemon:
                               sidecars=sidecars)  # fmt: skip
             for name in walk:
                 seen.add(name)
-                row = index.get(name)
-                if row is None or not self._indexed_done(root.path, name, name[prefix:], row, sidecars, fingerprints):
+                if index.done(root.path, name, name[prefix:], sidecars) is None:
                     yield Path(name)
         if self.state is not None and not unlisted and not self.stopping.is_set():
-            gone = index.keys() - seen
+            gone = index.rows.keys() - seen
             if gone:
                 self.state.forget_done(gone)
                 log.info("index.pruned", entries=len(gone))
-
-    def _indexed_done(
-        self,
-        root: Path,
-        path: str,
-        rel: str,
-        row: DoneRow,
-        sidecars: set[str],
-        fingerprints: dict[tuple[str, str], str],
-    ) -> bool:
-        """Whether the index proves ``path`` done. Plain strings and one stat: this runs for every file."""
-        cfg = self.config
-        try:
-            st = os.stat(path)
-        except OSError:
-            return False
-        if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
-            return False
-        if cfg.sidecar.dir is None:
-            simple = path + cfg.sidecar.suffix  # what sidecar_path gives unless the name is too long
-            if simple not in sidecars and str(sidecar_path(Path(path), cfg.sidecar.suffix)) not in sidecars:
-                return False  # deleted: the sidecars are the truth
-        elif not sidecar_locate(Path(path), suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=[root]).exists():
-            return False
-        rule = match_rule(rel if os.sep == "/" else rel.replace(os.sep, "/"), row.kind, cfg.rules)
-        if rule is None:
-            return False
-        key = (rule.name, row.kind)
-        if key not in fingerprints:
-            fingerprints[key] = fingerprint(rule, cfg.endpoint, row.kind)
-        return fingerprints[key] == row.fingerprint
 
     def due_retries(self) -> float | None:
         """Re-queue files whose retry time has come; return seconds until the next one, if any."""
