@@ -541,12 +541,12 @@ class Daemon:
                 path, root=root_key, status=outcome.status,  # type: ignore[arg-type]
                 message=outcome.reason or None, kind=error.kind if error else "error",
             )  # fmt: skip
-        if self.state is not None and outcome.version is not None and outcome.fingerprint and outcome.kind:
+        if self.state is not None and outcome.version and outcome.fingerprint and outcome.kind and outcome.answer:
             # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
             size, mtime_ns = outcome.version
             if outcome.moved_to is None:
                 self.state.mark_done(path, size=size, mtime_ns=mtime_ns, kind=outcome.kind,
-                                     fingerprint=outcome.fingerprint)  # fmt: skip
+                                     fingerprint=outcome.fingerprint, status=outcome.answer)  # fmt: skip
         self._log(outcome, retry_in)
         with self._lock:
             if final:

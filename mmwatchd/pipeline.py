@@ -75,6 +75,8 @@ class Outcome:
     kind: str | None = None
     fingerprint: str | None = None
     version: tuple[int, int] | None = None
+    #: Which sidecar the file has for that version, "ok" or "error" (also when it was found up to date).
+    answer: Literal["ok", "error"] | None = None
 
     @property
     def failed(self) -> bool:
@@ -196,6 +198,7 @@ class Processor:
                     return Outcome(
                         path=path, status="skipped", reason="up to date", rule=rule.name, kind=kind,
                         fingerprint=fingerprint, version=(before.size, before.mtime_ns),
+                        answer="error" if existing.get("status") == "error" else "ok",
                     )  # fmt: skip
             elif not dry_run:
                 sidecar.read(side)  # a foreign file there is never replaced, forced or not
@@ -233,6 +236,7 @@ class Processor:
                 kind=kind,
                 fingerprint=fingerprint,
                 version=(before.size, before.mtime_ns),
+                answer="ok",
             )
             return self._act(outcome, rule.on_success, side, root, values)
         except ForeignSidecar as exc:
@@ -255,7 +259,8 @@ class Processor:
                 return Outcome(path=path, status="error", reason=exc.message, rule=rule and rule.name, error=exc)
             outcome = self._fail(path, side, rule, fingerprint, before, exc, started, gave_up=gave_up)
             if outcome.status == "error" and fingerprint:
-                outcome = replace(outcome, kind=kind, fingerprint=fingerprint, version=(before.size, before.mtime_ns))
+                outcome = replace(outcome, kind=kind, fingerprint=fingerprint, version=(before.size, before.mtime_ns),
+                                  answer="error")  # fmt: skip
             if outcome.status == "error" and rule is not None:
                 return self._act(outcome, rule.on_error, side, root, values)
             return outcome

@@ -86,6 +86,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             fingerprint TEXT NOT NULL
         )""",
     ),
+    (
+        # Whether the answer was a description or an error sidecar, so `mmwatchd status` can count from the index.
+        # NULL for entries made before: status reads their sidecars.
+        "ALTER TABLE done ADD COLUMN status TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -111,6 +116,8 @@ class DoneRow:
     mtime_ns: int
     kind: str
     fingerprint: str
+    #: "ok" or "error" (which sidecar the file has); None for entries made by an older mmwatchd.
+    status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,12 +329,22 @@ class State:
             db.execute("DELETE FROM retry WHERE path = ?", (os.fsencode(path),))
             db.execute("DELETE FROM done WHERE path = ?", (os.fsencode(path),))
 
-    def mark_done(self, path: Path, *, size: int, mtime_ns: int, kind: str, fingerprint: str) -> None:
-        """Index a file version as answered (ok or error sidecar) under ``fingerprint``."""
+    def mark_done(
+        self, path: Path, *, size: int, mtime_ns: int, kind: str, fingerprint: str, status: Literal["ok", "error"]
+    ) -> None:
+        """Index a file version as answered (``status``: an ok or an error sidecar) under ``fingerprint``."""
         with self._write() as db:
             db.execute(
-                "INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint) VALUES (?, ?, ?, ?, ?)",
-                (os.fsencode(path), size, mtime_ns, kind, fingerprint),
+                """INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint, status)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (os.fsencode(path), size, mtime_ns, kind, fingerprint, status),
+            )
+
+    def set_answers(self, answers: Mapping[str, Literal["ok", "error"]]) -> None:
+        """Fill in the answer of index entries made before the index kept it (read from their sidecars)."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE done SET status = ? WHERE path = ?", ((a, os.fsencode(p)) for p, a in answers.items())
             )
 
     def forget_done(self, paths: Iterable[str]) -> None:
@@ -338,9 +355,9 @@ class State:
     def done_index(self) -> dict[str, DoneRow]:
         """Every indexed file by its path (as ``str``: a rescan looks up 100,000 of them), to compare against."""
         with self._read() as db:
-            rows = db.execute("SELECT path, size, mtime_ns, kind, fingerprint FROM done").fetchall()
+            rows = db.execute("SELECT path, size, mtime_ns, kind, fingerprint, status FROM done").fetchall()
         encoding = sys.getfilesystemencoding()  # os.fsdecode, without its per-call checks
-        return {p.decode(encoding, "surrogateescape"): DoneRow(size, mtime, kind, fp) for p, size, mtime, kind, fp in rows}
+        return {p.decode(encoding, "surrogateescape"): DoneRow(*row) for p, *row in rows}
 
     def retrying(self) -> list[RetryRow]:
         """Files waiting to be retried, soonest first."""

@@ -1,8 +1,9 @@
 """``mmwatchd status``: where every file under the watched folders stands, and what went wrong lately.
 
 Done/failed/pending come from the folders and their sidecars (the truth); retrying, recent errors and today's
-request count come from the state store. Nothing is decoded: a file is sniffed (a few hundred bytes) only to know
-which rule it gets.
+request count come from the state store. A file the done-index proves done (same size, mtime and rule fingerprint,
+its sidecar listed; see :mod:`mmwatchd.index`) is counted from a ``stat``; any other is sniffed (a few hundred bytes,
+to know which rule it gets) and its sidecar read. Nothing is decoded.
 """
 
 from __future__ import annotations
@@ -10,30 +11,44 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mmwatchd import rules, sidecar
 from mmwatchd.config import Config
 from mmwatchd.errors import ForeignSidecar, SidecarError
+from mmwatchd.index import DoneIndex
 from mmwatchd.media import media_suffix_kind, sniff
 from mmwatchd.state import State
-from mmwatchd.watch import scan
+from mmwatchd.watch import scan_paths
 
 
 def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
     retrying = state.retrying()
     retrying_paths = {r.path for r in retrying}
+    index = DoneIndex(cfg, state.done_index())
+    answers: dict[str, Literal["ok", "error"]] = {}  # for entries that predate the answer column
     roots: dict[str, dict[str, int]] = {}
     for root in cfg.watch:
         counts = {"done": 0, "failed": 0, "pending": 0, "retrying": 0, "foreign": 0}
-        for path in scan(root, sidecar_suffix=cfg.sidecar.suffix):
-            where = _classify(cfg, root.path, Path(path))
+        sidecars: set[str] = set()
+        prefix = len(os.path.join(root.path, ""))
+        for name in scan_paths(root, sidecar_suffix=cfg.sidecar.suffix, sidecars=sidecars):
+            row = index.done(root.path, name, name[prefix:], sidecars)
+            if row is not None and row.status is not None:
+                counts["failed" if row.status == "error" else "done"] += 1
+                continue
+            path = Path(name)
+            where = _classify(cfg, root.path, path)
             if where is None:
                 continue  # not media, or no rule: never processed, so neither done nor pending
-            if where == "pending" and Path(path) in retrying_paths:
+            if where == "pending" and path in retrying_paths:
                 where = "retrying"
+            elif row is not None and where in ("done", "failed"):
+                answers[name] = "ok" if where == "done" else "error"  # so the next status counts it from the index
             counts[where] += 1
         roots[str(root.path)] = counts
+    if answers:
+        state.set_answers(answers)
     return {
         "roots": roots,
         "retrying": [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -254,6 +255,42 @@ class TestStatus:
         text = capsys.readouterr().out
         assert f"{inbox}: 1 done, 1 failed, 1 pending, 0 retrying, 1 blocked by a foreign file" in text
         assert "bad.jpg: unsupported: bad.jpg: not an image: looks like text" in text
+
+    def test_status_counts_indexed_files_without_opening_them(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from mmwatchd import status
+
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        inbox = tmp_path / "inbox"
+        for i in range(3):
+            make_jpeg(inbox / f"{i}.jpg", (64, 48), seed=i)
+        make_named_text(inbox / "bad.jpg")
+        assert main(["scan", "-c", str(cfg)]) == 1  # bad.jpg gets an error sidecar
+        make_jpeg(inbox / "new.jpg", (64, 48), seed=9)
+        sniffed: list[Path] = []
+        real_sniff = status.sniff
+
+        def counting_sniff(path: Path):  # type: ignore[no-untyped-def]
+            sniffed.append(path)
+            return real_sniff(path)
+
+        monkeypatch.setattr(status, "sniff", counting_sniff)
+        capsys.readouterr()
+        assert main(["status", "-c", str(cfg), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["roots"][str(inbox)] == {"done": 3, "failed": 1, "pending": 1, "retrying": 0, "foreign": 0}
+        assert sniffed == [inbox / "new.jpg"]  # the four answered files were counted from the index
+        # An index made before it kept the answer: the first status reads those sidecars and fills it in.
+        db = sqlite3.connect(tmp_path / "state" / "state.sqlite3")
+        db.execute("UPDATE done SET status = NULL")
+        db.commit()
+        db.close()
+        for expected in (5, 1):
+            sniffed.clear()
+            assert main(["status", "-c", str(cfg), "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["roots"][str(inbox)]["done"] == 3
+            assert len(sniffed) == expected
 
 
 def test_sighup_reloads_a_running_daemon(tmp_path: Path, fake_vlm: FakeVLM) -> None:

@@ -115,6 +115,23 @@ class TestOpen:
         assert [e["event"] for e in logs] == ["state.reset"]
         assert any(".corrupt-" in p.name for p in db.parent.iterdir())
 
+    def test_a_version_2_database_is_migrated_and_keeps_its_index(self, db: Path) -> None:
+        db.parent.mkdir()
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (2)")
+        for statement in (*state.MIGRATIONS[0], *state.MIGRATIONS[1]):
+            conn.execute(statement)
+        conn.execute("INSERT INTO done VALUES (?, 10, 20, 'image', 'fp1')", (b"/p/old.jpg",))
+        conn.commit()
+        conn.close()
+        with State(db, clock=Clock()) as st:
+            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, kind="image", fingerprint="fp2", status="error")
+            assert st.done_index() == {
+                "/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", None),  # answer unknown: status reads its sidecar
+                "/p/new.jpg": state.DoneRow(1, 2, "image", "fp2", "error"),
+            }
+
     def test_a_newer_schema_is_moved_aside(self, db: Path) -> None:
         State(db, clock=Clock()).close()
         conn = sqlite3.connect(db)
