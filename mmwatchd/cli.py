@@ -195,7 +195,8 @@ def cmd_once(args: argparse.Namespace) -> int:
         return EXIT_FAILED if failed else EXIT_OK
     missing = [p for p in paths if not p.is_file()]
     for p in missing:
-        print(f"mmwatchd: {p}: no such file", file=sys.stderr)
+        why = "not a regular file (a folder, pipe or device): nothing to describe" if p.exists() else "no such file"
+        print(f"mmwatchd: {p}: {why}", file=sys.stderr)
     daemon = _one_shot_daemon(cfg)
     try:
         daemon.submit_all((Path(os.path.abspath(p)) for p in paths if p not in missing), explicit=True, force=args.force)

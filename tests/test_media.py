@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,10 @@ class TestGeneratedFiles:
         os.mkfifo(tmp_path / "pipe.jpg")  # would block a plain open() forever
         with pytest.raises(OSError, match="not a regular file"):
             sniff(tmp_path / "pipe.jpg")
+        if os.geteuid() == 0:  # making a device node needs root
+            os.mknod(tmp_path / "zero.jpg", 0o644 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero: endless reads
+            with pytest.raises(OSError, match="not a regular file"):
+                sniff(tmp_path / "zero.jpg")
 
 
 class TestIsoBmffBrands:

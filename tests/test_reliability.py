@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import random
 import signal
 import subprocess
@@ -106,13 +107,22 @@ class TestContainment:
         assert len(fake_vlm.chat_requests) == 1
         assert not (inbox / "pipe.jpg.json").exists()
 
-    def test_explicit_fifo_is_refused_without_blocking(
-        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    @pytest.mark.parametrize("node", ["fifo", "char device"])
+    def test_explicit_special_file_is_refused_without_reading_it(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str], node: str
     ) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
-        os.mkfifo(tmp_path / "pipe.jpg")
-        assert main(["once", "-c", str(cfg), str(tmp_path / "pipe.jpg")]) == 1
+        path = tmp_path / "photo.jpg"
+        if node == "fifo":
+            os.mkfifo(path)  # opening it for reading would block forever
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("making a device node needs root")
+            os.mknod(path, 0o644 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero: reading it never ends
+        assert main(["once", "-c", str(cfg), str(path)]) == 1
+        assert f"mmwatchd: {path}: not a regular file" in capsys.readouterr().err
         assert fake_vlm.chat_requests == []
+        assert not (tmp_path / "photo.jpg.json").exists()
 
 
 class TestCrashes:
