@@ -77,7 +77,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (
         # The done-index: which file version was answered under which rule fingerprint, so a rescan can skip
-        # done files from a stat alone. A cache of the sidecars, which stay the truth (see Daemon.scan_roots).
+        # done files from a stat alone. A cache of the sidecars, which stay the truth (see mmwatchd.index).
         """CREATE TABLE done (
             path BLOB PRIMARY KEY,
             size INTEGER NOT NULL,
