@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import ipaddress
 import json
 import os
@@ -46,6 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mmwatchd status | head -1`: the reader is gone, which is not an error worth a traceback
+        _stdout_to_devnull()
+        return EXIT_FAILED
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def entry() -> NoReturn:
@@ -58,8 +69,13 @@ def entry() -> NoReturn:
     """
     code = main()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what was still buffered has no reader any more
+        _stdout_to_devnull()
+        code = code or EXIT_FAILED
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(code)
 
 

@@ -86,6 +86,21 @@ class TestBasics:
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
             assert run.returncode == code and out in run.stdout and err in run.stderr, run
 
+    @pytest.mark.parametrize("fmt", [[], ["--json"]])
+    def test_a_reader_that_went_away_is_no_traceback(self, tmp_path: Path, fmt: list[str]) -> None:
+        """``mmwatchd status | head -1``: the pipe closes before the output is written."""
+        cfg = write_config(tmp_path, base_url="http://127.0.0.1:9/v1")
+        for i in range(3):
+            make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (16, 16), seed=i)
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first byte
+        try:
+            run = subprocess.run([sys.executable, "-m", "mmwatchd", "status", "-c", str(cfg), *fmt],
+                                 stdout=write_end, stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert run.returncode == 1 and run.stderr.decode() == ""
+
 
 class TestOnce:
     def test_dry_run_prints_the_plan_and_sends_nothing(
