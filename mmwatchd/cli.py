@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mmwatchd import __version__, config as config_mod, log as log_mod
 from mmwatchd.config import Config
-from mmwatchd.errors import ConfigError, MmwatchdError, VLMError
+from mmwatchd.errors import ConfigError, MmwatchdError
 from mmwatchd.pipeline import Outcome, Processor
 
 if TYPE_CHECKING:
@@ -338,12 +338,7 @@ def _one_shot_daemon(cfg: Config, *, start: bool = True):  # type: ignore[no-unt
 def _start_one_shot(daemon) -> None:  # type: ignore[no-untyped-def]
     """Probe the endpoint (an unreachable one is reported at once, not per file), then start the workers."""
     daemon.isolator.prestart()  # the decoders start on the other core while the probe loads the HTTP client
-    try:
-        daemon.check_endpoint()
-    except VLMError as exc:
-        if exc.retryable:
-            raise
-        log_mod.get_logger().warning("endpoint.models_refused", reason=exc.message)
+    daemon.probe_once()
     daemon.start(prober=False)
 
 

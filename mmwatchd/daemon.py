@@ -622,6 +622,24 @@ class Daemon:
             self._gate.set()
             log.info("endpoint.up", url=self.config.endpoint.base_url, models=len(models))
 
+    def probe_once(self) -> None:
+        """One-shot runs (no prober): probe the endpoint once before work starts.
+
+        Unreachable, or a bad key or model: raises, so the command says so at once instead of once per file. An
+        endpoint that answers ``/models`` with some other error is up: the work goes ahead.
+        """
+        try:
+            self.check_endpoint()
+        except VLMError as exc:
+            if exc.retryable:
+                raise
+            self._models_refused(exc)
+
+    def _models_refused(self, exc: VLMError) -> None:
+        # It answered, so it is up; some gateways simply have no /models. Requests will tell.
+        self._log_once(None, exc.message, "endpoint.models_refused", level="warning")
+        self._gate.set()
+
     def _prober(self) -> None:
         delay = 1.0
         self._probe_now.set()
@@ -642,8 +660,6 @@ class Daemon:
                 delay = min(PROBE_MAX_S, delay * 2)
                 continue
             except VLMError as exc:
-                # It answered, so it is up; some gateways simply have no /models. Requests will tell.
-                self._log_once(None, exc.message, "endpoint.models_refused", level="warning")
-                self._gate.set()
+                self._models_refused(exc)
             delay = 1.0
             self._probe_now.clear()

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 from configs import write_config
-from fakevlm import FakeVLM, chat_completion
+from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_jpeg, make_named_text
 from running import spawn_run, stop_run, wait_until
 
@@ -146,6 +147,21 @@ class TestOnce:
         assert f"error    {bad}: bad.jpg: not an image: looks like text" in captured.out
         assert "missing.jpg: no such file" in captured.err
         assert sidecar(good)["status"] == "ok" and sidecar(bad)["status"] == "error"
+
+    @pytest.mark.parametrize("command", ["once", "scan"])
+    def test_a_gateway_without_models_is_used_all_the_same(
+        self, tmp_path: Path, fake_vlm: FakeVLM, command: str
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        fake_vlm.enqueue(status=404, json=error_body("no route /v1/models"), path="/v1/models")
+        photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (32, 24))
+        done: list[int] = []
+        args = ["once", "-c", str(cfg), str(photo)] if command == "once" else ["scan", "-c", str(cfg)]
+        worker = threading.Thread(target=lambda: done.append(main(args)), daemon=True)
+        worker.start()
+        worker.join(30)  # it used to wait for a gate that only a /models answer opened: forever
+        assert done == [0]
+        assert sidecar(photo)["status"] == "ok" and len(fake_vlm.chat_requests) == 1
 
     def test_endpoint_down_is_one_clear_line(
         self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
