@@ -285,7 +285,13 @@ class Daemon:
         return False
 
     def submit_all(self, paths: Iterable[Path], **kw: bool) -> int:
-        return sum(self.submit(p, **kw) for p in paths)
+        """Submit each of ``paths``; stop taking them (a walk of a large tree, say) once the daemon is stopping."""
+        n = 0
+        for path in paths:
+            if self.stopping.is_set():
+                break
+            n += self.submit(path, **kw)
+        return n
 
     def scan_roots(self, *, clean: bool = False) -> int:
         """Queue every file :meth:`needing_work` finds; return how many were queued."""

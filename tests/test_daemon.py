@@ -168,6 +168,19 @@ class TestSystemd:
         time.sleep(0.5)
         assert "WATCHDOG=1" not in running.messages()
 
+    def test_a_stopping_daemon_stops_pulling_from_a_walk(self, running: Runner) -> None:
+        daemon = running.start()
+        pulled: list[int] = []
+
+        def walk() -> Iterator[Path]:
+            for i in range(1000):
+                pulled.append(i)
+                yield running.inbox / f"{i}.jpg"
+
+        daemon.stopping.set()  # SIGTERM during a rescan of a large tree: the rest of the walk is not waited for
+        assert daemon.submit_all(walk()) == 0
+        assert len(pulled) <= 1
+
     def test_reload_applies_a_new_prompt_and_keeps_the_old_config_when_broken(self, running: Runner) -> None:
         daemon = running.start()
         a = make_jpeg(running.inbox / "a.jpg", (64, 48))
