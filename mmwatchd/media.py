@@ -13,9 +13,10 @@ import stat
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
-from mmwatchd.model import MediaKind
+from mmwatchd.errors import MediaTooLarge
+from mmwatchd.model import Limits, MediaKind
 
 __all__ = [
     "HEAD_SIZE",
@@ -263,6 +264,22 @@ def sniff(path: Path) -> Sniffed:
             return sniff_bytes(fp.read(HEAD_SIZE))
     finally:
         os.close(fd)
+
+
+def oversize(name: str, size: int, limits: Limits) -> MediaTooLarge | None:
+    """The error for a file of ``size`` bytes over ``limits.max_file_bytes``; None when it is within."""
+    if size <= limits.max_file_bytes:
+        return None
+    return MediaTooLarge(f"{name}: {size} bytes exceeds limits.max_file_bytes ({limits.max_file_bytes})")
+
+
+def read_head(fp: BinaryIO, name: str, limits: Limits) -> tuple[int, Sniffed]:
+    """For a decoder about to parse the open file ``fp``: its size (refused over ``limits.max_file_bytes`` before a
+    byte is read) and its sniffed head. ``fp`` is left after the head."""
+    size = os.fstat(fp.fileno()).st_size
+    if (error := oversize(name, size, limits)) is not None:
+        raise error
+    return size, sniff_bytes(fp.read(HEAD_SIZE))
 
 
 def media_suffix_kind(path: Path) -> Literal["image", "video"] | None:

@@ -33,7 +33,7 @@ from mmwatchd.errors import (
     VLMUnavailable,
 )
 from mmwatchd.isolate import ByName, Isolator
-from mmwatchd.media import media_suffix_kind, sniff
+from mmwatchd.media import media_suffix_kind, oversize, sniff
 from mmwatchd.model import ActionSpec, LinearBudget, Part, Reply, VideoSpec, VLMRequest
 from mmwatchd.watch import link_allowed
 from mmwatchd.wire import build_body, request_bytes
@@ -274,10 +274,8 @@ class Processor:
         video or a person named it: then it gets its rule's error sidecar, saying what it really looks like.
         """
         claimed = media_suffix_kind(path)
-        limit = self.config.limits.max_file_bytes
-        if st.size > limit:
-            kind = claimed or ("image" if explicit else None)
-            return kind, MediaTooLarge(f"{path.name}: {st.size} bytes exceeds limits.max_file_bytes ({limit})")
+        if (too_large := oversize(path.name, st.size, self.config.limits)) is not None:
+            return claimed or ("image" if explicit else None), too_large
         sniffed = sniff(path)
         if sniffed.kind is not None:
             return sniffed.kind, None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import struct
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ import pillow_heif
 from PIL import Image, ImageMath, UnidentifiedImageError
 
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
-from mmwatchd.media import HEAD_SIZE, Sniffed, sniff_bytes
+from mmwatchd.media import Sniffed, read_head
 from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len, data_url_prefix
 
 __all__ = [
@@ -228,10 +227,7 @@ def _open(path: Path, limits: Limits) -> Iterator[_Source]:
     """Open ``path`` for reading the header; everything below the size check is up to the caller."""
     name = path.name
     with open(path, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if size > limits.max_file_bytes:
-            raise MediaTooLarge(f"{name}: {size} bytes exceeds limits.max_file_bytes ({limits.max_file_bytes})")
-        sniffed = sniff_bytes(fp.read(HEAD_SIZE))
+        size, sniffed = read_head(fp, name, limits)
         if sniffed.kind is None:
             raise UnsupportedMedia(
                 f"{name}: empty file" if sniffed.why == "empty file" else f"{name}: not an image: {sniffed.why}"

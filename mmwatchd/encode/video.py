@@ -44,7 +44,7 @@ from mmwatchd.encode.image import _GOOD_ENOUGH, _QUALITY_SLOPE, _SCALE_EXPONENT,
 from mmwatchd.encode.image import translate_pillow
 from mmwatchd.encode.image import fit_size
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
-from mmwatchd.media import HEAD_SIZE, Sniffed, sniff_bytes
+from mmwatchd.media import Sniffed, read_head
 from mmwatchd.model import (
     EncodedVideo,
     ImageSpec,
@@ -330,10 +330,7 @@ def _open(path: Path, limits: Limits) -> Iterator[_Source]:
     """Sniff, open and check ``path``; ``OSError`` for I/O failures (file vanished, unreadable)."""
     name = path.name
     with open(path, "rb") as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if size > limits.max_file_bytes:
-            raise MediaTooLarge(f"{name}: {size} bytes exceeds limits.max_file_bytes ({limits.max_file_bytes})")
-        sniffed = sniff_bytes(fp.read(HEAD_SIZE))
+        size, sniffed = read_head(fp, name, limits)
         if sniffed.kind is None and not sniffed.why.startswith(_MAYBE_VIDEO):
             raise UnsupportedMedia(f"{name}: empty file" if size == 0 else f"{name}: not a video: {sniffed.why}")
         if sniffed.kind == "image" and sniffed.format not in ("gif", "webp"):
