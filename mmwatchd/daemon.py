@@ -42,7 +42,7 @@ from mmwatchd.pipeline import Outcome, Processor
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
-from mmwatchd.watch import Watcher, log_scan_error, scan_paths
+from mmwatchd.watch import Watcher, log_scan_error
 
 if TYPE_CHECKING:
     from mmwatchd.vlm import VLMClient
@@ -319,13 +319,9 @@ class Daemon:
             log_scan_error(path, exc)
 
         for root in cfg.watch:
-            sidecars: set[str] = set()
-            prefix = len(os.path.join(root.path, ""))
-            walk = scan_paths(root, sidecar_suffix=cfg.sidecar.suffix, on_error=on_error, on_temp=on_temp,
-                              sidecars=sidecars)  # fmt: skip
-            for name in walk:
+            for name, done in index.walk(root, on_error=on_error, on_temp=on_temp):
                 seen.add(name)
-                if index.done(root.path, name, name[prefix:], sidecars) is None:
+                if done is None:
                     yield Path(name)
         if self.state is not None and not unlisted and not self.stopping.is_set():
             gone = index.rows.keys() - seen

@@ -10,14 +10,17 @@ has that fingerprint; anything else is left to the caller to look at properly.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmwatchd.config import Config
+from mmwatchd.model import WatchRoot
 from mmwatchd.rules import fingerprint
 from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate
 from mmwatchd.sidecar import sidecar_path
 from mmwatchd.state import DoneRow
+from mmwatchd.watch import ScanErrorCallback, scan_paths
 
 
 class DoneIndex:
@@ -28,11 +31,27 @@ class DoneIndex:
         self.rows = rows
         self._fingerprints: dict[tuple[str, str], str] = {}
 
-    def done(self, root: Path, path: str, rel: str, sidecars: set[str]) -> DoneRow | None:
+    def walk(
+        self,
+        root: WatchRoot,
+        *,
+        on_error: ScanErrorCallback | None = None,
+        on_temp: Callable[[Path], None] | None = None,
+    ) -> Iterator[tuple[str, DoneRow | None]]:
+        """Every wanted file under ``root`` (:func:`mmwatchd.watch.scan_paths`, which takes ``on_error`` and
+        ``on_temp``), with its entry when the index proves it done, else None."""
+        sidecars: set[str] = set()
+        prefix = len(os.path.join(root.path, ""))
+        walk = scan_paths(root, sidecar_suffix=self.config.sidecar.suffix, on_error=on_error, on_temp=on_temp,
+                          sidecars=sidecars)  # fmt: skip
+        for path in walk:
+            yield path, self._done(root.path, path, path[prefix:], sidecars)
+
+    def _done(self, root: Path, path: str, rel: str, sidecars: set[str]) -> DoneRow | None:
         """The entry for ``path`` when it proves the file done, else None.
 
-        ``rel`` is the path relative to ``root``; ``sidecars`` the sidecar paths the walk listed in the file's folder
-        (see :func:`mmwatchd.watch.scan_paths`). Plain strings and one ``stat``: this runs for every file.
+        ``rel`` is the path relative to ``root``; ``sidecars`` the sidecar paths the walk listed in the file's folder.
+        Plain strings and one ``stat``: this runs for every file.
         """
         row = self.rows.get(path)
         if row is None:

@@ -19,7 +19,6 @@ from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
 from mmwatchd.media import media_suffix_kind, sniff
 from mmwatchd.state import State
-from mmwatchd.watch import scan_paths
 
 
 def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
@@ -30,10 +29,7 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
     roots: dict[str, dict[str, int]] = {}
     for root in cfg.watch:
         counts = {"done": 0, "failed": 0, "pending": 0, "retrying": 0, "foreign": 0}
-        sidecars: set[str] = set()
-        prefix = len(os.path.join(root.path, ""))
-        for name in scan_paths(root, sidecar_suffix=cfg.sidecar.suffix, sidecars=sidecars):
-            row = index.done(root.path, name, name[prefix:], sidecars)
+        for name, row in index.walk(root):
             if row is not None and row.status is not None:
                 counts["failed" if row.status == "error" else "done"] += 1
                 continue
