@@ -117,7 +117,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="done/pending/failed/retrying per folder, and recent errors")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("search", parents=[common], help="find files by words of their captions, tags or paths")
+    p.add_argument("query", metavar="WORDS", help='what to look for, e.g. "dog on a beach" (all words must match)')
+    p.add_argument("--json", action="store_true", help="print the matches as JSON")
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="at most N matches (default 20)")
+    p.add_argument("--reindex", action="store_true", help="rebuild the search index from the sidecars first")
+    p.set_defaults(func=cmd_search)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -290,6 +307,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(status.render(report))
     return EXIT_OK
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from mmwatchd import search
+
+    cfg = _load(args)
+    if search.fts_query(args.query) is None:
+        print(f"mmwatchd: search: {args.query!r} has no words to look for", file=sys.stderr)
+        return EXIT_USAGE
+    hits, every, refreshed = search.search(cfg, args.query, limit=args.limit, reindex=args.reindex)
+    for folder, why in refreshed.unreadable:
+        print(f"mmwatchd: {folder}: cannot read this folder ({why}); its sidecars were not looked at", file=sys.stderr)
+    if not every and hits:
+        print("mmwatchd: no file matches every word; these match some of them", file=sys.stderr)
+    if args.json:
+        json.dump({"query": args.query, "every_word": every, "matches": [h.as_json() for h in hits]}, sys.stdout,
+                  indent=2, ensure_ascii=False)  # fmt: skip
+        sys.stdout.write("\n")
+    elif hits:
+        print(search.render(hits, tty=sys.stdout.isatty()))
+    else:
+        print(f"mmwatchd: nothing matches {args.query!r}", file=sys.stderr)
+    return EXIT_OK if hits else EXIT_FAILED
 
 
 def _state(cfg: Config) -> State:
