@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="at most N matches (default 20)")
     p.add_argument("--reindex", action="store_true", help="rebuild the search index from the sidecars first")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("gallery", parents=[common], help="write a static HTML page to review the descriptions")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to show (default: the watched folders)")
+    p.add_argument("-o", "--output", default="review.html", metavar="HTML",
+                   help="the page to write (default review.html); thumbnails go into HTML's name + _files/")
+    p.set_defaults(func=cmd_gallery)
     return parser
 
 
@@ -330,6 +336,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print(f"mmwatchd: nothing matches {args.query!r}", file=sys.stderr)
     return EXIT_OK if hits else EXIT_FAILED
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from mmwatchd import gallery
+
+    cfg = _load(args)
+    paths = [Path(os.path.abspath(p)) for p in args.paths]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        for p in missing:
+            print(f"mmwatchd: gallery: {p}: no such file or folder", file=sys.stderr)
+        return EXIT_USAGE
+    if not paths:
+        _require_roots(cfg)
+    summary = gallery.build(cfg, Path(args.output), paths)
+    print(summary.line())
+    return EXIT_OK
 
 
 def _state(cfg: Config) -> State:
