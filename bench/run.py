@@ -18,6 +18,8 @@ Rows (``--only`` takes the name or the number; repeatable):
               concurrency 4, as summed PSS and summed RSS (sampled, see spawn.py); the same scan of an empty folder
               for comparison
 7 wire        request bytes the server received vs base64 of the original files (from the row 6 run)
+8 search      ``mmwatchd search`` over 100,000 sidecars: index build vs walk+json.load, a query vs SELECT count(*),
+              the whole command vs a walk+stat (see search.py)
 
 Times are best of 3 (images), of 2-3 (video, see video.py) or single runs (the CLI rows, which are long enough).
 Inputs are generated from fixed seeds and cached (see :mod:`inputs`; ``$MMWATCHD_BENCH_CACHE``), so a second run
@@ -58,7 +60,7 @@ for extra in (BENCH, ROOT):
 import inputs
 from server import FixedLatencyServer, self_check
 
-ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire")
+ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search")
 LATENCY_S = 0.2
 
 
@@ -615,6 +617,15 @@ def row_rescan(report: Report, size: Size, work: Path) -> None:
                 f"{child.wall_s / n * 1e6:.0f} us/file; peak RSS {fmt_mb(child.maxrss)}; {how}")  # fmt: skip
     if requests:
         report.note(f"5: WARNING: the rescan sent {requests} requests: sidecars were not taken as up to date")
+
+
+# ------------------------------------------------------------------------------------------------------ 8. search
+
+
+def row_search(report: Report, size: Size, work: Path) -> None:
+    import search
+
+    search.row(report, size.rescan_files, work, sys.modules[__name__])
 
 
 # ------------------------------------------------------------------------------------------- 6. memory, 7. wire

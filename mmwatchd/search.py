@@ -152,15 +152,26 @@ def _strings(value: object, captions: list[str], tags: list[str], *, caption: bo
 def media_path(sidecar: Path, doc: Mapping[str, Any], *, suffix: str, mirror: Path | None) -> Path:
     """The media file a sidecar describes. Its name is ``source.name`` (a name too long for the suffix is shortened
     in the sidecar's own name); its folder is the sidecar's, or under a mirror the same path without the mirror."""
+    raw = _media_of(os.fsencode(sidecar), doc, os.fsencode(suffix), None if mirror is None else os.fsencode(mirror))
+    return Path(os.fsdecode(raw))
+
+
+def _media_of(sidecar: bytes, doc: Mapping[str, Any], suffix: bytes, mirror: bytes | None) -> bytes:
+    """:func:`media_path` on bytes (this runs for every sidecar of a rebuild)."""
+    folder, own = os.path.split(sidecar)
     source = doc.get("source")
     name = source.get("name") if isinstance(source, Mapping) else None
-    if not isinstance(name, str) or not name or "/" in name:
-        name = sidecar.name[: -len(suffix)] if sidecar.name.endswith(suffix) else sidecar.name
-    folder = sidecar.parent
+    if isinstance(name, str) and name and "/" not in name:
+        base = os.fsencode(name)
+    else:
+        base = own[: -len(suffix)] if own.endswith(suffix) else own
     if mirror is not None:
-        with contextlib.suppress(ValueError):
-            folder = Path(folder.anchor or "/") / folder.relative_to(mirror)
-    return folder / name
+        mirror = mirror.rstrip(b"/")
+        if folder == mirror:
+            folder = b"/"
+        elif folder.startswith(mirror + b"/"):
+            folder = folder[len(mirror) :]
+    return os.path.join(folder, base)
 
 
 def _text(s: str) -> str:
@@ -290,8 +301,10 @@ class SearchIndex:
         timeout, disk full): the sidecar is written either way, and the next search reads it.
         """
         st = os.stat(path)
+        entry = _entry(os.fsencode(path), st.st_size, st.st_mtime_ns, doc if is_ours(doc) else None, os.fsencode(suffix),
+                       None if mirror is None else os.fsencode(mirror))  # fmt: skip
         with self._write() as conn:
-            _put(conn, os.fsencode(path), st.st_size, st.st_mtime_ns, dict(doc), suffix=suffix, mirror=mirror)
+            _insert(conn, [entry])
 
     def clear(self) -> None:
         with self._write() as conn:
@@ -330,20 +343,18 @@ class SearchIndex:
                 continue
             if known[raw] != (st.st_size, st.st_mtime_ns):
                 todo.append((raw, st.st_size, st.st_mtime_ns))
-        added = updated = 0
         for start in range(0, len(gone), BATCH):
             with self._write() as conn:
-                for raw in gone[start : start + BATCH]:
-                    _delete(conn, raw)
+                _delete(conn, gone[start : start + BATCH])
+        suffix = os.fsencode(scope.suffix)
+        mirror = None if scope.mirror is None else os.fsencode(scope.mirror)
         for start in range(0, len(todo), BATCH):
-            docs = [(raw, size, mtime, _load(raw)) for raw, size, mtime in todo[start : start + BATCH]]
+            # Read and parse outside the transaction; the writer waits only for the inserts.
+            batch = [_entry(raw, size, mtime, _load(raw), suffix, mirror) for raw, size, mtime in todo[start : start + BATCH]]
             with self._write() as conn:
-                for raw, size, mtime, doc in docs:
-                    _put(conn, raw, size, mtime, doc, suffix=scope.suffix, mirror=scope.mirror)
-                    if raw in known:
-                        updated += 1
-                    else:
-                        added += 1
+                _insert(conn, batch)
+        updated = sum(1 for raw, _, _ in todo if raw in known)
+        added = len(todo) - updated
         return Refreshed(added=added, updated=updated, removed=len(gone), unreadable=tuple(unreadable))
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -424,34 +435,44 @@ def _load(raw: bytes) -> dict[str, Any] | None:
     return doc if is_ours(doc) else None
 
 
-def _delete(conn: sqlite3.Connection, raw: bytes) -> None:
-    row = conn.execute("SELECT id FROM docs WHERE sidecar = ?", (raw,)).fetchone()
-    if row is not None:
-        conn.execute("DELETE FROM fts WHERE rowid = ?", (row[0],))
-        conn.execute("DELETE FROM docs WHERE id = ?", (row[0],))
+def _delete(conn: sqlite3.Connection, sidecars: list[bytes]) -> None:
+    ids = [(row[0],) for raw in sidecars for row in conn.execute("SELECT id FROM docs WHERE sidecar = ?", (raw,))]
+    conn.executemany("DELETE FROM fts WHERE rowid = ?", ids)
+    conn.executemany("DELETE FROM docs WHERE id = ?", ids)
 
 
-def _put(conn: sqlite3.Connection, raw: bytes, size: int, mtime_ns: int, doc: dict[str, Any] | None, *,
-         suffix: str, mirror: Path | None) -> None:  # fmt: skip
-    """Insert or replace the entry of the sidecar at ``raw``; ``doc`` None records a file that is not ours."""
-    _delete(conn, raw)
+_Entry = tuple[tuple[Any, ...], tuple[str, str, str] | None]
+
+
+def _entry(raw: bytes, size: int, mtime_ns: int, doc: Mapping[str, Any] | None, suffix: bytes,
+           mirror: bytes | None) -> _Entry:  # fmt: skip
+    """The docs row (without its id) and the fts columns for one sidecar; ``doc`` None: a file that is not ours,
+    recorded (so it is not read again until it changes) but not searchable."""
     if doc is None:
-        conn.execute("INSERT INTO docs (sidecar, size, mtime_ns) VALUES (?, ?, ?)", (raw, size, mtime_ns))
-        return
-    media = media_path(Path(os.fsdecode(raw)), doc, suffix=suffix, mirror=mirror)
+        return (raw, size, mtime_ns, None, None, None, None, None, None), None
+    media = _media_of(raw, doc, suffix, mirror)
     caption, tags = caption_and_tags(doc)
     error = doc.get("error")
     media_doc = doc.get("media")
     taken = media_doc.get("taken") if isinstance(media_doc, Mapping) else None
-    cur = conn.execute(
-        "INSERT INTO docs (sidecar, size, mtime_ns, media, status, rule, model, taken, error)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (raw, size, mtime_ns, os.fsencode(media), _str(doc.get("status")), _str(doc.get("rule")),
-         _str(doc.get("model")), _str(taken), _str(error.get("message")) if isinstance(error, Mapping) else None),
-    )  # fmt: skip
-    conn.execute(
+    row = (raw, size, mtime_ns, media, _str(doc.get("status")), _str(doc.get("rule")), _str(doc.get("model")),
+           _str(taken), _str(error.get("message")) if isinstance(error, Mapping) else None)  # fmt: skip
+    return row, (_text(caption), _text("\n".join(tags)), media.decode("utf-8", "replace"))
+
+
+def _insert(conn: sqlite3.Connection, entries: list[_Entry]) -> None:
+    """Insert or replace the entries (one transaction), numbering new rows here so both tables take them in one
+    ``executemany`` each."""
+    _delete(conn, [row[0] for row, _ in entries])
+    first = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM docs").fetchone()[0]
+    conn.executemany(
+        "INSERT INTO docs (id, sidecar, size, mtime_ns, media, status, rule, model, taken, error)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(first + i, *row) for i, (row, _) in enumerate(entries)],
+    )
+    conn.executemany(
         "INSERT INTO fts (rowid, caption, tags, path) VALUES (?, ?, ?, ?)",
-        (cur.lastrowid, _text(caption), _text("\n".join(tags)), _text(str(media))),
+        [(first + i, *cols) for i, (_, cols) in enumerate(entries) if cols is not None],
     )
 
 
