@@ -55,8 +55,8 @@ print(walk(sys.argv[1]))
 def _sidecar(rng: random.Random, name: str, i: int) -> dict[str, Any]:
     adj, noun, verb, place = rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(VERBS), rng.choice(PLACES)
     other = rng.choice(NOUNS)
-    caption = (f"A {adj} {noun} {verb} near the {place} {rng.choice(TIMES)}. In the background a {rng.choice(ADJECTIVES)} "
-               f"{other} and some people; the colours are muted and the horizon is level.")  # fmt: skip
+    caption = (f"A {adj} {noun} {verb} near the {place} {rng.choice(TIMES)}. In the background a "
+               f"{rng.choice(ADJECTIVES)} {other} and some people; the colours are muted and the horizon is level.")
     tags = sorted({noun, place, other, rng.choice(ADJECTIVES), rng.choice(["outdoor", "indoor", "travel", "family"])})
     data = {"caption": caption, "tags": tags}
     return {
@@ -114,7 +114,8 @@ def row(report: Any, n: int, work: Path, bench: Any) -> None:
     ref = min(ref1.wall_s, ref2.wall_s)
     report.add(bench.Row("8a", f"search index built from {n} sidecars (`mmwatchd search --reindex`)",
                          bench.fmt_s(build.wall_s),
-                         f"{bench.fmt_s(ref)} (walk + json.load of all {ref1.stdout.strip()} sidecars, Python subprocess)",
+                         f"{bench.fmt_s(ref)} (walk + json.load of all {ref1.stdout.strip()} sidecars, "
+                         "Python subprocess)",
                          build.wall_s / ref, None, "<= 60 s for 100,000", met=build.wall_s * 100_000 / n <= 60,
                          miss=f"{build.wall_s * 100_000 / n:.0f} s per 100,000"))  # fmt: skip
 
@@ -143,7 +144,8 @@ def row(report: Any, n: int, work: Path, bench: Any) -> None:
         raise RuntimeError(f"search: mmwatchd search exited {cli.rc}: {cli.stderr[-500:]}")
     w = min(wref.wall_s, wref2.wall_s)
     report.add(bench.Row("8c", f"`mmwatchd search` whole command, index up to date ({n} sidecars checked)",
-                         bench.fmt_s(cli.wall_s), f"{bench.fmt_s(w)} (scandir walk + stat of the tree, Python subprocess)",
+                         bench.fmt_s(cli.wall_s),
+                         f"{bench.fmt_s(w)} (scandir walk + stat of the tree, Python subprocess)",
                          cli.wall_s / w, None, "-"))  # fmt: skip
     report.note(f"8: build {build.wall_s / n * 1e6:.0f} us/sidecar, peak RSS {bench.fmt_mb(build.maxrss)}; the whole "
                 f"command {bench.fmt_s(cli.wall_s)}, of which start-up and loading the config take "

@@ -509,7 +509,9 @@ main { padding: 16px 20px 40px; }
       body.appendChild(tags);
     }
     const meta = el("div", "meta");
-    for (const m of [c.rule, c.model, c.date, c.kind === "video" ? "video" : null]) if (m) meta.appendChild(el("span", "", m));
+    for (const m of [c.rule, c.model, c.date, c.kind === "video" ? "video" : null]) {
+      if (m) meta.appendChild(el("span", "", m));
+    }
     meta.appendChild(link(c.href, "", "original"));
     if (c.sidecar) meta.appendChild(link(c.sidecar, "", "sidecar"));
     body.appendChild(meta);

@@ -301,8 +301,8 @@ class SearchIndex:
         timeout, disk full): the sidecar is written either way, and the next search reads it.
         """
         st = os.stat(path)
-        entry = _entry(os.fsencode(path), st.st_size, st.st_mtime_ns, doc if is_ours(doc) else None, os.fsencode(suffix),
-                       None if mirror is None else os.fsencode(mirror))  # fmt: skip
+        entry = _entry(os.fsencode(path), st.st_size, st.st_mtime_ns, doc if is_ours(doc) else None,
+                       os.fsencode(suffix), None if mirror is None else os.fsencode(mirror))  # fmt: skip
         with self._write() as conn:
             _insert(conn, [entry])
 
@@ -350,7 +350,8 @@ class SearchIndex:
         mirror = None if scope.mirror is None else os.fsencode(scope.mirror)
         for start in range(0, len(todo), BATCH):
             # Read and parse outside the transaction; the writer waits only for the inserts.
-            batch = [_entry(raw, size, mtime, _load(raw), suffix, mirror) for raw, size, mtime in todo[start : start + BATCH]]
+            batch = [_entry(raw, size, mtime, _load(raw), suffix, mirror)
+                     for raw, size, mtime in todo[start : start + BATCH]]  # fmt: skip
             with self._write() as conn:
                 _insert(conn, batch)
         updated = sum(1 for raw, _, _ in todo if raw in known)
@@ -377,7 +378,9 @@ class SearchIndex:
             try:
                 rows = self._conn.execute(sql, (MARK_START, MARK_END, query, limit)).fetchall()
             except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: cannot search the index: {exc} (try mmwatchd search --reindex)") from exc
+                raise StateError(
+                    f"{self.path}: cannot search the index: {exc} (try mmwatchd search --reindex)"
+                ) from exc
         return [
             Hit(path=_display(media), sidecar=_display(side), status=status, rule=rule, model=model, taken=taken,
                 snippet=snippet or "", score=-score)

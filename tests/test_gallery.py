@@ -181,7 +181,8 @@ def open_page(driver: Any, page: Path) -> None:
 
 def shown(driver: Any) -> list[str]:
     """The names on the cards in the DOM, in order (read in one script: the page may be re-rendering)."""
-    return driver.execute_script("return [...document.querySelectorAll('article.card .name')].map((e) => e.textContent)")
+    return driver.execute_script(
+        "return [...document.querySelectorAll('article.card .name')].map((e) => e.textContent)")
 
 
 def problems(driver: Any) -> list[dict[str, Any]]:
@@ -207,7 +208,8 @@ class TestInBrowser:
         # every thumbnail loads, from file://, under the page's Content-Security-Policy
         wait_for(browser, lambda: browser.execute_script(
             "return [...document.images].every((i) => i.complete && i.naturalWidth > 0)"))  # fmt: skip
-        assert browser.execute_script("return document.images.length") == 4 + 4  # 4 photos, 4 frames; the broken file: none
+        # 4 photos, 4 frames of the video; the broken file has none
+        assert browser.execute_script("return document.images.length") == 4 + 4
         assert problems(browser) == []
         screenshot(browser, tmp_path / "gallery.png")
         assert (tmp_path / "gallery.png").stat().st_size > 10_000

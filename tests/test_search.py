@@ -222,8 +222,9 @@ class TestIndex:
 
 class TestText:
     def test_captions_and_tags_of_a_schema_reply(self) -> None:
-        doc = {"response": {"text": "{...}", "data": {"caption": "A dog.", "objects": [{"name": "ball", "color": "red"}],
-                                                       "tags": ["dog", "", 3], "title": "Play"}}}  # fmt: skip
+        data = {"caption": "A dog.", "objects": [{"name": "ball", "color": "red"}], "tags": ["dog", "", 3],
+                "title": "Play"}
+        doc = {"response": {"text": "{...}", "data": data}}
         assert search.caption_and_tags(doc) == ("A dog.\nPlay", ["ball", "red", "dog"])
         assert search.caption_and_tags({"response": {"text": "Plain words.", "data": None}}) == ("Plain words.", [])
         assert search.caption_and_tags({"status": "error"}) == ("", [])
