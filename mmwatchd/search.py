@@ -133,7 +133,7 @@ def caption_and_tags(doc: Mapping[str, Any]) -> tuple[str, list[str]]:
         return (text if isinstance(text, str) else ""), []
     captions: list[str] = []
     tags: list[str] = []
-    _strings(data, captions, tags, caption=False)
+    _strings(data, captions, tags, caption=isinstance(data, str))  # a schema of one string: that is the caption
     return "\n".join(captions), tags
 
 

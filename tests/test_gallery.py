@@ -196,7 +196,7 @@ def screenshot(driver: Any, path: Path) -> None:
 
 
 class TestInBrowser:
-    def test_the_page_in_a_browser(self, library: Path, tmp_path: Path, browser: Any) -> None:
+    def test_the_page_in_a_browser(self, browser: Any, library: Path, tmp_path: Path) -> None:
         from selenium.common.exceptions import NoAlertPresentException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import Select

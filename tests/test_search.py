@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,15 +30,19 @@ def _reset_logging() -> Iterator[None]:
 @pytest.fixture
 def library(tmp_path: Path, fake_vlm: FakeVLM) -> Path:
     """Four described photos (one named after a beach it does not show), one that failed; returns the config."""
-    cfg = config(tmp_path, fake_vlm)
-    inbox = tmp_path / "inbox"
+    return make_library(tmp_path, fake_vlm)
+
+
+def make_library(folder: Path, fake_vlm: FakeVLM) -> Path:
+    cfg = config(folder, fake_vlm)
+    inbox = folder / "inbox"
     photos = {
         make_jpeg(inbox / "IMG_0001.jpg", seed=1): ("A brown dog runs along the beach at sunset.", ["dog", "sea"]),
         make_jpeg(inbox / "trip" / "IMG_0002.jpg", seed=2): ("A cat asleep on a red sofa.", ["cat", "indoor"]),
         make_jpeg(inbox / "beach-house.jpg", seed=3): ("Two cups of coffee on a wooden table.", ["coffee"]),
         make_jpeg(inbox / "IMG_0004.jpg", seed=4): ("Mountains under snow.", ["winter", "sunset glow"]),
     }
-    broken = make_truncated(make_jpeg(tmp_path / "whole.jpg", (256, 256), seed=5), inbox / "broken.jpg")
+    broken = make_truncated(make_jpeg(folder / "whole.jpg", (256, 256), seed=5), inbox / "broken.jpg")
     describe(cfg, fake_vlm, photos, failing=[broken])
     return cfg
 
@@ -55,6 +61,14 @@ def matches(capsys: pytest.CaptureFixture[str], cfg: Path, query: str) -> list[s
 
 
 class TestSearch:
+    """Read-only tests: they share one library."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def library(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        with FakeVLM() as fake_vlm:
+            return make_library(tmp_path_factory.mktemp("library"), fake_vlm)
+
     def test_finds_files_by_words_of_their_captions(self, library: Path, capsys: pytest.CaptureFixture[str]) -> None:
         code, out, err = run(capsys, "dog on a beach", "-c", str(library))
         assert code == 0, err
@@ -200,24 +214,37 @@ class TestIndex:
         side.unlink()
         assert matches(capsys, library, "kite") == []
 
-    def test_search_while_another_process_holds_the_index(self, library: Path,
+    def test_search_while_another_process_reads_the_index(self, library: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-        """The daemon keeps the index open and writes into it; a reader in the middle of a read does not stop a
-        search from refreshing it (WAL), and a search does not block that reader."""
+        """The daemon keeps the index open; a process in the middle of a read does not stop a search from
+        refreshing it (WAL), and the search does not disturb that reader's snapshot."""
         assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
         index = library.parent / "state" / "search.sqlite3"
-        other = sqlite3.connect(index, isolation_level=None)
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(index)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            other.execute("BEGIN")
-            assert other.execute("SELECT count(*) FROM docs").fetchone()[0] == 5
+            assert reader.stdout.readline() == "5\n"  # in a read transaction now
             (library.parent / "inbox" / "trip" / "IMG_0002.jpg.json").unlink()
             assert matches(capsys, library, "cat") == []
-            assert other.execute("SELECT count(*) FROM docs").fetchone()[0] == 5  # its snapshot
-            other.execute("COMMIT")
-            assert other.execute("SELECT count(*) FROM docs").fetchone()[0] == 4
+            out, _ = reader.communicate("go\n", timeout=30)
         finally:
-            other.close()
+            reader.kill()
+            reader.wait()
+        assert out == "5\n4\n"  # its snapshot, then after its transaction the refreshed index
         assert os.stat(index).st_mode & 0o077 == 0
+
+
+#: Holds a read transaction on the index until told to go on.
+READER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN")
+print(conn.execute("SELECT count(*) FROM docs").fetchone()[0], flush=True)
+sys.stdin.readline()
+print(conn.execute("SELECT count(*) FROM docs").fetchone()[0])
+conn.execute("COMMIT")
+print(conn.execute("SELECT count(*) FROM docs").fetchone()[0])
+"""
 
 
 class TestText:
@@ -228,6 +255,8 @@ class TestText:
         assert search.caption_and_tags(doc) == ("A dog.\nPlay", ["ball", "red", "dog"])
         assert search.caption_and_tags({"response": {"text": "Plain words.", "data": None}}) == ("Plain words.", [])
         assert search.caption_and_tags({"status": "error"}) == ("", [])
+        assert search.caption_and_tags({"response": {"text": '"A dog."', "data": "A dog."}}) == ("A dog.", [])
+        assert search.caption_and_tags({"response": {"data": ["dog", "ball"]}}) == ("", ["dog", "ball"])
 
     def test_terminal_output(self) -> None:
         hit = search.Hit(path="/p/a\x1b[2J.jpg", sidecar="/p/a.jpg.json", status="ok", rule="r", model="m", taken=None,
