@@ -127,6 +127,15 @@ class TestPage:
             capsys.readouterr().out)
         assert len([p for p in (tmp_path / "review_files").iterdir() if p.suffix == ".jpg"]) == 2
 
+    def test_a_file_name_that_is_not_utf8(self, library: Path, tmp_path: Path) -> None:
+        odd = tmp_path / "odd"
+        odd.mkdir()
+        name = os.fsdecode(b"caf\xe9 <x>.jpg")  # Latin-1, as old cameras and Windows shares write them
+        make_jpeg(odd / name)
+        [card] = page_data(build(library, tmp_path / "review.html", odd))["cards"]
+        assert card["path"] == str(odd / "caf\ufffd <x>.jpg") and card["status"] == "new"
+        assert card["href"] == "odd/caf%E9%20%3Cx%3E.jpg" and len(card["thumbs"]) == 1
+
     def test_a_page_it_did_not_write_is_left_alone(self, library: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
         out = tmp_path / "review.html"
