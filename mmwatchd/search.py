@@ -236,12 +236,14 @@ class SearchIndex:
                              "permissions of its folder, or set state_dir)") from exc  # fmt: skip
         try:
             self._conn = self._open()
-        except sqlite3.DatabaseError:
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):  # locked by a long writer, read-only, full, no FTS5: the index is not at fault
+                raise StateError(f"{self.path}: cannot open the search index: {exc}") from exc
             self._discard()
             try:
                 self._conn = self._open()
-            except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: cannot open a fresh search index: {exc}") from exc
+            except sqlite3.Error as again:
+                raise StateError(f"{self.path}: cannot open a fresh search index: {again}") from again
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
@@ -288,7 +290,8 @@ class SearchIndex:
                 with _transaction(self._conn):
                     yield self._conn
             except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: cannot update the search index: {exc}") from exc
+                why = f"{exc}{_advice(exc, self.path)}"
+                raise StateError(f"{self.path}: cannot update the search index: {why}") from exc
 
     # -- writing ---------------------------------------------------------------------------------------------
 
@@ -378,14 +381,24 @@ class SearchIndex:
             try:
                 rows = self._conn.execute(sql, (MARK_START, MARK_END, query, limit)).fetchall()
             except sqlite3.Error as exc:
-                raise StateError(
-                    f"{self.path}: cannot search the index: {exc} (try mmwatchd search --reindex)"
-                ) from exc
+                raise StateError(f"{self.path}: cannot search the index: {exc}{_advice(exc, self.path)}") from exc
         return [
             Hit(path=_display(media), sidecar=_display(side), status=status, rule=rule, model=model, taken=taken,
                 snippet=snippet or "", score=-score)
             for media, side, status, rule, model, taken, snippet, score in rows
         ]  # fmt: skip
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    """Corrupt or not a database at all, as opposed to locked, read-only or out of space."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _advice(exc: sqlite3.Error, path: Path) -> str:
+    if _is_corrupt(exc):
+        return f" (the index is damaged: delete {path}; the next search builds it again from the sidecars)"
+    return ""
 
 
 @contextlib.contextmanager

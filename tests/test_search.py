@@ -171,6 +171,27 @@ class TestIndex:
         index.write_bytes(b"this is not a database" * 100)
         assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
 
+    def test_a_locked_index_is_an_error_not_a_reason_to_start_over(
+        self, library: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
+        index = library.parent / "state" / "search.sqlite3"
+        monkeypatch.setattr(search, "BUSY_TIMEOUT_S", 0.05)
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(index)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert writer.stdout.readline() == "writing\n"  # holds the write lock now
+            code, out, err = run(capsys, "cat", "-c", str(library))
+            assert (code, out) == (1, "")
+            assert err == f"mmwatchd: {index}: cannot open the search index: database is locked\n"
+            writer.communicate("go\n", timeout=30)
+        finally:
+            writer.kill()
+            writer.wait()
+        with sqlite3.connect(index) as conn:
+            assert conn.execute("SELECT count(*) FROM docs").fetchone()[0] == 5  # nothing was thrown away
+        assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
+
     def test_an_index_of_another_version_is_rebuilt(self, library: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
         index = library.parent / "state" / "search.sqlite3"
@@ -233,6 +254,16 @@ class TestIndex:
         assert out == "5\n4\n"  # its snapshot, then after its transaction the refreshed index
         assert os.stat(index).st_mode & 0o077 == 0
 
+
+#: Holds the write lock on the index until told to go on.
+WRITER = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("writing", flush=True)
+sys.stdin.readline()
+conn.execute("COMMIT")
+"""
 
 #: Holds a read transaction on the index until told to go on.
 READER = """
