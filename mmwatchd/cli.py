@@ -351,6 +351,8 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     if not paths:
         _require_roots(cfg)
     summary = gallery.build(cfg, Path(args.output), paths)
+    for line in summary.unreadable:
+        print(f"mmwatchd: {line}", file=sys.stderr)
     print(summary.line())
     return EXIT_OK
 

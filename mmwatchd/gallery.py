@@ -37,7 +37,7 @@ from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import media_suffix_kind, sniff
 from mmwatchd.model import ImageSpec, LinearBudget, VideoSpec, WatchRoot
 from mmwatchd.search import caption_and_tags
-from mmwatchd.watch import scan_paths
+from mmwatchd.watch import ScanErrorCallback, scan_paths
 
 #: Thumbnails: one JPEG of at most this many pixels a side; a video gets a strip of a few smaller frames.
 THUMB_SPEC = ImageSpec(max_side=320, format="jpeg", quality=75, min_quality=40, passthrough=False)
@@ -83,6 +83,8 @@ class Summary:
     thumbs_made: int
     thumbs_reused: int
     no_preview: int
+    #: Folders that could not be read (one line each, for stderr).
+    unreadable: tuple[str, ...] = ()
 
     def line(self) -> str:
         return (f"{self.page}: {self.files} files ({self.ok} described, {self.error} failed, {self.new} not yet "
@@ -93,12 +95,18 @@ class Summary:
 # ------------------------------------------------------------------------------------------------------ collecting
 
 
-def collect(cfg: Config, paths: Sequence[Path] = ()) -> list[Card]:
-    """The cards for ``paths`` (files, or folders walked like a watched folder), or for the watched folders."""
+def collect(cfg: Config, paths: Sequence[Path] = (), unreadable: list[str] | None = None) -> list[Card]:
+    """The cards for ``paths`` (files, or folders walked like a watched folder), or for the watched folders.
+    Folders that cannot be listed get no cards and a line in ``unreadable``, so the page is written for the rest."""
     roots = [r.path for r in cfg.watch]
     seen: set[str] = set()
     cards = []
-    for name in _candidates(cfg, paths):
+    problems = [] if unreadable is None else unreadable
+
+    def report(path: Path, exc: OSError) -> None:
+        problems.append(f"{path}: cannot read this folder ({exc.strerror or exc}); its files are not on the page")
+
+    for name in _candidates(cfg, paths, report):
         if name in seen:
             continue
         seen.add(name)
@@ -108,21 +116,17 @@ def collect(cfg: Config, paths: Sequence[Path] = ()) -> list[Card]:
     return cards
 
 
-def _candidates(cfg: Config, paths: Sequence[Path]) -> Iterator[str]:
+def _candidates(cfg: Config, paths: Sequence[Path], report: ScanErrorCallback) -> Iterator[str]:
     suffix = cfg.sidecar.suffix
     if not paths:
         for root in cfg.watch:
-            yield from scan_paths(root, sidecar_suffix=suffix, on_error=_ignore)
+            yield from scan_paths(root, sidecar_suffix=suffix, on_error=report)
         return
     for p in paths:
         if p.is_dir():
-            yield from scan_paths(WatchRoot(path=p), sidecar_suffix=suffix, on_error=_ignore)
+            yield from scan_paths(WatchRoot(path=p), sidecar_suffix=suffix, on_error=report)
         elif p.is_file() and not p.name.endswith(suffix):
             yield str(p)
-
-
-def _ignore(path: Path, exc: OSError) -> None:
-    """A folder the walk cannot read has no cards; the page is still written for the rest."""
 
 
 def _card(cfg: Config, path: Path, roots: list[Path]) -> Card | None:
@@ -303,7 +307,8 @@ def build(cfg: Config, out: Path, paths: Sequence[Path] = (), *, page_size: int 
     """Write the page ``out`` and its thumbnail folder for ``paths`` (default: the watched folders)."""
     out = Path(os.path.abspath(out))
     _check_ours(out)
-    cards = collect(cfg, paths)
+    unreadable: list[str] = []
+    cards = collect(cfg, paths, unreadable)
     cards.sort(key=lambda c: os.fsencode(c.path))
     folder = out.with_name(f"{out.stem}_files")
     try:
@@ -318,7 +323,7 @@ def build(cfg: Config, out: Path, paths: Sequence[Path] = (), *, page_size: int 
     count = lambda s: sum(1 for c in cards if c.status == s)  # noqa: E731
     return Summary(page=out, files=len(cards), ok=count("ok"), error=count("error"), new=count("new"),
                    thumbs_made=made, thumbs_reused=reused,
-                   no_preview=sum(1 for c in cards if not c.thumbs))  # fmt: skip
+                   no_preview=sum(1 for c in cards if not c.thumbs), unreadable=tuple(unreadable))  # fmt: skip
 
 
 def _check_ours(out: Path) -> None:
