@@ -231,6 +231,7 @@ class Processor:
                 )
             existing = sidecar.read(side)  # a foreign file there is never replaced, forced or not
             if not force and self._fresh(path, existing, before, fingerprint):
+                sidecar.clear_leftover_lock(side)
                 return self._up_to_date(path, existing, before, rule, kind, fingerprint)
             claim = sidecar.claim(side)
             if claim is None:

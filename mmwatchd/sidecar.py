@@ -291,6 +291,18 @@ def claim(sidecar: Path) -> Claim | None:
         os.close(fd)  # its holder removed it as we locked it: the claim is on a name no one else sees; again
 
 
+def clear_leftover_lock(sidecar: Path) -> None:
+    """Remove the lock file of a claim whose process was killed after writing ``sidecar`` but before removing it.
+
+    Called for sidecars found up to date, which are never claimed again: only a claim can tell a leftover from a
+    lock someone holds, so this claims and releases (a held lock is left alone). A stat when there is none.
+    """
+    if os.path.lexists(lock_path(sidecar)):
+        with contextlib.suppress(SidecarError, OSError):
+            if (c := claim(sidecar)) is not None:
+                c.release()
+
+
 def _own_like_folder(fd: int, folder: Path) -> None:
     """A sidecar belongs to whoever owns its folder (a service running as root writing into a user's photos must
     not leave root-owned files there); the group follows the folder where we are allowed to set it."""

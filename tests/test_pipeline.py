@@ -440,6 +440,14 @@ class TestPayingOnlyWhenTheAnswerCanBeKept:
         assert env.processor.process(photo).status == "ok"  # its holder is done
         assert sorted(os.listdir(env.inbox)) == ["a.jpg", "a.jpg.json"]
 
+    def test_a_lock_file_left_by_a_killed_process_beside_a_done_file_is_removed(self, env: Env) -> None:
+        photo = make_jpeg(env.inbox / "a.jpg", (64, 48))
+        assert env.processor.process(photo).status == "ok"
+        leftover = env.inbox / ".a.jpg.json.mmwatchd-lock"  # killed between writing the sidecar and removing it
+        leftover.touch()
+        assert env.processor.process(photo).reason == "up to date"
+        assert sorted(os.listdir(env.inbox)) == ["a.jpg", "a.jpg.json"]
+
     def test_an_unwritable_folder_costs_no_request_and_on_the_last_attempt_is_final(
         self, env: Env, tmp_path: Path
     ) -> None:
