@@ -273,6 +273,7 @@ def claim(sidecar: Path) -> Claim | None:
             raise SidecarError(f"{path.parent}: cannot write sidecars into this folder: {_why(exc)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _own_like_folder(fd, path.parent)  # like the sidecar: a root service leaves no root-owned leftover
         except BlockingIOError:
             os.close(fd)
             return None

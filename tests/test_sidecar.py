@@ -235,6 +235,16 @@ class TestClaim:
         with pytest.raises(SidecarError, match=f"{small_tmpfs}: cannot write sidecars into this folder: Read-only"):
             sidecar.claim(small_tmpfs / "a.jpg.json")
 
+    def test_a_lock_file_belongs_to_the_folder_owner(self, tmp_path: Path) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("only root can give files away")
+        os.chown(tmp_path, 4321, 4321)  # a user's photo folder; the service runs as root
+        c = sidecar.claim(tmp_path / "a.jpg.json")
+        assert c is not None
+        st = c.path.stat()
+        c.release()
+        assert (st.st_uid, st.st_gid) == (4321, 4321)
+
     def test_claims_race_only_one_wins(self, tmp_path: Path) -> None:
         side = tmp_path / "a.jpg.json"
         holders: list[int] = []
