@@ -13,6 +13,8 @@ wrong, in one line each, for the log. Whatever fails, the media file and its sid
   ignore ``sidecar.TEMP_MARK`` names), fsynced, claimed under its final name, the folder fsynced, and only then the
   source deleted: a crash leaves one or two copies, never none. A failed copy (ENOSPC, read-only target) removes the
   temp file and leaves the source untouched.
+- **Mirrored sidecars** (``sidecar.dir``) move to the mirror of the file's new place, made as needed; a clash number
+  is chosen so that name is free there too.
 - **Order:** the media file moves first, then its sidecar. When the file moved but its sidecar cannot follow, the
   sidecar stays where it was (still readable, under its old name) and a problem says so. Moving the file back instead
   could fail for the same reason and would leave the file in a third state; a stray sidecar is harmless.
@@ -21,7 +23,9 @@ wrong, in one line each, for the log. Whatever fails, the media file and its sid
 
 The hook runs after the move, without a shell, with the placeholders of prompts (``rules.PLACEHOLDERS``) plus
 ``{sidecar}`` and ``{status}``; ``{path}``, ``{name}``, ``{stem}`` and ``{folder}`` describe where the file is *now*
-(``{relpath}`` stays relative to the watch root). It also runs when the move failed: it is then told the file's actual
+(``{relpath}`` stays relative to the watch root). Each argument gets the values as they are: prompts quote file names
+(they are data there), but in an argv the argument boundary already does that, and quotes would become part of the
+name the hook is given. It also runs when the move failed: it is then told the file's actual
 place. The hook inherits the daemon's environment, which may include the variable named by ``endpoint.api_key_env``:
 run the daemon with the key in a systemd credential (``LoadCredential=``) to keep it from hooks. The key is never in
 the argv (it is not a placeholder).
@@ -85,18 +89,23 @@ def run_actions(
     root: Path | None,
     values: Mapping[str, object],
     status: str,
+    sidecar_for: Callable[[Path], Path] | None = None,
 ) -> ActionResult:
     """Move ``path`` and ``sidecar`` into ``spec.move_to``, then run ``spec.exec``. Synchronous; thread-safe.
 
     ``root`` is the watch root holding ``path`` (its relative subfolder is kept under ``move_to``), None outside any
-    root. ``values`` are the prompt placeholders for this file; ``status`` is "ok" or "error".
+    root. ``values`` are the placeholders for this file, as plain strings (each is one argument; nothing is quoted);
+    ``status`` is "ok" or "error". ``sidecar_for``: where the sidecar of a file at a given path belongs, when it does
+    not sit beside the file (``sidecar.dir``); the sidecar then moves to the place that gives for the moved file.
     """
     problems: list[str] = []
     if sidecar is not None and not os.path.lexists(sidecar):
         sidecar = None
     new_path, new_sidecar, moved = path, sidecar, False
     if spec.move_to is not None:
-        new_path, new_sidecar, moved = _move(spec.move_to, path=path, sidecar=sidecar, root=root, problems=problems)
+        new_path, new_sidecar, moved = _move(
+            spec.move_to, path=path, sidecar=sidecar, root=root, problems=problems, sidecar_for=sidecar_for
+        )
     exec_code: int | None = None
     if spec.exec:
         hook_values = {
@@ -119,10 +128,16 @@ def run_actions(
 
 
 def _move(
-    move_to: Path, *, path: Path, sidecar: Path | None, root: Path | None, problems: list[str]
+    move_to: Path,
+    *,
+    path: Path,
+    sidecar: Path | None,
+    root: Path | None,
+    problems: list[str],
+    sidecar_for: Callable[[Path], Path] | None = None,
 ) -> tuple[Path, Path | None, bool]:
     suffix = ""
-    if sidecar is not None:
+    if sidecar is not None and sidecar_for is None:
         if sidecar.parent != path.parent or not sidecar.name.startswith(path.name) or sidecar.name == path.name:
             problems.append(
                 f"move_to: {sidecar} is not named after {path.name}; nothing was moved (the sidecar must sit beside "
@@ -130,6 +145,9 @@ def _move(
             )
             return path, sidecar, False
         suffix = sidecar.name[len(path.name) :]
+
+    def sidecar_target(media: Path) -> Path:
+        return sidecar_for(media) if sidecar_for is not None else media.with_name(media.name + suffix)
 
     try:
         folder = _target_folder(move_to, path, root)
@@ -150,7 +168,7 @@ def _move(
         return path, sidecar, False
 
     def pair_free(name: str) -> bool:
-        return sidecar is None or not os.path.lexists(folder / (name + suffix))
+        return sidecar is None or not os.path.lexists(sidecar_target(folder / name))
 
     names = _numbered(path.name)
     try:
@@ -164,8 +182,11 @@ def _move(
         return new_path, None, True
 
     for _ in range(MAX_NUMBER):
+        target = sidecar_target(new_path)
         try:
-            return new_path, _place(sidecar, folder, [new_path.name + suffix]), True
+            if sidecar_for is not None:
+                _make_folders(target.parent)  # a mirror folder for the new place
+            return new_path, _place(sidecar, target.parent, [target.name]), True
         except FileExistsError:
             # Something else took the sidecar's name after it was checked: move the file on to the next free pair.
             try:

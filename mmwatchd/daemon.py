@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmwatchd.config import Config
-from mmwatchd.errors import ConfigError, VLMError, VLMMisconfigured, VLMUnavailable
+from mmwatchd.errors import ConfigError, SidecarError, VLMError, VLMMisconfigured, VLMUnavailable
 from mmwatchd.index import DoneIndex
 from mmwatchd.isolate import Isolator
 from mmwatchd.log import get_logger
@@ -323,6 +323,8 @@ class Daemon:
                 seen.add(name)
                 if done is None:
                     yield Path(name)
+        if self.state is not None and index.adopted:
+            self.state.adopt_identities(index.adopted)
         if self.state is not None and not unlisted and not self.stopping.is_set():
             gone = index.rows.keys() - seen
             if gone:
@@ -520,7 +522,8 @@ class Daemon:
                 with self._lock:
                     self._attempts[path] += 1
                     attempts = self._attempts[path]
-                final = attempts >= self.one_shot_attempts or isinstance(error, VLMMisconfigured)
+                # A folder that cannot take sidecars will not take them a few seconds later either: say so now.
+                final = attempts >= self.one_shot_attempts or isinstance(error, (VLMMisconfigured, SidecarError))
             else:
                 final = False
                 attempts = self._attempts_so_far(path)
@@ -543,11 +546,14 @@ class Daemon:
                 path, root=root_key, status=outcome.status,  # type: ignore[arg-type]
                 message=outcome.reason or None, kind=error.kind if error else "error",
             )  # fmt: skip
-        if self.state is not None and outcome.version and outcome.fingerprint and outcome.kind and outcome.answer:
+        elif self.state is not None and outcome.gone:
+            # Its retry row must not stay in `status`, nor pass its attempts on to a new file of that name.
+            self.state.forget(path)
+        if self.state is not None and outcome.identity and outcome.fingerprint and outcome.kind and outcome.answer:
             # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
-            size, mtime_ns = outcome.version
+            size, mtime_ns, ino, ctime_ns = outcome.identity
             if outcome.moved_to is None:
-                self.state.mark_done(path, size=size, mtime_ns=mtime_ns, kind=outcome.kind,
+                self.state.mark_done(path, size=size, mtime_ns=mtime_ns, ino=ino, ctime_ns=ctime_ns, kind=outcome.kind,
                                      fingerprint=outcome.fingerprint, status=outcome.answer)  # fmt: skip
         self._log(outcome, retry_in)
         with self._lock:

@@ -1,10 +1,15 @@
 """The done-index as a walk reads it: is this file done, from a ``stat`` and the folder listing alone?
 
-The state store keeps, for every file that has its answer, the size and mtime answered and the rule fingerprint
-(:meth:`mmwatchd.state.State.done_index`). A rescan (:meth:`mmwatchd.daemon.Daemon.needing_work`) and ``mmwatchd
-status`` walk 100,000 files with it instead of opening 100,000 sidecars. The sidecars stay the truth: an entry only
-counts while the file still has that size and mtime, its sidecar is still there and the rule that now applies still
-has that fingerprint; anything else is left to the caller to look at properly.
+The state store keeps, for every file that has its answer, the version answered (size, mtime, inode and ctime) and
+the rule fingerprint (:meth:`mmwatchd.state.State.done_index`). A rescan (:meth:`mmwatchd.daemon.Daemon.needing_work`)
+and ``mmwatchd status`` walk 100,000 files with it instead of opening 100,000 sidecars. The sidecars stay the truth:
+an entry only counts while the file is still that version, its sidecar is still there and the rule that now applies
+still has that fingerprint; anything else is left to the caller to look at properly.
+
+Entries made before inodes and ctimes were kept are trusted on size and mtime, as they were when they were made, and
+the walk collects the inode and ctime such a file has now in :attr:`DoneIndex.adopted`, for the caller to store
+(:meth:`mmwatchd.state.State.adopt_identities`): an upgrade reads and sends nothing again, and from then on the entry
+sees a same-size rewrite whose mtime was put back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class DoneIndex:
     def __init__(self, config: Config, rows: dict[str, DoneRow]) -> None:
         self.config = config
         self.rows = rows
+        #: Old entries (no inode/ctime) the walk found at their size and mtime: path → (inode, ctime_ns) now.
+        self.adopted: dict[str, tuple[int, int]] = {}
         self._fingerprints: dict[tuple[str, str], str] = {}
 
     def walk(
@@ -63,6 +70,12 @@ class DoneIndex:
             return None
         if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
             return None
+        if row.ino is not None or row.ctime_ns is not None:
+            if st.st_ino != row.ino or st.st_ctime_ns != row.ctime_ns:
+                return None  # rewritten (or replaced) with its size and mtime kept: the sidecar may not describe it
+            adopt = False
+        else:
+            adopt = True
         if cfg.sidecar.dir is None:
             simple = path + cfg.sidecar.suffix  # what sidecar_path gives unless the name is too long
             if simple not in sidecars and str(sidecar_path(Path(path), cfg.sidecar.suffix)) not in sidecars:
@@ -75,4 +88,8 @@ class DoneIndex:
         key = (rule.name, row.kind)
         if key not in self._fingerprints:
             self._fingerprints[key] = fingerprint(rule, cfg.endpoint, row.kind)
-        return row if self._fingerprints[key] == row.fingerprint else None
+        if self._fingerprints[key] != row.fingerprint:
+            return None
+        if adopt:
+            self.adopted[path] = (st.st_ino, st.st_ctime_ns)
+        return row

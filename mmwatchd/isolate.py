@@ -5,6 +5,11 @@ bound. :class:`Isolator` runs such calls in a few long-lived worker processes an
 into an error about the file:
 
 - the function raised an :class:`~mmwatchd.errors.MmwatchdError`: the same error, pickled across;
+- it raised an ``OSError`` that carries an errno (the file was renamed or deleted meanwhile, an I/O error or a stale
+  handle on a network share, a permission changed): an ``OSError`` of the same errno, strerror and file names, so the
+  caller treats it as it treats one from its own ``open`` (gone is gone, transient is retried) rather than as a
+  damaged file. Decoders also raise ``OSError`` *without* an errno for bad data (Pillow's "cannot identify image
+  file", "image file is truncated"): that is about the file, and becomes a ``DecodeError`` like anything else;
 - it raised anything else: :class:`~mmwatchd.errors.DecodeError` naming the file;
 - it ran longer than ``timeout_s``: the worker is killed (SIGKILL) and replaced, ``DecodeError``;
 - the worker died (a signal or an exit): replaced, ``DecodeError`` ("the decoder crashed");
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import importlib
 import itertools
 import os
@@ -238,6 +244,11 @@ class Isolator:
             return reply[1]
         if tag == "raised":
             raise reply[1]
+        if tag == "oserror":
+            _, number, strerror, filename, filename2 = reply
+            error = OSError(number, strerror, filename, None, filename2)  # the subclass for the errno, as os gives
+            error.add_note(f"in decoder process {pid}")
+            raise error
         if tag == "oom":
             raise _too_large(label, self.memory_bytes)
         if tag == "failed":
@@ -586,11 +597,19 @@ def _failure(exc: Exception) -> memoryview:
     """The reply for an exception: MmwatchdErrors themselves, anything else by name and message."""
     if isinstance(exc, MmwatchdError) and (data := _pickled(exc)) is not None:
         return data
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno in errno.errorcode:
+        # By value, not pickled: a library's OSError subclass (PyAV's) need not exist, or unpickle, in the daemon.
+        strerror = str(exc.strerror or os.strerror(exc.errno))
+        return ForkingPickler.dumps(("oserror", exc.errno, strerror, _name(exc.filename), _name(exc.filename2)))
     message = str(exc)
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     remote_tb = "".join(traceback.format_exception(exc))
     return ForkingPickler.dumps(("failed", type(exc).__name__, message, remote_tb))
+
+
+def _name(filename: object) -> str | bytes | None:
+    return filename if isinstance(filename, (str, bytes)) else None
 
 
 def _pickled(exc: MmwatchdError) -> memoryview | None:

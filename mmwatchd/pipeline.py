@@ -50,6 +50,11 @@ probe_video = ByName("mmwatchd.encode", "probe_video")
 encode_video = ByName("mmwatchd.encode", "encode_video")
 
 T = TypeVar("T")
+#: Sidecar bytes set aside before a request, besides room for the reply (see ``Processor._sidecar_room``).
+SIDECAR_ROOM_BYTES = 16 << 10
+GONE = "file is gone"
+IN_PROGRESS = "in progress: another mmwatchd process is describing it right now"
+CHANGED = "the file changed while it was being described; it will be described again"
 Status = Literal["ok", "error", "retry", "skipped", "planned"]
 
 
@@ -77,6 +82,10 @@ class Outcome:
     version: tuple[int, int] | None = None
     #: Which sidecar the file has for that version, "ok" or "error" (also when it was found up to date).
     answer: Literal["ok", "error"] | None = None
+    #: The version answered as (size, mtime_ns, inode, ctime_ns): what the done-index records (see ``version``).
+    identity: tuple[int, int, int, int] | None = None
+    #: The file was not there any more: its retry state can go.
+    gone: bool = False
 
     @property
     def failed(self) -> bool:
@@ -89,12 +98,25 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Stat:
+    """A file version: size, mtime, inode and ctime. A rewrite that keeps the size and puts the mtime back still
+    changes the ctime (only the kernel sets it), and a file replaced by another gets another inode."""
+
     size: int
     mtime_ns: int
+    ino: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> _Stat:
-        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return (self.size, self.mtime_ns)
+
+    @property
+    def identity(self) -> tuple[int, int, int, int]:
+        return (self.size, self.mtime_ns, self.ino, self.ctime_ns)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,14 +161,19 @@ class Processor:
         """Process one file.
 
         ``explicit``: a person named it (so non-media gets an error, not a skip). ``last_attempt``: a failure the
-        server answered (408/409/5xx) is recorded as permanent instead of being retried again.
+        server answered (408/409/5xx), or a sidecar that cannot be written, is recorded as permanent instead of being
+        retried again.
+
+        Nothing is paid for before the sidecar is claimed (:func:`sidecar.claim`: another process at work on it
+        makes this a skip) and its temp file exists with room set aside (:func:`sidecar.reserve`): a folder that
+        cannot take the answer is found out before the request, not after.
         """
         started = self.clock()
         path = Path(os.path.abspath(path))
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return Outcome(path=path, status="skipped", reason="file is gone")
+            return Outcome(path=path, status="skipped", reason=GONE, gone=True)
         except OSError as exc:
             return Outcome(path=path, status="skipped", reason=f"cannot stat: {exc.strerror or exc}")
         if not stat.S_ISREG(st.st_mode):
@@ -177,6 +204,10 @@ class Processor:
             "relpath": _quoted(rel),
             "size_bytes": before.size,
         }
+        # A hook's argv takes each value as one argument, so it gets them as they are (issue 10, item 11).
+        raw = {"name": path.name, "stem": path.stem, "folder": path.parent.name, "path": str(path), "relpath": rel}
+        claim: sidecar.Claim | None = None
+        reservation: sidecar.Reservation | None = None
         try:
             kind, problem = self._kind(path, before, explicit=explicit)
             if kind is None:
@@ -186,26 +217,10 @@ class Processor:
             if rule is None:
                 return Outcome(path=path, status="skipped", reason=f"no rule matches this {kind}")
             fingerprint = rules.fingerprint(rule, self.config.endpoint, kind)
-            if not dry_run and not force:
-                existing = sidecar.read(side)
-                if existing is not None and sidecar.is_fresh(
-                    existing,
-                    size=before.size,
-                    mtime_ns=before.mtime_ns,
-                    fingerprint=fingerprint,
-                    sha256=lambda: sidecar.sha256_file(path),
-                ):
-                    return Outcome(
-                        path=path, status="skipped", reason="up to date", rule=rule.name, kind=kind,
-                        fingerprint=fingerprint, version=(before.size, before.mtime_ns),
-                        answer="error" if existing.get("status") == "error" else "ok",
-                    )  # fmt: skip
-            elif not dry_run:
-                sidecar.read(side)  # a foreign file there is never replaced, forced or not
-            if problem is not None:
-                raise problem
-            planned = self._plan(path, kind, rule, values, fingerprint)
             if dry_run:
+                if problem is not None:
+                    raise problem
+                planned = self._plan(path, kind, rule, values, fingerprint)
                 return Outcome(
                     path=path,
                     status="planned",
@@ -214,19 +229,34 @@ class Processor:
                     plan=self._describe_plan(path, planned),
                     elapsed_s=self.clock() - started,
                 )
+            existing = sidecar.read(side)  # a foreign file there is never replaced, forced or not
+            if not force and self._fresh(path, existing, before, fingerprint):
+                sidecar.clear_leftover_lock(side)
+                return self._up_to_date(path, existing, before, rule, kind, fingerprint)
+            claim = sidecar.claim(side)
+            if claim is None:
+                return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
+            # Another process may have written the sidecar between the look above and the claim.
+            again = sidecar.read(side)
+            if not force and again != existing and self._fresh(path, again, before, fingerprint):
+                return self._up_to_date(path, again, before, rule, kind, fingerprint)
+            reservation = sidecar.reserve(side, size=self._sidecar_room(rule))
+            if problem is not None:
+                raise problem
+            planned = self._plan(path, kind, rule, values, fingerprint)
             if self.client is None:
                 raise RuntimeError("Processor without a client cannot call the endpoint")
             reply = self.client.describe(planned.request)
+            # Hash first, then re-stat: when the re-stat finds the version of the first stat, the hash (and what the
+            # decoder read, before it) is of that version too (issue 10, item 6).
+            sha = sidecar.sha256_file(path)
             after = self._restat(path)
+            if after is None:
+                return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name, gone=True)
             if after != before:
-                return Outcome(
-                    path=path,
-                    status="retry",
-                    reason="the file changed while it was being described; it will be described again",
-                    rule=rule.name,
-                )
-            doc = self._ok_doc(path, planned, before, reply, elapsed=self.clock() - started)
-            sidecar.write(side, doc)
+                return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
+            doc = self._ok_doc(path, planned, before, sha, reply, elapsed=self.clock() - started)
+            reservation.commit(doc)
             outcome = Outcome(
                 path=path,
                 status="ok",
@@ -235,21 +265,24 @@ class Processor:
                 elapsed_s=self.clock() - started,
                 kind=kind,
                 fingerprint=fingerprint,
-                version=(before.size, before.mtime_ns),
+                version=before.version,
+                identity=before.identity,
                 answer="ok",
             )
-            return self._act(outcome, rule.on_success, side, root, values)
+            return self._act(outcome, rule.on_success, side, root, {**values, **raw})
         except ForeignSidecar as exc:
             return Outcome(path=path, status="skipped", reason=exc.message, rule=rule and rule.name, error=exc)
         except FileNotFoundError:
-            return Outcome(path=path, status="skipped", reason="file is gone")
+            return Outcome(path=path, status="skipped", reason=GONE, rule=rule and rule.name, gone=True)
         except OSError as exc:  # unreadable now (permissions, I/O error, swapped for a FIFO): not the file's content
             return Outcome(
                 path=path, status="retry", reason=f"cannot read the file: {exc.strerror or exc}",
                 rule=rule and rule.name,
             )  # fmt: skip
         except (MediaError, VLMError, SidecarError) as exc:
-            gave_up = last_attempt and isinstance(exc, VLMUnavailable) and exc.counts_against_file
+            gave_up = last_attempt and (
+                (isinstance(exc, VLMUnavailable) and exc.counts_against_file) or isinstance(exc, SidecarError)
+            )
             if exc.retryable and not gave_up:
                 return Outcome(
                     path=path, status="retry", reason=exc.message, rule=rule and rule.name, error=exc,
@@ -257,13 +290,50 @@ class Processor:
                 )  # fmt: skip
             if dry_run:
                 return Outcome(path=path, status="error", reason=exc.message, rule=rule and rule.name, error=exc)
-            outcome = self._fail(path, side, rule, fingerprint, before, exc, started, gave_up=gave_up)
+            if isinstance(exc, SidecarError):
+                # No sidecar can record this: the state store does (the daemon keeps final errors there).
+                return Outcome(
+                    path=path, status="error", reason=f"gave up after repeated failures: {exc.message}",
+                    rule=rule and rule.name, error=exc, elapsed_s=self.clock() - started,
+                )  # fmt: skip
+            outcome = self._fail(path, side, reservation, rule, fingerprint, before, exc, started, gave_up=gave_up)
             if outcome.status == "error" and fingerprint:
-                outcome = replace(outcome, kind=kind, fingerprint=fingerprint, version=(before.size, before.mtime_ns),
-                                  answer="error")  # fmt: skip
+                outcome = replace(outcome, kind=kind, fingerprint=fingerprint, version=before.version,
+                                  identity=before.identity, answer="error")  # fmt: skip
             if outcome.status == "error" and rule is not None:
-                return self._act(outcome, rule.on_error, side, root, values)
+                return self._act(outcome, rule.on_error, side, root, {**values, **raw})
             return outcome
+        finally:
+            if reservation is not None:
+                reservation.discard()  # nothing to do once committed
+            if claim is not None:
+                claim.release()
+
+    @staticmethod
+    def _fresh(path: Path, doc: dict[str, Any] | None, st: _Stat, fingerprint: str) -> bool:
+        return doc is not None and sidecar.is_fresh(
+            doc,
+            size=st.size,
+            mtime_ns=st.mtime_ns,
+            ino=st.ino,
+            ctime_ns=st.ctime_ns,
+            fingerprint=fingerprint,
+            sha256=lambda: sidecar.sha256_file(path),
+        )
+
+    @staticmethod
+    def _up_to_date(
+        path: Path, doc: dict[str, Any] | None, st: _Stat, rule: Rule, kind: str, fingerprint: str
+    ) -> Outcome:
+        return Outcome(
+            path=path, status="skipped", reason="up to date", rule=rule.name, kind=kind, fingerprint=fingerprint,
+            version=st.version, identity=st.identity, answer="error" if (doc or {}).get("status") == "error" else "ok",
+        )  # fmt: skip
+
+    def _sidecar_room(self, rule: Rule) -> int:
+        """Bytes to set aside for the sidecar before paying: the document without the reply is a few KB; the reply
+        is at most ``max_tokens`` tokens, a few bytes each (more when JSON escapes them)."""
+        return SIDECAR_ROOM_BYTES + 8 * (rule.max_tokens or self.config.endpoint.max_tokens)
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -460,11 +530,14 @@ class Processor:
     def _header(self, path: Path, st: _Stat, sha256: str | None) -> dict[str, Any]:
         return {
             "mmwatchd": {"version": __version__, "schema": sidecar.SCHEMA},
-            "source": {"name": path.name, "size": st.size, "mtime_ns": st.mtime_ns, "sha256": sha256},
+            "source": {"name": path.name, "size": st.size, "mtime_ns": st.mtime_ns, "inode": st.ino,
+                       "ctime_ns": st.ctime_ns, "sha256": sha256},  # fmt: skip
         }
 
-    def _ok_doc(self, path: Path, planned: _Planned, st: _Stat, reply: Reply, *, elapsed: float) -> dict[str, Any]:
-        doc = self._header(path, st, sidecar.sha256_file(path))
+    def _ok_doc(
+        self, path: Path, planned: _Planned, st: _Stat, sha256: str, reply: Reply, *, elapsed: float
+    ) -> dict[str, Any]:
+        doc = self._header(path, st, sha256)
         doc.update(
             status="ok",
             rule=planned.rule.name,
@@ -489,6 +562,7 @@ class Processor:
         self,
         path: Path,
         side: Path,
+        reservation: sidecar.Reservation | None,
         rule: Rule | None,
         fingerprint: str,
         st: _Stat,
@@ -503,6 +577,13 @@ class Processor:
             sha = sidecar.sha256_file(path)
         except OSError:
             sha = None
+        # Like the ok path: hash, then re-stat, so the sidecar never pairs one version's hash with another's stat,
+        # and an error found in a file that was still changing is not recorded against it.
+        after = self._restat(path)
+        if after is None:
+            return Outcome(path=path, status="skipped", reason=GONE, rule=rule and rule.name, gone=True)
+        if after != st:
+            return Outcome(path=path, status="retry", reason=CHANGED, rule=rule and rule.name)
         doc = self._header(path, st, sha)
         doc.update(
             status="error",
@@ -514,7 +595,10 @@ class Processor:
             created=_now(),
         )
         try:
-            sidecar.write(side, doc)
+            if reservation is not None:
+                reservation.commit(doc)
+            else:
+                sidecar.write(side, doc)
         except SidecarError as write_exc:
             return Outcome(
                 path=path, status="retry", reason=f"{exc.message}; and {write_exc.message}",
@@ -528,7 +612,16 @@ class Processor:
         """Run the rule's on_success/on_error actions; their problems are reported, never raised."""
         if spec is None:
             return outcome
-        result = run_actions(spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status)
+        mirrored = None
+        if self.config.sidecar.dir is not None:
+            cfg = self.config.sidecar
+
+            def mirrored(media: Path) -> Path:  # the mirrored sidecar follows its file to its new place
+                return sidecar.locate(media, suffix=cfg.suffix, mirror=cfg.dir, roots=self._roots)
+
+        result = run_actions(
+            spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status, sidecar_for=mirrored
+        )
         return replace(outcome, moved_to=result.path if result.moved else None, action_problems=result.problems)
 
 

@@ -3,7 +3,9 @@ today's request count.
 
 It lives in SQLite at ``<state dir>/state.sqlite3`` (see :func:`default_state_dir`). It is a cache, not a record:
 sidecars say which files are done. So a database that fails its integrity check on open is moved aside and
-replaced by an empty one; nothing is lost that the next scan cannot rebuild, except counters and history.
+replaced by an empty one; nothing is lost that the next scan cannot rebuild, except counters and history. A database
+written by a newer mmwatchd is different: it is fine, just not for this binary, so opening it fails with a
+StateError that says to upgrade, and the file is left alone.
 
 Durability: WAL journal with ``synchronous=NORMAL``. A commit is in the WAL (the OS page cache) before it returns, so
 a killed process (``kill -9``, OOM) loses nothing it committed; a power loss or kernel crash can roll back the last
@@ -30,6 +32,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Literal
 
+from mmwatchd import __version__
 from mmwatchd.errors import StateError
 from mmwatchd.log import get_logger
 
@@ -91,6 +94,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # NULL for entries made before: status reads their sidecars.
         "ALTER TABLE done ADD COLUMN status TEXT",
     ),
+    (
+        # A file version is size + mtime + inode + ctime (issue 10, item 6). NULL for entries made before: they are
+        # trusted on size and mtime as before, and take the file's inode and ctime the first time a walk finds them
+        # so (State.adopt_identities), so no library is read or described again for the upgrade.
+        "ALTER TABLE done ADD COLUMN ino INTEGER",
+        "ALTER TABLE done ADD COLUMN ctime_ns INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -118,6 +128,9 @@ class DoneRow:
     fingerprint: str
     #: "ok" or "error" (which sidecar the file has); None for entries made by an older mmwatchd.
     status: str | None = None
+    #: Inode and ctime of the version answered; None for entries made by an older mmwatchd.
+    ino: int | None = None
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +227,12 @@ class State:
                 # Read inside the write transaction: two processes opening a new file migrate it once.
                 version = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise _Unusable(
-                        f"schema{version}",
-                        f"written by a newer mmwatchd (schema {version}, this one knows {SCHEMA_VERSION})",
+                    # Not ours to reset: a newer mmwatchd (one that was rolled back, or that another user runs)
+                    # still needs it. Refuse, and leave it untouched.
+                    raise StateError(
+                        f"{self.path}: written by a newer mmwatchd (state schema {version}; this one, "
+                        f"{__version__}, knows up to {SCHEMA_VERSION}); it is left untouched. Upgrade mmwatchd, "
+                        "or give this one another state directory (state_dir, or $STATE_DIRECTORY)"
                     )
                 if version == SCHEMA_VERSION:
                     return
@@ -323,21 +339,42 @@ class State:
                     (ERROR_HISTORY,),
                 )
 
-    def forget(self, path: Path) -> None:
-        """Drop a file's retry state and index entry (it was deleted or moved away). Its past errors stay."""
+    def forget(self, path: Path, *, index: bool = True) -> None:
+        """Drop a file's retry state, so a new file of that name starts with no attempts, and (``index``) its index
+        entry: it was deleted or moved away. Its past errors stay. The daemon calls it when a job finds its file
+        gone."""
         with self._write() as db:
             db.execute("DELETE FROM retry WHERE path = ?", (os.fsencode(path),))
-            db.execute("DELETE FROM done WHERE path = ?", (os.fsencode(path),))
+            if index:
+                db.execute("DELETE FROM done WHERE path = ?", (os.fsencode(path),))
 
     def mark_done(
-        self, path: Path, *, size: int, mtime_ns: int, kind: str, fingerprint: str, status: Literal["ok", "error"]
+        self,
+        path: Path,
+        *,
+        size: int,
+        mtime_ns: int,
+        kind: str,
+        fingerprint: str,
+        status: Literal["ok", "error"],
+        ino: int | None = None,
+        ctime_ns: int | None = None,
     ) -> None:
         """Index a file version as answered (``status``: an ok or an error sidecar) under ``fingerprint``."""
         with self._write() as db:
             db.execute(
-                """INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint, status)
-                   VALUES (?, ?, ?, ?, ?, ?)""",
-                (os.fsencode(path), size, mtime_ns, kind, fingerprint, status),
+                """INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint, status, ino, ctime_ns)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (os.fsencode(path), size, mtime_ns, kind, fingerprint, status, ino, ctime_ns),
+            )
+
+    def adopt_identities(self, found: Mapping[str, tuple[int, int]]) -> None:
+        """Give index entries made before inodes and ctimes were kept the (inode, ctime) their file has now: a walk
+        found it with the size and mtime the entry vouches for. From then on a rewrite that keeps both is seen."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE done SET ino = ?, ctime_ns = ? WHERE path = ? AND ino IS NULL",
+                ((ino, ctime, os.fsencode(p)) for p, (ino, ctime) in found.items()),
             )
 
     def set_answers(self, answers: Mapping[str, Literal["ok", "error"]]) -> None:
@@ -355,7 +392,9 @@ class State:
     def done_index(self) -> dict[str, DoneRow]:
         """Every indexed file by its path (as ``str``: a rescan looks up 100,000 of them), to compare against."""
         with self._read() as db:
-            rows = db.execute("SELECT path, size, mtime_ns, kind, fingerprint, status FROM done").fetchall()
+            rows = db.execute(
+                "SELECT path, size, mtime_ns, kind, fingerprint, status, ino, ctime_ns FROM done"
+            ).fetchall()
         encoding = sys.getfilesystemencoding()  # os.fsdecode, without its per-call checks
         return {p.decode(encoding, "surrogateescape"): DoneRow(*row) for p, *row in rows}
 

@@ -63,6 +63,8 @@ class Scripted:
     disconnect: bool = False
     #: Only a request to this path (e.g. "/v1/models") takes this response; None matches any path.
     path: str | None = None
+    #: Hold the response until this event is set (a request kept in flight for as long as a test needs).
+    hold: threading.Event | None = None
 
 
 def chat_completion(
@@ -196,6 +198,7 @@ class FakeVLM:
         delay_s: float = 0.0,
         disconnect: bool = False,
         path: str | None = None,
+        hold: threading.Event | None = None,
     ) -> None:
         """Queue one response for the next request (to ``path``, when given)."""
         if json is not None and text is not None:
@@ -209,6 +212,7 @@ class FakeVLM:
             delay_s=delay_s,
             disconnect=disconnect,
             path=path,
+            hold=hold,
         )
         with self._cond:
             self._script.append(item)
@@ -315,6 +319,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             else:
                 item = fake._default(request)
+        while item.hold is not None and not item.hold.wait(0.02):
+            if self.server.closing.is_set():
+                self.close_connection = True
+                return  # closed while held: drop the connection without answering
         if item.delay_s and self.server.closing.wait(item.delay_s):
             self.close_connection = True
             return  # closed while waiting: drop the connection without answering

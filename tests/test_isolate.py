@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import gc
 import inspect
 import multiprocessing
@@ -145,6 +146,32 @@ class TestResults:
         with pytest.raises((pickle.PicklingError, AttributeError)):
             iso.call(lambda: 1, label="a.jpg")
         assert iso.call(helpers.square, 4, label="a.jpg") == 16
+
+
+class TestOSErrors:
+    """The file system's answers cross as themselves (issue 10, item 4): the caller handles them as its own."""
+
+    @pytest.mark.parametrize("number", [errno.ENOENT, errno.EIO, errno.ESTALE, errno.EACCES, errno.EAGAIN])
+    def test_an_os_error_with_an_errno_is_raised_as_that_os_error(self, iso: Isolator, number: int) -> None:
+        sent = OSError(number, os.strerror(number), "/photos/IMG_1.jpg")
+        with pytest.raises(OSError) as caught:
+            iso.call(helpers.raise_error, sent, label="IMG_1.jpg")
+        assert not isinstance(caught.value, MmwatchdError)
+        assert type(caught.value) is type(OSError(number, "x"))  # FileNotFoundError, PermissionError, ...
+        assert (caught.value.errno, caught.value.strerror, caught.value.filename) == (
+            number, os.strerror(number), "/photos/IMG_1.jpg")  # fmt: skip
+
+    def test_a_file_gone_before_the_decoder_opens_it(self, iso: Isolator, tmp_path: Path) -> None:
+        path = make_jpeg(tmp_path / "IMG_1.jpg", (64, 48))
+        path.rename(tmp_path / "holiday.jpg")
+        with pytest.raises(FileNotFoundError) as caught:
+            iso.call(encode_image, path, ImageSpec(), budget=100_000, limits=Limits(), label=path.name)
+        assert caught.value.filename == str(path)
+
+    def test_a_decoders_os_error_without_an_errno_is_about_the_file(self, iso: Isolator) -> None:
+        # Pillow says "cannot identify image file" and "image file is truncated" with a bare OSError.
+        with pytest.raises(DecodeError, match="IMG_1.jpg: decoding failed: OSError: image file is truncated"):
+            iso.call(helpers.raise_error, OSError("image file is truncated"), label="IMG_1.jpg")
 
 
 def _error_classes() -> list[type[MmwatchdError]]:

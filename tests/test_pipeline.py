@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import mounts
 import pytest
 from configs import load_config
 from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_empty, make_heic, make_jpeg, make_named_text, make_png, make_truncated
 from PIL import Image
+from rewrite import padded_jpeg, rewrite_keeping_size_and_mtime
 
 from mmwatchd.config import Config
-from mmwatchd.pipeline import Processor
+from mmwatchd.errors import SidecarError
+from mmwatchd.pipeline import IN_PROGRESS, Processor
 from mmwatchd.vlm import VLMClient
 
 KEY = "sk-test-secret-123456"
@@ -57,6 +64,22 @@ class Env:
         return json.loads(path.with_name(path.name + ".json").read_text())
 
 
+def fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last block."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, bytes(4096))
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    return filler
+
+
 def sent_image(fake: FakeVLM, index: int = -1) -> Image.Image:
     url = fake.chat_requests[index].content[1]["image_url"]["url"]
     head, b64 = url.split(",", 1)
@@ -87,6 +110,8 @@ class TestOk:
             "name": "IMG_1.jpg",
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
+            "inode": st.st_ino,
+            "ctime_ns": st.st_ctime_ns,
             "sha256": doc["source"]["sha256"],
         }
         assert len(doc["source"]["sha256"]) == 64
@@ -203,6 +228,57 @@ class TestFreshness:
         assert out.status == "retry" and "changed" in out.reason
         assert not (env.inbox / "a.jpg.json").exists()
 
+    def test_a_same_size_rewrite_with_its_mtime_put_back_is_described_again(self, env: Env) -> None:
+        photo = padded_jpeg(env.inbox / "a.jpg", seed=1)
+        assert env.processor.process(photo).status == "ok"
+        rewrite_keeping_size_and_mtime(photo, seed=2)
+        out = env.processor.process(photo)
+        assert out.status == "ok", out.reason
+        assert len(env.fake.chat_requests) == 2
+        st = photo.stat()
+        src = env.sidecar(photo)["source"]
+        assert (src["size"], src["mtime_ns"], src["inode"], src["ctime_ns"]) == (
+            st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)  # fmt: skip
+        assert src["sha256"] == hashlib.sha256(photo.read_bytes()).hexdigest()
+        assert out.identity == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        assert env.processor.process(photo).reason == "up to date"  # and now it is the same file again
+
+    def test_a_same_size_rewrite_during_the_request_is_not_recorded(self, env: Env) -> None:
+        photo = padded_jpeg(env.inbox / "a.jpg", seed=1)
+        env.fake.enqueue(json=chat_completion("late"), delay_s=0.5)
+        changer = threading.Timer(0.2, lambda: rewrite_keeping_size_and_mtime(photo, seed=2))
+        changer.start()
+        try:
+            out = env.processor.process(photo)
+        finally:
+            changer.join()
+        assert out.status == "retry" and "changed" in out.reason
+        assert not (env.inbox / "a.jpg.json").exists()
+
+    def test_an_error_found_while_the_file_changed_is_not_recorded_against_it(self, env: Env) -> None:
+        photo = padded_jpeg(env.inbox / "a.jpg", seed=1)
+        env.fake.enqueue(status=400, json=error_body("image too small"), delay_s=0.5)
+        changer = threading.Timer(0.2, lambda: rewrite_keeping_size_and_mtime(photo, seed=2))
+        changer.start()
+        try:
+            out = env.processor.process(photo)
+        finally:
+            changer.join()
+        assert out.status == "retry" and "changed" in out.reason
+        assert not (env.inbox / "a.jpg.json").exists()
+
+    def test_a_sidecar_from_before_inodes_were_recorded_is_settled_by_its_hash(self, env: Env) -> None:
+        photo = padded_jpeg(env.inbox / "a.jpg", seed=1)
+        assert env.processor.process(photo).status == "ok"
+        side = env.inbox / "a.jpg.json"
+        doc = json.loads(side.read_text())
+        del doc["source"]["inode"], doc["source"]["ctime_ns"]
+        side.write_text(json.dumps(doc))
+        assert env.processor.process(photo).reason == "up to date"  # same bytes: nothing is sent again
+        rewrite_keeping_size_and_mtime(photo, seed=2)
+        assert env.processor.process(photo).status == "ok"  # other bytes, same size and mtime: described again
+        assert len(env.fake.chat_requests) == 2
+
 
 class TestBadInput:
     @pytest.mark.parametrize(
@@ -300,3 +376,102 @@ class TestDryRun:
         content = out.plan["request"]["messages"][0]["content"]
         assert content[1] == {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,…({part['url_bytes']} bytes)"}}
         assert env.fake.requests == [] and not (env.inbox / "a.jpg.json").exists()
+
+
+HOOK = """\
+import json, sys
+with open(sys.argv[1], "w") as fh:
+    json.dump(sys.argv[2:], fh)
+"""
+
+
+class TestActionsFromThePipeline:
+    def test_a_hook_gets_names_as_they_are_not_quoted(self, env: Env) -> None:
+        hook, out = env.tmp / "hook.py", env.tmp / "argv.json"
+        hook.write_text(HOOK)
+        argv = [sys.executable, str(hook), str(out), "{relpath}", "{name}", "{stem}", "{folder}", "{path}"]
+        env.configure(rule={"on_success": {"exec": argv}})
+        photo = make_jpeg(env.inbox / "sub" / 'IMG "1".jpg', (64, 48))
+        out_ = env.processor.process(photo)
+        assert out_.status == "ok" and out_.action_problems == ()
+        assert json.loads(out.read_text()) == ['sub/IMG "1".jpg', 'IMG "1".jpg', 'IMG "1"', "sub", str(photo)]
+        # The prompt still gets them quoted: there they are data inside text.
+        assert env.fake.chat_requests[0].content[0]["text"] == 'Describe "IMG \\"1\\".jpg" (64x48).'
+
+    def test_move_to_takes_a_mirrored_sidecar_along(self, env: Env) -> None:
+        mirror, done = env.tmp / "mirror", env.tmp / "done"
+        env.configure(sidecar={"dir": str(mirror)}, rule={"on_success": {"move_to": str(done)}})
+        photo = make_jpeg(env.inbox / "sub" / "a.jpg", (64, 48))
+        make_jpeg(done / "sub" / "a.jpg", (64, 48), seed=3)  # a clash at the destination
+        out = env.processor.process(photo)
+        assert out.status == "ok" and out.action_problems == ()
+        moved = done / "sub" / "a (1).jpg"
+        assert out.moved_to == moved and moved.is_file() and not photo.exists()
+
+        def mirrored(p: Path) -> Path:
+            return mirror / str(p).lstrip("/")
+
+        assert not mirrored(photo.with_name("a.jpg.json")).exists()
+        doc = json.loads(mirrored(moved.with_name("a (1).jpg.json")).read_text())
+        assert doc["status"] == "ok" and doc["source"]["sha256"] == hashlib.sha256(moved.read_bytes()).hexdigest()
+        # Where it is now, the file is found up to date: its sidecar is where the mirror says it belongs.
+        assert env.processor.process(moved, explicit=True).reason == "up to date"
+        assert len(env.fake.chat_requests) == 1
+
+
+class TestPayingOnlyWhenTheAnswerCanBeKept:
+    def test_a_file_another_process_is_describing_is_skipped_as_in_progress(self, env: Env) -> None:
+        photo = make_jpeg(env.inbox / "a.jpg", (64, 48))
+        holder = subprocess.Popen(  # another mmwatchd process, as far as the claim can tell
+            [sys.executable, "-c", "import sys; from pathlib import Path; from mmwatchd import sidecar; "
+             "c = sidecar.claim(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()",
+             str(env.inbox / "a.jpg.json")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+            out = env.processor.process(photo)
+            assert (out.status, out.reason) == ("skipped", IN_PROGRESS)
+            assert env.fake.chat_requests == []
+            assert sorted(os.listdir(env.inbox)) == [".a.jpg.json.mmwatchd-lock", "a.jpg"]
+        finally:
+            holder.communicate(b"")
+        assert env.processor.process(photo).status == "ok"  # its holder is done
+        assert sorted(os.listdir(env.inbox)) == ["a.jpg", "a.jpg.json"]
+
+    def test_a_lock_file_left_by_a_killed_process_beside_a_done_file_is_removed(self, env: Env) -> None:
+        photo = make_jpeg(env.inbox / "a.jpg", (64, 48))
+        assert env.processor.process(photo).status == "ok"
+        leftover = env.inbox / ".a.jpg.json.mmwatchd-lock"  # killed between writing the sidecar and removing it
+        leftover.touch()
+        assert env.processor.process(photo).reason == "up to date"
+        assert sorted(os.listdir(env.inbox)) == ["a.jpg", "a.jpg.json"]
+
+    def test_an_unwritable_folder_costs_no_request_and_on_the_last_attempt_is_final(
+        self, env: Env, tmp_path: Path
+    ) -> None:
+        with mounts.tmpfs(tmp_path / "inbox" / "ro", "1m") as ro:
+            photo = make_jpeg(ro / "a.jpg", (64, 48))
+            mounts.read_only(ro)
+            out = env.processor.process(photo)
+            assert out.status == "retry" and isinstance(out.error, SidecarError)
+            assert f"{ro}: cannot write sidecars into this folder: Read-only file system" in out.reason
+            assert "sidecar.dir" in out.reason
+            out = env.processor.process(photo, last_attempt=True)
+            assert out.status == "error" and out.reason.startswith("gave up after repeated failures: ")
+            assert out.answer is None and out.identity is None  # no sidecar: nothing for the done-index
+            assert os.listdir(ro) == ["a.jpg"]
+        assert env.fake.chat_requests == []
+
+    def test_a_full_disk_is_found_before_the_request(self, env: Env, tmp_path: Path) -> None:
+        with mounts.tmpfs(tmp_path / "inbox" / "full", "256k") as full:
+            photo = make_jpeg(full / "a.jpg", (64, 48))
+            filler = fill(full)
+            out = env.processor.process(photo)
+            assert out.status == "retry" and "No space left on device (free some space" in out.reason
+            assert sorted(os.listdir(full)) == ["a.jpg", "filler"]  # no temp file left behind
+            assert env.fake.chat_requests == []
+            filler.unlink()
+            assert env.processor.process(photo).status == "ok"
+            assert sorted(os.listdir(full)) == ["a.jpg", "a.jpg.json"]

@@ -5,13 +5,18 @@ The flood here uses 1,000 files to stay quick; ``tests/stress/flood.py`` runs th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import stat
 import random
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -205,30 +210,31 @@ class TestFlood:
         assert len(sent) == 1000 and set(sent.values()) == {1}
 
 
+@pytest.fixture
+def processor(tmp_path: Path, fake_vlm: FakeVLM):  # type: ignore[no-untyped-def]
+    from configs import load_config
+
+    from mmwatchd.isolate import Isolator
+    from mmwatchd.pipeline import Processor
+    from mmwatchd.vlm import VLMClient
+
+    def make(cls: type[Processor] = Processor, **limits: object) -> Processor:
+        cfg = load_config(tmp_path, base_url=fake_vlm.base_url, limits=limits)
+        isolator = Isolator(workers=1, timeout_s=cfg.limits.decode_timeout_s,
+                            memory_bytes=cfg.limits.decode_memory_mb << 20, preload=("mmwatchd.encode",))  # fmt: skip
+        client = VLMClient(cfg.endpoint, api_key=None)
+        made.append((isolator, client))
+        return cls(cfg, client, isolator=isolator)
+
+    made: list = []
+    yield make
+    for isolator, client in made:
+        isolator.close()
+        client.close()
+
+
 class TestDecoderContainment:
     """A decoder that hangs or crashes costs its file an error sidecar, and nothing else."""
-
-    @pytest.fixture
-    def processor(self, tmp_path: Path, fake_vlm: FakeVLM):  # type: ignore[no-untyped-def]
-        from configs import load_config
-
-        from mmwatchd.isolate import Isolator
-        from mmwatchd.pipeline import Processor
-        from mmwatchd.vlm import VLMClient
-
-        def make(**limits: object) -> Processor:
-            cfg = load_config(tmp_path, base_url=fake_vlm.base_url, limits=limits)
-            isolator = Isolator(workers=1, timeout_s=cfg.limits.decode_timeout_s,
-                                memory_bytes=cfg.limits.decode_memory_mb << 20, preload=("mmwatchd.encode",))  # fmt: skip
-            client = VLMClient(cfg.endpoint, api_key=None)
-            made.append((isolator, client))
-            return Processor(cfg, client, isolator=isolator)
-
-        made: list = []
-        yield make
-        for isolator, client in made:
-            isolator.close()
-            client.close()
 
     @staticmethod
     def _slow_png(path: Path) -> Path:
@@ -274,6 +280,154 @@ class TestDecoderContainment:
         assert proc.process(make_jpeg(tmp_path / "inbox" / "after.jpg", (32, 24))).status == "ok"
 
 
+class TestOSErrorsInsideDecoders:
+    """An OSError in a decoder process is about the file system, not the file's content (issue 10, item 4)."""
+
+    def test_a_file_renamed_between_sniff_and_decode_gets_no_sidecar_under_its_old_name(
+        self, tmp_path: Path, fake_vlm: FakeVLM, processor  # type: ignore[no-untyped-def]
+    ) -> None:
+        from mmwatchd.pipeline import Processor
+
+        class RenamedMeanwhile(Processor):
+            def _decode(self, fn, path, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+                if path.name == "IMG_1.jpg":  # sniffed already; the decoder process opens it now
+                    os.rename(path, path.with_name("holiday.jpg"))
+                return super()._decode(fn, path, *args, **kwargs)
+
+        proc = processor(RenamedMeanwhile)
+        photo = make_jpeg(tmp_path / "inbox" / "IMG_1.jpg", (64, 48))
+        out = proc.process(photo)
+        assert (out.status, out.reason, out.gone) == ("skipped", "file is gone", True)
+        assert sorted(os.listdir(tmp_path / "inbox")) == ["holiday.jpg"]  # no IMG_1.jpg.json beside it
+        assert fake_vlm.chat_requests == []
+        assert proc.process(tmp_path / "inbox" / "holiday.jpg").status == "ok"  # found under its new name
+
+    @pytest.mark.parametrize("number", [errno.EIO, errno.ESTALE, errno.EACCES, errno.EAGAIN])
+    def test_a_transient_os_error_is_retried_without_a_sidecar(
+        self, tmp_path: Path, fake_vlm: FakeVLM, processor, number: int  # type: ignore[no-untyped-def]
+    ) -> None:
+        import isolate_helpers
+
+        from mmwatchd.pipeline import Processor
+
+        class FlakyShare(Processor):
+            def _decode(self, fn, path, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+                error = OSError(number, os.strerror(number), str(path))  # what a network share says now and then
+                assert self.isolator is not None
+                return self.isolator.call(isolate_helpers.raise_error, error, label=path.name)
+
+        photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
+        out = processor(FlakyShare).process(photo)
+        assert out.status == "retry" and out.reason == f"cannot read the file: {os.strerror(number)}"
+        assert os.listdir(tmp_path / "inbox") == ["a.jpg"]
+        assert fake_vlm.chat_requests == []
+
+
+def _fill(folder: Path) -> None:
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (bytes(4096), b"x"):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, chunk)
+    finally:
+        os.close(fd)
+
+
+class TestFoldersThatCannotTakeSidecars:
+    """Nothing is paid for a file whose sidecar cannot be written (issue 10, item 2)."""
+
+    def test_a_full_disk_costs_no_request(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        with mounts.tmpfs(tmp_path / "inbox", "1m") as inbox:
+            cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+            for i in range(3):
+                make_jpeg(inbox / f"{i}.jpg", (32, 24), seed=i)
+            _fill(inbox)
+            assert main(["scan", "-c", str(cfg)]) == 1
+            out = capsys.readouterr().out
+            assert f"{inbox}: cannot write sidecars into this folder: No space left on device (free some space" in out
+            assert "scan done: 0 described, 0 failed, 3 not reached" in out
+            assert sorted(os.listdir(inbox)) == ["0.jpg", "1.jpg", "2.jpg", "filler"]
+        assert fake_vlm.chat_requests == []
+
+    def test_a_folder_without_write_permission_costs_no_request(self, fake_vlm: FakeVLM) -> None:
+        # A real EACCES needs a user without root's override: the pipeline runs in a child process as nobody,
+        # decoding in that process. Outside pytest's private tmp folder, so that nobody can reach it.
+        base = Path(tempfile.mkdtemp(prefix="mmwatchd-eacces-", dir="/tmp"))
+        inbox = base / "inbox"
+        try:
+            base.chmod(0o755)
+            cfg = write_config(base, base_url=fake_vlm.base_url)
+            for i in range(2):
+                make_jpeg(inbox / f"{i}.jpg", (32, 24), seed=i).chmod(0o644)
+            script = (
+                "import json, sys\n"
+                "from pathlib import Path\n"
+                "from mmwatchd.config import load\n"
+                "from mmwatchd.pipeline import Processor\n"
+                "from mmwatchd.vlm import VLMClient\n"
+                "cfg = load(Path(sys.argv[1]))\n"
+                "with VLMClient(cfg.endpoint, api_key=None) as client:\n"
+                "    for name in sys.argv[2:]:\n"
+                "        o = Processor(cfg, client).process(Path(name))\n"
+                "        print(json.dumps([o.status, o.reason]))\n"
+            )
+            argv = [sys.executable, "-c", script, str(cfg), str(inbox / "0.jpg"), str(inbox / "1.jpg")]
+            if os.geteuid() == 0:  # root writes anywhere: run it as nobody, for whom the folder is not writable
+                inbox.chmod(0o755)
+                argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *argv]
+            else:
+                inbox.chmod(0o555)
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HOME": str(base)}
+            done = subprocess.run(argv, env=env, cwd=base, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+            for line in done.stdout.splitlines():
+                status, reason = json.loads(line)
+                assert status == "retry"
+                assert reason.startswith(f"{inbox}: cannot write sidecars into this folder: Permission denied")
+                assert "fix its permissions, or set sidecar.dir" in reason
+            assert sorted(os.listdir(inbox)) == ["0.jpg", "1.jpg"]
+        finally:
+            inbox.chmod(0o755)
+            shutil.rmtree(base)
+        assert fake_vlm.chat_requests == []
+
+
+class TestTwoProcesses:
+    def test_scan_while_the_service_runs_pays_for_each_file_once(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        """Issue 10, item 7: `mmwatchd scan` beside `mmwatchd run`, one server that takes its time."""
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, rule={"prompt": "{name}"}, rescan_interval_s=0)
+        inbox = tmp_path / "inbox"
+        photos = [make_jpeg(inbox / f"{i:02}.jpg", (32, 24), seed=i) for i in range(12)]
+        release = threading.Event()
+        for _ in range(2):  # the service's first two requests stay in flight until the scan is over
+            fake_vlm.enqueue(json=chat_completion("held"), hold=release, path="/v1/chat/completions")
+        proc = spawn_run(cfg, tmp_path)
+        try:
+            fake_vlm.wait_for_requests(3, timeout=30)  # GET /models, then two files in flight
+            held = {json.loads(r.content[0]["text"]) for r in fake_vlm.chat_requests}
+            assert len(held) == 2
+            scan = subprocess.run(
+                [sys.executable, "-m", "mmwatchd", "scan", "-c", str(cfg)], cwd=tmp_path, capture_output=True,
+                text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            )  # fmt: skip
+            release.set()
+            wait_until(lambda: all(p.with_name(p.name + ".json").exists() for p in photos), timeout=60)
+            time.sleep(0.5)  # a second request for any file would arrive now
+        finally:
+            release.set()
+            stop_run(proc, tmp_path)
+        # The scan described what the service had not started, skipped the two it had, and did not fail.
+        assert scan.returncode == 0, scan.stdout + scan.stderr[-2000:]
+        assert "scan done: 10 described, 0 failed, 0 not reached, 2 skipped" in scan.stdout
+        sent = Counter(json.loads(r.content[0]["text"]) for r in fake_vlm.chat_requests)
+        assert sent == Counter({p.name: 1 for p in photos})
+        for p in photos:
+            assert _sidecar(p)["response"]["text"] == ("held" if p.name in held else f"saw 1 images and 0 videos")
+
+
 class TestReadOnlyFolders:
     @pytest.fixture
     def read_only_inbox(self, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -291,13 +445,15 @@ class TestReadOnlyFolders:
         assert main(["scan", "-c", str(cfg)]) == 0  # up to date: found in the mirror
         assert len(fake_vlm.chat_requests) == 1
 
-    def test_without_a_mirror_it_is_a_clear_error_and_nothing_is_marked(
+    def test_without_a_mirror_it_is_a_clear_error_and_nothing_is_paid_for(
         self, tmp_path: Path, fake_vlm: FakeVLM, read_only_inbox: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
         assert main(["scan", "-c", str(cfg)]) == 1
         out = capsys.readouterr().out
-        assert "cannot write sidecar: Read-only file system" in out and "tried again" in out
+        assert f"{read_only_inbox / 'sub'}: cannot write sidecars into this folder: Read-only file system" in out
+        assert "set sidecar.dir to keep sidecars in another folder" in out
+        assert fake_vlm.chat_requests == []
 
 
 class TestLimitsAndFate:

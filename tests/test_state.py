@@ -132,16 +132,42 @@ class TestOpen:
                 "/p/new.jpg": state.DoneRow(1, 2, "image", "fp2", "error"),
             }
 
-    def test_a_newer_schema_is_moved_aside(self, db: Path) -> None:
+    def test_index_entries_without_inode_and_ctime_are_kept_and_adopt_them_once(self, db: Path) -> None:
+        db.parent.mkdir()
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version VALUES (3)")
+        for statement in (step for steps in state.MIGRATIONS[:3] for step in steps):
+            conn.execute(statement)
+        conn.execute("INSERT INTO done VALUES (?, 10, 20, 'image', 'fp1', 'ok')", (b"/p/old.jpg",))
+        conn.commit()
+        conn.close()
+        with State(db, clock=Clock()) as st:
+            assert st.done_index() == {"/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", "ok", None, None)}
+            st.adopt_identities({"/p/old.jpg": (7, 30)})
+            st.adopt_identities({"/p/old.jpg": (8, 40)})  # only entries without them take them
+            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, ino=3, ctime_ns=4, kind="image", fingerprint="f",
+                         status="ok")  # fmt: skip
+            assert st.done_index() == {
+                "/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", "ok", 7, 30),
+                "/p/new.jpg": state.DoneRow(1, 2, "image", "f", "ok", 3, 4),
+            }
+
+    def test_a_newer_schema_is_refused_and_left_untouched(self, db: Path) -> None:
         State(db, clock=Clock()).close()
         conn = sqlite3.connect(db)
         conn.execute("UPDATE schema_version SET version = 99")
+        conn.execute("INSERT INTO requests (day, n) VALUES ('2030-01-01', 7)")
         conn.commit()
         conn.close()
-        with capture_logs() as logs, State(db, clock=Clock()) as st:
-            assert st.attempts(Path("/x")) == 0
-        assert "newer" in logs[0]["reason"]
-        assert any(".schema99-" in p.name for p in db.parent.iterdir())
+        before = sorted(p.name for p in db.parent.iterdir())
+        with pytest.raises(StateError, match=r"newer mmwatchd \(state schema 99; .* knows up to \d+\).*Upgrade"):
+            State(db, clock=Clock())
+        assert sorted(p.name for p in db.parent.iterdir()) == before  # nothing moved aside
+        conn = sqlite3.connect(db)
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (99,)
+        assert conn.execute("SELECT n FROM requests").fetchone() == (7,)
+        conn.close()
 
     def test_unopenable_location_is_a_state_error(self, tmp_path: Path) -> None:
         (tmp_path / "file").write_text("")
@@ -188,6 +214,14 @@ class TestRetries:
             assert st.attempts(Path("/p/a.jpg")) == 0
             assert st.retrying() == []
             assert attempt(st, "/p/a.jpg") == 1  # a new version of the file starts over
+
+    def test_forget_only_the_retry_state(self, db: Path) -> None:
+        with State(db, clock=Clock()) as st:
+            attempt(st, "/p/a.jpg")
+            st.mark_done(Path("/p/a.jpg"), size=1, mtime_ns=2, kind="image", fingerprint="f", status="ok")
+            st.forget(Path("/p/a.jpg"), index=False)
+            assert st.retrying() == [] and st.attempts(Path("/p/a.jpg")) == 0
+            assert list(st.done_index()) == ["/p/a.jpg"]
 
     def test_forget(self, db: Path) -> None:
         with State(db, clock=Clock()) as st:
