@@ -320,12 +320,16 @@ class StabilityTracker:
         settle_s: float,
         confirm_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[Path], None] | None = None,
     ) -> None:
+        """``on_drop`` is told of each tracked path :meth:`due` drops because it vanished or stopped being a regular
+        file (a caller holding such paths as pending must let them go)."""
         if settle_s < 0:
             raise ValueError(f"settle_s must be >= 0, got {settle_s}")
         self.settle_s = settle_s
         self.confirm_s = min(settle_s, CLOSE_CONFIRM_S) if confirm_s is None else confirm_s
         self._clock = clock
+        self._on_drop = on_drop
         self._files: dict[Path, _Tracked] = {}
         # Min-heap of (deadline, seq, path). Later events only move an entry's deadline; the item is re-queued
         # when it surfaces early, so a flood of modify events does not grow the heap.
@@ -407,6 +411,8 @@ class StabilityTracker:
             sig = _link_signature(path) if entry.link else _signature(path)
             if sig is None:
                 del self._files[path]
+                if self._on_drop is not None:
+                    self._on_drop(path)
             elif sig == entry.signature:
                 del self._files[path]
                 ready.append(path)
