@@ -674,7 +674,7 @@ class Daemon:
             self.stop()
 
     def _watcher(self, config: Config) -> Watcher:
-        watcher = Watcher(config.watch, settle_s=config.settle_s, sidecar_suffix=config.sidecar.suffix)
+        watcher = Watcher(config.watch, settle_s=config.settle_s, sidecar_suffix=config.sidecar.suffix, clock=self.clock)
         watcher.start()
         return watcher
 

@@ -26,6 +26,7 @@ import errno
 import heapq
 import inspect
 import itertools
+import logging
 import os
 import stat
 import threading
@@ -480,6 +481,20 @@ def _quiet_duplicate_watch_warning() -> None:
     )
 
 
+def _quiet_watchdog_logging() -> None:
+    """Keep watchdog's own stdlib log records (``Inotify queue overflowed; ...``) off stderr.
+
+    With no logging configured they reach stderr through ``logging.lastResort`` as plain text, written from the
+    inotify thread in the middle of our JSON lines (one journal line came out as a JSON object with watchdog's
+    sentence glued to its end). What they report, we log ourselves (``watch.overflow``, ``watch.limit``). A
+    ``NullHandler`` on watchdog's logger is the standard way to say that; an application that configures logging
+    still gets the records through propagation.
+    """
+    logger = logging.getLogger("watchdog")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
 def _read_sysctl(name: str) -> str:
     try:
         return Path("/proc/sys", *name.split(".")).read_text().strip()
@@ -589,6 +604,7 @@ class Watcher:
                 problems.append(f"watch[{i}].path: {root_dir} cannot be read (permission denied)")
         if problems:
             raise ConfigError(problems)
+        _quiet_watchdog_logging()
         if not all(r.polling for r in self.roots):
             _quiet_duplicate_watch_warning()
         try:

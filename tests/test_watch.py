@@ -350,6 +350,17 @@ class TestStabilityTracker:
         assert len(tracker) == 0
         assert tracker.next_deadline() is None
 
+    def test_a_dropped_path_is_reported(self, tmp_path: Path, clock: FakeClock) -> None:
+        dropped: list[Path] = []
+        tracker = StabilityTracker(settle_s=1.0, clock=clock, on_drop=dropped.append)
+        gone, kept = write(tmp_path / "gone.jpg"), write(tmp_path / "kept.jpg")
+        tracker.touch(gone)
+        tracker.touch(kept)
+        gone.unlink()
+        clock.advance(1.0)
+        assert tracker.due() == [kept]
+        assert dropped == [gone]
+
     def test_replaced_by_a_folder_is_dropped(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
         f = write(tmp_path / "a.jpg")
         tracker.touch(f)
