@@ -767,7 +767,12 @@ class Daemon:
         name = threading.current_thread().name
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    if self.stopping.is_set():
+                        return
+                    continue
                 if item is None or self.stopping.is_set():
                     return
                 path, explicit, force = item

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -176,22 +177,24 @@ class TestSettle:
         chunks = [data[i : i + len(data) // 8 + 1] for i in range(0, len(data), len(data) // 8 + 1)]
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url, settle_s=2)
         target = tmp_path / "inbox" / "copy.jpg"
+        side = target.with_name("copy.jpg.json")
+        log = tmp_path / "run.log"
         with open(target, "wb") as fh:
             fh.write(chunks[0])
             fh.flush()
             proc = spawn_run(cfg, tmp_path)
             try:
-                # The startup scan finds the half-written file; the copy goes on, a chunk every 0.2 s (well
+                # The copy goes on while the daemon starts (however long that takes here), so its startup scan
+                # finds the file half-written and just changed; then the rest arrives, a chunk every 0.2 s (well
                 # within settle_s: a slow network copy).
-                wait_until(lambda: b"daemon.scanned" in (tmp_path / "run.log").read_bytes())
+                while not log.exists() or b"daemon.scanned" not in log.read_bytes():
+                    os.utime(target)
+                    time.sleep(0.2)
                 for chunk in chunks[1:]:
                     fh.write(chunk)
                     fh.flush()
-                    import time
-
                     time.sleep(0.2)
                 fh.close()
-                side = target.with_name("copy.jpg.json")
                 wait_until(lambda: side.exists() and json.loads(side.read_text())["source"]["size"] == len(data))
             finally:
                 stop_run(proc, tmp_path)
