@@ -14,7 +14,7 @@ import pytest
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg
-from running import NotifySocket, log_entries, session_processes, spawn_run, stop_run, wait_until
+from running import NotifySocket, session_processes, spawn_run, stop_run, wait_until
 
 BACKLOG = 150
 LATENCY_S = 0.3
@@ -242,3 +242,46 @@ class TestOverflow:
 
         sent = Counter(json.loads(r.content[0]["text"]) for r in fake_vlm.chat_requests)
         assert len(sent) == 300 and set(sent.values()) == {1}
+
+
+class TestSignals:
+    def test_signals_are_handled_on_the_relay_thread_not_in_a_handler(self) -> None:
+        """A handler runs between two bytecodes of whatever the main thread does, perhaps holding structlog's
+        writer lock: the work a signal asks for is done on the relay's own thread."""
+        import threading
+
+        from mmwatchd.daemon import SignalRelay
+
+        seen: list[tuple[int, str]] = []
+        done = threading.Event()
+
+        def on_hup(signum: int) -> None:
+            seen.append((signum, threading.current_thread().name))
+            done.set()
+
+        before = signal.getsignal(signal.SIGHUP)
+        with SignalRelay({signal.SIGHUP: on_hup}):
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert done.wait(10)
+        assert seen == [(signal.SIGHUP, "mmwatchd-signals")]
+        assert signal.getsignal(signal.SIGHUP) == before
+
+    def test_a_second_sigterm_stops_at_once(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        inbox = tmp_path / "inbox"
+        _backlog(inbox, 10)
+        for i in range(10):  # requests that would hold a graceful stop up for a minute
+            fake_vlm.enqueue(json=chat_completion(f"answer {i}"), delay_s=60, path="/v1/chat/completions")
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"timeout_s": 120})
+        proc = spawn_run(cfg, tmp_path)
+        try:
+            fake_vlm.wait_for_requests(3, timeout=60)  # GET /models and two requests in flight
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: b"daemon.stopping" in (tmp_path / "run.log").read_bytes())
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+        assert b"daemon.stop_now" in (tmp_path / "run.log").read_bytes()
+        assert _whole_sidecars(inbox) == 0
