@@ -390,12 +390,16 @@ class Daemon:
         for _ in self._threads:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
-        deadline = time.monotonic() + (grace_s if grace_s is not None else self._request_bound() + 5)
+        # Decodes under way are for requests that will not be sent now: stop them rather than wait (the file is
+        # not at fault and is picked up again by the next start). Requests on the wire need no decoder any more.
+        self.isolator.close()
+        # No request leaves after the stop, retries included: one already on the wire ends within timeout_s (plus
+        # the SDK's short wait when it was about to retry, and the sidecar write).
+        deadline = time.monotonic() + (grace_s if grace_s is not None else self.config.endpoint.timeout_s + 15)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in self._threads if t.is_alive()]
         self._threads.clear()
-        self.isolator.close()
         with self._lock:
             retired, self._retired = list(self._retired.values()), {}
         for client in retired:
