@@ -566,18 +566,17 @@ class Daemon:
         Blocking on a full queue here is backpressure on the walk; the service loop is never held up by it.
         """
         walk: Iterator[Path] | None = None
-        again = False
+        walked = 0
         try:
             while not self.stopping.is_set():
                 self._feed_due()
                 with self._lock:
                     path = self._intake.popleft() if self._intake else None
+                    # A scan asked for during a walk (events lost in folders it has passed) waits for it to end.
                     if walk is None and self._scan_wanted is not None:
                         clean, self._scan_wanted = self._scan_wanted, None
-                        walk, again, walked = self.needing_work(clean=clean), False, 0
+                        walk, walked = self.needing_work(clean=clean), 0
                         self._walking = True
-                    elif walk is not None and self._scan_wanted is not None:
-                        again = True  # events may have been lost in folders this walk has passed: walk again
                     if path is None and walk is None:
                         self._wake.wait(self._feed_wait())
                         continue
@@ -589,8 +588,6 @@ class Daemon:
                 if item is None:
                     with self._lock:
                         self._walking = False
-                        if again and self._scan_wanted is None:
-                            self._scan_wanted = False
                     walk = None
                     log.info("daemon.scanned", queued=walked)
                     continue
