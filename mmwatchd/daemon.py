@@ -540,6 +540,13 @@ class Daemon:
                 self._store("prune the done-index", self.state.forget_done, gone)
                 log.info("index.pruned", entries=len(gone))
 
+    def due_retries(self) -> float | None:
+        """Hand files whose retry time has come (and scanned files that have settled) to the feeder; return seconds
+        until the next retry, if any. The feeder does this by itself; this is for callers that want it now."""
+        self._feed_due()
+        with self._lock:
+            return self._retries[0][0] - self.clock() if self._retries else None
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is settling, queued, in flight or waiting to retry, or the daemon stops; also when
         every worker has died (nothing could finish what is left)."""
