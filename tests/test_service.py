@@ -97,6 +97,23 @@ class TestBacklog:
         assert "daemon.stopping" in events and "daemon.stopped" in events
         assert notify.messages()[-1][0] == "STOPPING=1"
 
+    def test_a_request_in_flight_at_sigterm_is_not_retried_by_the_sdk(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        """The SDK retries a 5xx by itself (endpoint.max_retries): after a stop, that retry must not leave."""
+        inbox = tmp_path / "inbox"
+        _backlog(inbox, 3)
+        fake_vlm.enqueue(status=503, json={"error": {"message": "overloaded"}}, headers={"Retry-After": "0"},
+                         delay_s=2.0, path="/v1/chat/completions")  # fmt: skip
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 1, "max_retries": 2})
+        proc = spawn_run(cfg, tmp_path)
+        try:
+            fake_vlm.wait_for_requests(2, timeout=60)  # GET /models, then the request that will get the 503
+        finally:
+            stop_run(proc, tmp_path)
+        assert len(fake_vlm.chat_requests) == 1
+        assert _whole_sidecars(inbox) == 0
+
     def test_an_idle_stop_ends_every_process_it_started(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         make_jpeg(tmp_path / "inbox" / "a.jpg", (32, 24))
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
