@@ -463,6 +463,26 @@ class TestEndpointWideRefusals:
         assert any(e["event"] == "endpoint.resumed" for e in logs)
         assert hook.read_text().count("x") == 2
 
+    def test_a_trial_request_that_goes_through_resumes_the_work(
+        self, running: Runner, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import mmwatchd.daemon as daemon_mod
+
+        monkeypatch.setattr(daemon_mod, "TRIAL_FIRST_S", 0.2)  # the first trial after 30 s in real life
+        self._refuse(running.fake, 4)  # the server is fixed after the fourth refusal: the first trial gets one
+        photos = [make_jpeg(running.inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(6)]
+        with structlog.testing.capture_logs() as logs:
+            running.start(endpoint={"concurrency": 1}, settle_s=0)
+            deadline = time.monotonic() + 60
+            while sum(p.with_name(p.name + ".json").exists() for p in photos) < 6:
+                assert time.monotonic() < deadline, "work did not resume"
+                time.sleep(0.05)
+        events = [e["event"] for e in logs]
+        assert events.count("endpoint.refusing") == 1 and "endpoint.resumed" in events
+        statuses = sorted(json.loads(p.with_name(p.name + ".json").read_text())["status"] for p in photos)
+        assert statuses == ["error", "error", "ok", "ok", "ok", "ok"]
+        assert len(running.fake.chat_requests) == 8  # 3 refused, 1 refused trial, 4 answered
+
     def test_refusals_of_one_file_or_different_words_do_not_pause(self, running: Runner) -> None:
         for i in range(4):
             running.fake.enqueue(status=400, json=error_body(f"image {i} is invalid"), path="/v1/chat/completions")
