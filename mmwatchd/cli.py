@@ -68,6 +68,9 @@ def entry() -> NoReturn:
     scan, or a service being stopped, need not wait for.
     """
     code = main()
+    from mmwatchd.isolate import stop_shared_processes
+
+    stop_shared_processes()  # the forkserver and resource tracker end before we do, not a moment after
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()
@@ -243,6 +246,9 @@ def cmd_once(args: argparse.Namespace) -> int:
     finally:
         daemon.close()
     _print_outcomes(daemon.outcomes, cfg)
+    if daemon.halted:
+        print(f"mmwatchd: stopped: {daemon.halted}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if missing or any(o.failed for o in daemon.outcomes) else EXIT_OK
 
 
@@ -255,19 +261,22 @@ def cmd_scan(args: argparse.Namespace) -> int:
         first = next(todo, None)
         if first is not None:  # the endpoint is needed (and its client made) only once there is something to send
             _start_one_shot(daemon)
-            daemon.submit(first)
-            daemon.submit_all(todo)
+            daemon.submit(first, scanned=True)
+            daemon.submit_all(todo, scanned=True)
             daemon.wait_idle()
     finally:
         daemon.close()
     _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
     c = daemon.counts
     print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
+    if daemon.halted:
+        print(f"mmwatchd: scan stopped: {daemon.halted}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mmwatchd.daemon import Daemon
+    from mmwatchd.daemon import Daemon, SignalRelay
     from mmwatchd.notify import Notifier
 
     path = config_mod.find_config(args.config)
@@ -285,18 +294,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _state(cfg) as state, Notifier() as notifier:
         daemon = Daemon(cfg, _client(cfg), state=state, notifier=notifier, reload=reload, make_client=_client)
 
-        def on_signal(signum: int, _frame: object) -> None:
-            if signum == signal.SIGHUP:
-                log_mod.get_logger().info("daemon.reloading", signal="SIGHUP", config=str(path))
-                daemon.reload_requested.set()
-                return
-            log_mod.get_logger().info("daemon.stopping", signal=signal.Signals(signum).name)
+        # These run on the relay's thread, not in a signal handler: logging and locks are safe here.
+        def on_stop(signum: int) -> None:
+            name = signal.Signals(signum).name
+            if stop.is_set():  # a second signal: stop at once, in-flight requests or not
+                log_mod.get_logger().warning("daemon.stop_now", signal=name)
+                os._exit(128 + signum)
+            log_mod.get_logger().info("daemon.stopping", signal=name)
+            daemon.request_stop()  # nothing new starts from this moment
             stop.set()
-            signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-        daemon.run(stop)
+        def on_reload(signum: int) -> None:
+            log_mod.get_logger().info("daemon.reloading", signal="SIGHUP", config=str(path))
+            daemon.reload_requested.set()
+
+        with SignalRelay({signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}):
+            daemon.run(stop)
         log_mod.get_logger().info("daemon.stopped", **dict(daemon.counts))
     return EXIT_OK
 
@@ -411,15 +424,31 @@ class _LazyClient:
     """The VLM client, made on first use: making it loads the openai SDK (about half a second), which a scan that
     finds everything up to date never needs. Attribute access goes to the real client."""
 
+    #: As the real client: every HTTP request is reported to ``before_request`` (set before or after it is made).
+    counts_every_request = True
+
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
         self._client = None
+        self._before_request = None
         self._lock = threading.Lock()
+
+    @property
+    def before_request(self):  # type: ignore[no-untyped-def]
+        return self._before_request
+
+    @before_request.setter
+    def before_request(self, hook) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self._before_request = hook
+            if self._client is not None:
+                self._client.before_request = hook
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         with self._lock:
             if self._client is None:
                 self._client = _client(self._cfg)
+                self._client.before_request = self._before_request
         return getattr(self._client, name)
 
 

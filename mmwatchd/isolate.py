@@ -43,10 +43,11 @@ import resource
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing import forkserver, get_context
+from multiprocessing import forkserver, get_context, resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
@@ -56,7 +57,7 @@ from typing import Any, Final, Self, TypeVar
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, MmwatchdError
 
-__all__ = ["Isolator"]
+__all__ = ["Isolator", "stop_shared_processes"]
 
 T = TypeVar("T")
 
@@ -491,6 +492,45 @@ class _Pool:
         else:
             detail = f"it exited during startup ({_describe_status(status)})"
         raise DecodeError(f"{label}: the decoder process could not start: {detail}")
+
+
+def stop_shared_processes(timeout_s: float = STOP_GRACE_S) -> None:
+    """Stop the two helper processes multiprocessing started for the isolators (the forkserver and the resource
+    tracker) and wait for them; call it once every :class:`Isolator` is closed, as the process is about to exit.
+
+    Left to themselves they end a moment *after* this process does (each when its pipe from us closes), which a
+    service manager sees as processes outliving the service: systemd SIGKILLs them at every stop (KillMode=mixed).
+    Each is told to go the way it would notice our exit, its pipe is closed, and it is waited for; one that does not
+    exit within ``timeout_s`` (a worker still holding the tracker's pipe, say) is killed. Other isolators in this
+    process would lose their workers: this is for the end of the process only.
+    """
+    server = forkserver._forkserver
+    _end_helper(server, "_forkserver_pid", "_forkserver_alive_fd", timeout_s)
+    for attr in ("_forkserver_address",):
+        if hasattr(server, attr):
+            setattr(server, attr, None)
+    _end_helper(resource_tracker._resource_tracker, "_pid", "_fd", timeout_s)
+
+
+def _end_helper(owner: object, pid_attr: str, fd_attr: str, timeout_s: float) -> None:
+    """Close ``owner``'s pipe to a helper process (its signal to exit) and reap the helper, killing it if need be."""
+    pid, fd = getattr(owner, pid_attr, None), getattr(owner, fd_attr, None)
+    if not isinstance(pid, int) or not isinstance(fd, int):
+        return  # never started here (or started by a parent process, which owns it)
+    setattr(owner, fd_attr, None)
+    setattr(owner, pid_attr, None)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            time.sleep(0.005)
+    except ChildProcessError:
+        pass  # reaped already
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -139,14 +139,20 @@ class VLMClient:
         self.endpoint = endpoint
         self._api_key = api_key or None
         self._url = _safe_url(endpoint.base_url)
+        #: Called before every POST the SDK sends: each of its own retries and the JSON re-ask too, which is what a
+        #: request cap must count. What it raises (an MmwatchdError) stops that request from leaving and comes out of
+        #: :meth:`describe` as is. Only for a client made here: an injected SDK client has its own HTTP client.
+        self.before_request: Callable[[], None] | None = None
         # An injected client belongs to the caller, who closes it.
         self._owns_client = openai_client is None
+        self.counts_every_request = self._owns_client
         self._client = openai_client or openai.OpenAI(
             base_url=endpoint.base_url,
             # Never None: the SDK would fall back to $OPENAI_API_KEY and send that key to whatever server this is.
             api_key=api_key or NO_KEY,
             timeout=endpoint.timeout_s,
             max_retries=endpoint.max_retries,
+            http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._on_request]}),
         )
 
     def __repr__(self) -> str:
@@ -161,6 +167,11 @@ class VLMClient:
     def close(self) -> None:
         if self._owns_client:
             self._client.close()
+
+    def _on_request(self, request: Any) -> None:
+        # An httpx event hook: runs on the sending thread just before each request goes out.
+        if request.method == "POST" and self.before_request is not None:
+            self.before_request()
 
     def list_models(self) -> list[str]:
         """The model ids the endpoint serves (``GET /models``)."""

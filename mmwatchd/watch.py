@@ -26,6 +26,7 @@ import errno
 import heapq
 import inspect
 import itertools
+import logging
 import os
 import stat
 import threading
@@ -320,12 +321,16 @@ class StabilityTracker:
         settle_s: float,
         confirm_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[Path], None] | None = None,
     ) -> None:
+        """``on_drop`` is told of each tracked path :meth:`due` drops because it vanished or stopped being a regular
+        file (a caller holding such paths as pending must let them go)."""
         if settle_s < 0:
             raise ValueError(f"settle_s must be >= 0, got {settle_s}")
         self.settle_s = settle_s
         self.confirm_s = min(settle_s, CLOSE_CONFIRM_S) if confirm_s is None else confirm_s
         self._clock = clock
+        self._on_drop = on_drop
         self._files: dict[Path, _Tracked] = {}
         # Min-heap of (deadline, seq, path). Later events only move an entry's deadline; the item is re-queued
         # when it surfaces early, so a flood of modify events does not grow the heap.
@@ -407,6 +412,8 @@ class StabilityTracker:
             sig = _link_signature(path) if entry.link else _signature(path)
             if sig is None:
                 del self._files[path]
+                if self._on_drop is not None:
+                    self._on_drop(path)
             elif sig == entry.signature:
                 del self._files[path]
                 ready.append(path)
@@ -472,6 +479,20 @@ def _quiet_duplicate_watch_warning() -> None:
         message=r"Callback with id '\d+' already exists for watch",
         category=RuntimeWarning,
     )
+
+
+def _quiet_watchdog_logging() -> None:
+    """Keep watchdog's own stdlib log records (``Inotify queue overflowed; ...``) off stderr.
+
+    With no logging configured they reach stderr through ``logging.lastResort`` as plain text, written from the
+    inotify thread in the middle of our JSON lines (one journal line came out as a JSON object with watchdog's
+    sentence glued to its end). What they report, we log ourselves (``watch.overflow``, ``watch.limit``). A
+    ``NullHandler`` on watchdog's logger is the standard way to say that; an application that configures logging
+    still gets the records through propagation.
+    """
+    logger = logging.getLogger("watchdog")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 def _read_sysctl(name: str) -> str:
@@ -583,6 +604,7 @@ class Watcher:
                 problems.append(f"watch[{i}].path: {root_dir} cannot be read (permission denied)")
         if problems:
             raise ConfigError(problems)
+        _quiet_watchdog_logging()
         if not all(r.polling for r in self.roots):
             _quiet_duplicate_watch_warning()
         try:

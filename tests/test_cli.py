@@ -251,7 +251,8 @@ class TestRun:
         make_jpeg(inbox / "a.jpg", (64, 48))
         proc = spawn_run(cfg, tmp_path, env=RUN_ENV)
         try:
-            time.sleep(1.5)  # the daemon is up, probing a dead endpoint; the file must not fail meanwhile
+            # The daemon is up, probing a dead endpoint; the file must not fail meanwhile.
+            wait_until(lambda: b"endpoint.unreachable" in (tmp_path / "run.log").read_bytes())
             assert not (inbox / "a.jpg.json").exists()
             fake_vlm.resume()
             wait_until(lambda: (inbox / "a.jpg.json").exists(), timeout=30)

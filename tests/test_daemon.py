@@ -59,7 +59,7 @@ class Runner:
         self._clients.append(c)
         return c
 
-    def start(self, watchdog_usec: int | None = None, **changes: Any) -> Daemon:
+    def start(self, watchdog_usec: int | None = None, *, clock: Any = time.monotonic, **changes: Any) -> Daemon:
         self.config_path = write_config(self.tmp, base_url=self.fake.base_url, **changes)
         cfg = config.load(self.config_path)
         env = dict(self.notify_env)
@@ -69,7 +69,7 @@ class Runner:
         self.notifier = Notifier(env)
         self.daemon = Daemon(
             cfg, self.client(cfg), state=self.state, notifier=self.notifier,
-            reload=lambda: config.load(self.config_path), make_client=self.client,
+            reload=lambda: config.load(self.config_path), make_client=self.client, clock=clock,
         )  # fmt: skip
         ready = threading.Event()
         self._thread = threading.Thread(target=self.daemon.run, args=(self._stop,), kwargs={"on_ready": ready.set})
@@ -128,20 +128,116 @@ def test_requests_in_flight_never_exceed_concurrency(running: Runner) -> None:
     assert running.fake.peak_in_flight == 2
 
 
+class FakeClock:
+    """Monotonic time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
 def test_slow_copy_is_sent_once_and_whole(running: Runner) -> None:
-    running.start()
+    """A copy that pauses between chunks for less than settle_s is sent once it is done, whole. Time is a fake
+    clock: however long the machine takes to deliver each event, settle_s has not passed until the test says so."""
+    clock = FakeClock()
+    running.start(clock=clock, settle_s=2)
     src = make_jpeg(running.tmp / "src.jpg", (800, 600))
     data = src.read_bytes()
     dst = running.inbox / "copy.jpg"
+    step = len(data) // 5 + 1
     with open(dst, "wb") as fh:
-        for i in range(0, len(data), len(data) // 5 + 1):
-            fh.write(data[i : i + len(data) // 5 + 1])
+        for i in range(0, len(data), step):
+            fh.write(data[i : i + step])
             fh.flush()
-            time.sleep(0.15)  # a slow network copy, quieter than settle_s between chunks
+            time.sleep(0.05)  # let the watcher see it (how soon does not matter)
+            clock.advance(1.0)  # half of settle_s: never long enough while the copy goes on
+            assert running.fake.chat_requests == []
+    side = dst.with_name(dst.name + ".json")
+    deadline = time.monotonic() + 30
+    while not side.exists():  # the copy is done: time may pass now (the last events may still be on their way)
+        assert time.monotonic() < deadline, "no sidecar"
+        clock.advance(0.5)
+        time.sleep(0.05)
     doc = running.wait_sidecar(dst)
     assert doc["status"] == "ok" and doc["source"]["size"] == len(data)
-    time.sleep(0.8)  # nothing else may come of it: no second request, no self-trigger from the sidecar
+    clock.advance(5)
+    time.sleep(0.5)  # nothing else may come of it: no second request, no self-trigger from the sidecar
     assert len(running.fake.chat_requests) == 1
+
+
+class TestScanSettle:
+    """Files a scan finds that changed within settle_s go through the stability tracker (injected clocks)."""
+
+    def _daemon(self, tmp_path: Path, fake: FakeVLM, clock: FakeClock, wall: FakeClock) -> Daemon:
+        cfg = config.load(write_config(tmp_path, base_url=fake.base_url, settle_s=2))
+        return Daemon(cfg, VLMClient(cfg.endpoint, api_key=None), clock=clock, wall_clock=wall)
+
+    def test_a_recent_file_settles_first_and_an_old_one_is_queued_at_once(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        clock, wall = FakeClock(), FakeClock()
+        old = make_jpeg(tmp_path / "inbox" / "old.jpg", (64, 48))
+        new = make_jpeg(tmp_path / "inbox" / "new.jpg", (64, 48), seed=2)
+        wall.now = new.stat().st_mtime + 1.0  # written a second ago
+        os.utime(old, (wall.now - 60, wall.now - 60))
+        daemon = self._daemon(tmp_path, fake_vlm, clock, wall)
+        try:
+            assert daemon.submit(old, scanned=True) and daemon.submit(new, scanned=True)
+            assert daemon._queue.get_nowait()[0] == old and daemon._queue.empty()
+            daemon._feed_due()
+            assert not daemon._intake  # 2 s have not passed
+            clock.advance(2.1)
+            daemon._feed_due()
+            assert list(daemon._intake) == [new]
+        finally:
+            daemon.close()
+            daemon.client.close()
+
+    def test_a_file_that_grows_while_settling_waits_and_one_that_vanishes_is_released(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        clock, wall = FakeClock(), FakeClock()
+        grows = make_jpeg(tmp_path / "inbox" / "grows.jpg", (64, 48))
+        gone = make_jpeg(tmp_path / "inbox" / "gone.jpg", (64, 48), seed=2)
+        wall.now = grows.stat().st_mtime
+        daemon = self._daemon(tmp_path, fake_vlm, clock, wall)
+        try:
+            assert daemon.submit(grows, scanned=True) and daemon.submit(gone, scanned=True)
+            with open(grows, "ab") as fh:
+                fh.write(b"more")
+            gone.unlink()
+            clock.advance(2.1)
+            daemon._feed_due()
+            assert not daemon._intake and daemon._pending == {grows}  # changed: looked at again later
+            clock.advance(2.1)
+            daemon._feed_due()
+            assert list(daemon._intake) == [grows]
+        finally:
+            daemon.close()
+            daemon.client.close()
+
+    def test_a_pending_file_that_changes_again_is_looked_at_again(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        clock, wall = FakeClock(), FakeClock()
+        photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
+        daemon = self._daemon(tmp_path, fake_vlm, clock, wall)
+        try:
+            assert daemon.offer(photo)
+            assert not daemon.offer(photo)  # changed again while pending
+            from mmwatchd.pipeline import Outcome
+
+            daemon._finish(Outcome(path=photo, status="ok"))
+            assert list(daemon._intake) == [photo, photo] and photo in daemon._pending
+        finally:
+            daemon.close()
+            daemon.client.close()
 
 
 class TestSystemd:
@@ -327,3 +423,163 @@ def test_a_dropped_video_is_described(running: Runner) -> None:
     assert doc["status"] == "ok" and doc["media"]["kind"] == "video" and len(doc["media"]["frames"]) == 4
     (req,) = running.fake.chat_requests
     assert req.content[1]["type"] == "video_url"
+
+
+class TestEndpointWideRefusals:
+    WORDS = "response_format json_schema is not supported by this model"
+
+    def _refuse(self, fake: FakeVLM, n: int) -> None:
+        for _ in range(n):
+            fake.enqueue(status=400, json=error_body(self.WORDS), path="/v1/chat/completions")
+
+    def test_the_same_refusal_for_different_files_pauses_without_error_sidecars_until_a_reload(
+        self, running: Runner
+    ) -> None:
+        self._refuse(running.fake, 6)
+        photos = [make_jpeg(running.inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(6)]
+        hook = running.tmp / "on_error.log"
+        with structlog.testing.capture_logs() as logs:
+            daemon = running.start(endpoint={"concurrency": 1}, settle_s=0,
+                                   rule={"on_error": {"exec": ["/bin/sh", "-c", f"echo x >> {hook}"]}})  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not any(e["event"] == "endpoint.refusing" for e in logs):
+                assert time.monotonic() < deadline, "work was never paused"
+                time.sleep(0.02)
+            time.sleep(0.5)  # nothing more may be sent or written while paused
+            sent = len(running.fake.chat_requests)
+            errors = [p for p in photos if p.with_name(p.name + ".json").exists()]
+            # The first two got the refusal as any refused file does; from the third on, it is the endpoint.
+            assert sent == 3 and len(errors) == 2
+            assert hook.read_text().count("x") == 2
+            refusing = [e for e in logs if e["event"] == "endpoint.refusing"]
+            assert len(refusing) == 1 and self.WORDS in refusing[0]["reason"]
+            assert "endpoint paused" in daemon._status_line()
+            # The config is fixed (here the server is), and a reload resumes the work.
+            running.fake._script.clear()
+            daemon.reload_requested.set()
+            for p in photos:
+                if p not in errors:
+                    assert running.wait_sidecar(p)["status"] == "ok"
+        assert any(e["event"] == "endpoint.resumed" for e in logs)
+        assert hook.read_text().count("x") == 2
+
+    def test_a_trial_request_that_goes_through_resumes_the_work(
+        self, running: Runner, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import mmwatchd.daemon as daemon_mod
+
+        monkeypatch.setattr(daemon_mod, "TRIAL_FIRST_S", 0.2)  # the first trial after 30 s in real life
+        self._refuse(running.fake, 4)  # the server is fixed after the fourth refusal: the first trial gets one
+        photos = [make_jpeg(running.inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(6)]
+        with structlog.testing.capture_logs() as logs:
+            running.start(endpoint={"concurrency": 1}, settle_s=0)
+            deadline = time.monotonic() + 60
+            while sum(p.with_name(p.name + ".json").exists() for p in photos) < 6:
+                assert time.monotonic() < deadline, "work did not resume"
+                time.sleep(0.05)
+        events = [e["event"] for e in logs]
+        assert events.count("endpoint.refusing") == 1 and "endpoint.resumed" in events
+        statuses = sorted(json.loads(p.with_name(p.name + ".json").read_text())["status"] for p in photos)
+        assert statuses == ["error", "error", "ok", "ok", "ok", "ok"]
+        assert len(running.fake.chat_requests) == 8  # 3 refused, 1 refused trial, 4 answered
+
+    def test_refusals_of_one_file_or_different_words_do_not_pause(self, running: Runner) -> None:
+        for i in range(4):
+            running.fake.enqueue(status=400, json=error_body(f"image {i} is invalid"), path="/v1/chat/completions")
+        photos = [make_jpeg(running.inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(4)]
+        with structlog.testing.capture_logs() as logs:
+            running.start(endpoint={"concurrency": 1}, settle_s=0)
+            for p in photos:
+                assert running.wait_sidecar(p)["status"] == "error"
+        assert not any(e["event"] == "endpoint.refusing" for e in logs)
+
+    def test_a_scan_against_an_endpoint_that_refuses_everything_stops_with_exit_1(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from mmwatchd.cli import main
+
+        self._refuse(fake_vlm, 20)
+        for i in range(8):
+            make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (64, 48), seed=i)
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 1}, settle_s=0)
+        try:
+            assert main(["scan", "-c", str(cfg)]) == 1
+        finally:
+            structlog.reset_defaults()
+        err = capsys.readouterr().err
+        assert "refuses every request" in err and self.WORDS in err
+        assert len(fake_vlm.chat_requests) == 3
+        assert len(list((tmp_path / "inbox").glob("*.json"))) == 2
+
+
+class TestWorkerHealth:
+    def test_a_dead_worker_stops_the_watchdog_pings(self, running: Runner) -> None:
+        daemon = running.start(watchdog_usec=200_000, endpoint={"concurrency": 1})
+        time.sleep(0.4)
+        assert "WATCHDOG=1" in running.messages()
+
+        def broken(outcome: object) -> None:
+            raise RuntimeError("a bug past the per-job boundary")
+
+        daemon._finish = broken  # type: ignore[method-assign]
+        make_jpeg(running.inbox / "a.jpg", (64, 48))
+        deadline = time.monotonic() + 20
+        while daemon._workers[0].is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        running.messages()  # drain what was sent before the check noticed
+        time.sleep(0.5)
+        assert "WATCHDOG=1" not in running.messages()
+
+    def test_once_does_not_wait_for_a_path_a_dead_worker_held(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        cfg = config.load(write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 1}))
+        with VLMClient(cfg.endpoint, api_key=None) as client:
+            daemon = Daemon(cfg, client, one_shot_attempts=3)
+
+            def broken(outcome: object) -> None:
+                raise RuntimeError("a bug past the per-job boundary")
+
+            daemon._finish = broken  # type: ignore[method-assign]
+            daemon.probe_once()
+            daemon.start(prober=False)
+            try:
+                daemon.submit(make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48)), explicit=True)
+                assert daemon.wait_idle(timeout=30)
+            finally:
+                daemon.close()
+
+
+class TestReload:
+    def test_a_reload_closes_the_old_client_once_no_job_uses_it(self, running: Runner) -> None:
+        daemon = running.start()
+        first = daemon.client
+        running.wait_sidecar(make_jpeg(running.inbox / "a.jpg", (64, 48)))
+        write_config(running.tmp, base_url=running.fake.base_url, endpoint={"max_tokens": 99})
+        daemon.reload_requested.set()
+        deadline = time.monotonic() + 30
+        while daemon.client is first:
+            assert time.monotonic() < deadline, "the reload made no new client"
+            time.sleep(0.02)
+        running.wait_sidecar(make_jpeg(running.inbox / "b.jpg", (64, 48), seed=2))
+        assert first._client.is_closed()  # type: ignore[attr-defined]
+        assert not daemon.client._client.is_closed()  # type: ignore[attr-defined]
+
+
+def test_a_rescan_prunes_only_index_entries_under_the_folders_it_walked(tmp_path: Path, fake_vlm: FakeVLM) -> None:
+    """Two configs (two folders) share one state directory: a scan under one keeps the other's index entries."""
+    from mmwatchd.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_jpeg(a / "inbox" / "1.jpg", (64, 48))
+    make_jpeg(b / "inbox" / "2.jpg", (64, 48), seed=2)
+    state = str(tmp_path / "state")
+    cfg_a = write_config(a, base_url=fake_vlm.base_url, state_dir=state, settle_s=0)
+    cfg_b = write_config(b, base_url=fake_vlm.base_url, state_dir=state, settle_s=0)
+    try:
+        assert main(["scan", "-c", str(cfg_a)]) == 0
+        assert main(["scan", "-c", str(cfg_b)]) == 0
+        assert main(["scan", "-c", str(cfg_a)]) == 0
+    finally:
+        structlog.reset_defaults()
+    with State(tmp_path / "state" / "state.sqlite3") as st:
+        assert set(st.done_index()) == {str(a / "inbox" / "1.jpg"), str(b / "inbox" / "2.jpg")}

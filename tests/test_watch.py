@@ -350,6 +350,17 @@ class TestStabilityTracker:
         assert len(tracker) == 0
         assert tracker.next_deadline() is None
 
+    def test_a_dropped_path_is_reported(self, tmp_path: Path, clock: FakeClock) -> None:
+        dropped: list[Path] = []
+        tracker = StabilityTracker(settle_s=1.0, clock=clock, on_drop=dropped.append)
+        gone, kept = write(tmp_path / "gone.jpg"), write(tmp_path / "kept.jpg")
+        tracker.touch(gone)
+        tracker.touch(kept)
+        gone.unlink()
+        clock.advance(1.0)
+        assert tracker.due() == [kept]
+        assert dropped == [gone]
+
     def test_replaced_by_a_folder_is_dropped(self, tmp_path: Path, clock: FakeClock, tracker: StabilityTracker) -> None:
         f = write(tmp_path / "a.jpg")
         tracker.touch(f)
@@ -473,30 +484,39 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
 
 
 class TestWatcher:
-    def test_slow_chunked_write_comes_out_once_complete(self, harness: Harness) -> None:
-        target = harness.root / "clip.mp4"
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_slow_chunked_write_comes_out_once_complete(self, backend: str, tmp_path: Path) -> None:
+        """Pauses between chunks longer than half of settle_s but shorter than it: the file must not be reported in
+        between. Time is a fake clock, so however late the machine delivers an event, settle_s only passes when
+        the test says so."""
+        clock = FakeClock()
+        root = tmp_path / "root"
+        root.mkdir()
+        target = root / "clip.mp4"
         chunk = b"v" * 65536
-        # Pauses longer than half of settle_s but shorter than it: the file must not be reported in between.
-        pause = 0.6 * SETTLE
-
-        def writer() -> None:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            try:
-                for n in range(5):
-                    if n:
-                        time.sleep(pause)
-                    os.write(fd, chunk)
-            finally:
-                os.close(fd)
-
-        thread = threading.Thread(target=writer)
-        thread.start()
-        try:
-            got = harness.collect({target}, busy=thread)
-        finally:
-            thread.join()
+        roots = [WatchRoot(path=root, polling=backend == "polling", poll_interval_s=POLL)]
+        with Watcher(roots, settle_s=SETTLE, sidecar_suffix=SIDECAR, clock=clock) as watcher:
+            with open(target, "wb") as fh:
+                for _ in range(5):
+                    fh.write(chunk)
+                    fh.flush()
+                    time.sleep(POLL + 0.05)  # let the watcher see it (how soon does not matter)
+                    clock.advance(0.6 * SETTLE)
+                    assert watcher.ready(0) == []
+            got: list[Path] = []
+            sizes = []
+            deadline = time.monotonic() + 10
+            while target not in got:  # the copy is done: time may pass now
+                assert time.monotonic() < deadline, "never reported"
+                clock.advance(0.1)
+                batch = watcher.ready(0.05)
+                sizes += [p.stat().st_size for p in batch]
+                got += batch
+            clock.advance(5 * SETTLE)
+            time.sleep(POLL + 0.05)
+            got += watcher.ready(0.05)
         assert got == [target]
-        assert harness.sizes[target] == 5 * len(chunk) == target.stat().st_size
+        assert sizes == [5 * len(chunk)]
 
     def test_atomic_move_in(self, harness: Harness) -> None:
         staged = write(harness.outside / "IMG_0001.jpg")
