@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 from pathlib import Path
 
-from mmwatchd import __version__, config as config_mod, log as log_mod
+from mmwatchd import __version__, config as config_mod, log as log_mod, sidecar
 from mmwatchd.config import Config
 from mmwatchd.errors import ConfigError, MmwatchdError
 from mmwatchd.pipeline import Outcome, Processor
@@ -298,7 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_stop(signum: int) -> None:
             name = signal.Signals(signum).name
             if stop.is_set():  # a second signal: stop at once, in-flight requests or not
-                log_mod.get_logger().warning("daemon.stop_now", signal=name)
+                removed = sidecar.discard_open_reservations()  # their answers will never arrive
+                log_mod.get_logger().warning("daemon.stop_now", signal=name, unfinished=removed)
                 os._exit(128 + signum)
             log_mod.get_logger().info("daemon.stopping", signal=name)
             daemon.request_stop()  # nothing new starts from this moment

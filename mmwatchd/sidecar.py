@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,8 @@ class Reservation:
         self.path = path
         self.tmp = tmp
         self._fd: int | None = fd
+        with _open_lock:
+            _open_reservations.add(tmp)
 
     def commit(self, doc: Mapping[str, Any], *, data: bytes | None = None) -> None:
         """Write ``doc`` into the temp file, fsync, and rename it over the sidecar path. Raises SidecarError (the
@@ -140,6 +143,7 @@ class Reservation:
         fd, self._fd = self._fd, None
         if fd is None:
             raise ValueError("reservation already used")
+        _forget_reservation(self.tmp)
         try:
             try:
                 os.lseek(fd, 0, os.SEEK_SET)
@@ -175,9 +179,32 @@ class Reservation:
         """Remove the temp file (idempotent; nothing to do after :meth:`commit`)."""
         fd, self._fd = self._fd, None
         if fd is not None:
+            _forget_reservation(self.tmp)
             with contextlib.suppress(OSError):
                 os.close(fd)
             _unlink_quietly(self.tmp)
+
+
+#: Temp files of reservations not yet committed or discarded, so a process told to exit at once (a second SIGTERM)
+#: removes them instead of leaving them for the next start-up's cleanup.
+_open_reservations: set[Path] = set()
+_open_lock = threading.Lock()
+
+
+def _forget_reservation(tmp: Path) -> None:
+    with _open_lock:
+        _open_reservations.discard(tmp)
+
+
+def discard_open_reservations() -> int:
+    """Remove every temp file this process has reserved and not yet used; return how many. For an exit that does not
+    wait for the requests in flight: their answers will never be written."""
+    with _open_lock:
+        tmps = list(_open_reservations)
+        _open_reservations.clear()
+    for tmp in tmps:
+        _unlink_quietly(tmp)
+    return len(tmps)
 
 
 def reserve(path: Path, *, size: int) -> Reservation:
