@@ -7,13 +7,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 from configs import write_config
 from fakevlm import FakeVLM
 from media import make_jpeg
 
 from mmwatchd import config
-from mmwatchd.cli import api_key
+from mmwatchd.cli import api_key, main
 from mmwatchd.errors import ConfigError
 from mmwatchd.vlm import NO_KEY
 
@@ -213,9 +214,18 @@ class TestApiKey:
             assert self.SHELL_KEY not in repr(request.headers), request.path
             assert request.headers["authorization"] == f"Bearer {NO_KEY}"  # the SDK's required key: a placeholder
 
-    def test_naming_the_variable_sends_its_key(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+    def test_naming_the_variable_sends_its_key(
+        self, tmp_path: Path, fake_vlm: FakeVLM, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The control for the test above: the same key does arrive once the config names its variable."""
+        monkeypatch.setenv("OPENAI_API_KEY", self.SHELL_KEY)
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
         photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
-        self._once(self._config(tmp_path, fake_vlm.base_url, api_key_env="OPENAI_API_KEY"), photo, tmp_path)
+        cfg = self._config(tmp_path, fake_vlm.base_url, api_key_env="OPENAI_API_KEY")
+        try:
+            assert main(["once", "-c", str(cfg), str(photo)]) == 0
+        finally:
+            structlog.reset_defaults()
         assert fake_vlm.chat_requests
         assert {r.headers["authorization"] for r in fake_vlm.requests} == {f"Bearer {self.SHELL_KEY}"}
 
