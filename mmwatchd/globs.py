@@ -45,7 +45,8 @@ def _class_end(pat: str, i: int) -> int:
 
 def _group_end(pat: str, i: int, original: str) -> tuple[int, list[int]]:
     """For the ``{`` at ``pat[i]``: the index of its ``}`` and of its top-level commas."""
-    depth, commas, j = 0, [], i
+    depth, j = 0, i
+    commas: list[int] = []
     while j < len(pat):
         c = pat[j]
         if c == "\\":

@@ -205,8 +205,8 @@ def make_heic(path: Path, size: Size = (64, 48), *, quality: int = 60, detail: b
 
     pillow_heif.register_heif_opener()
     path = _prepare(path)
-    picture(size, detail=detail, seed=seed, corner=corner).save(path, "HEIF", quality=quality, thumbnails=list(thumbnails),
-                                                                enc_params={"preset": "ultrafast"})  # fmt: skip
+    img = picture(size, detail=detail, seed=seed, corner=corner)
+    img.save(path, "HEIF", quality=quality, thumbnails=list(thumbnails), enc_params={"preset": "ultrafast"})
     return path
 
 
