@@ -178,9 +178,20 @@ def insecure_endpoint(base_url: str) -> bool:
         return True
 
 
+#: The systemd credential read when endpoint.api_key_env is unset (the shipped unit's ``LoadCredential=`` name).
+DEFAULT_CREDENTIAL = "OPENAI_API_KEY"
+
+
 def api_key(cfg: Config, env: Mapping[str, str] = os.environ) -> str | None:
-    """The key from the variable named by endpoint.api_key_env, else from a systemd credential of that name
-    (``LoadCredential=OPENAI_API_KEY:/etc/mmwatchd/OPENAI_API_KEY`` puts it in ``$CREDENTIALS_DIRECTORY``)."""
+    """The key from the variable named by endpoint.api_key_env, else from a systemd credential, else from
+    endpoint.api_key_file.
+
+    The environment is read only when the config names a variable: a key exported in someone's shell is not meant
+    for whatever server ``base_url`` points at. A credential is different: ``LoadCredential=`` hands it to this one
+    service on purpose, so it is read under the name api_key_env gives, or as ``OPENAI_API_KEY`` when that is unset
+    and no api_key_file is given (``LoadCredential=OPENAI_API_KEY:/etc/mmwatchd/OPENAI_API_KEY`` puts it in
+    ``$CREDENTIALS_DIRECTORY``).
+    """
     name = cfg.endpoint.api_key_env
     if name and env.get(name):
         return env[name]
@@ -189,6 +200,8 @@ def api_key(cfg: Config, env: Mapping[str, str] = os.environ) -> str | None:
         return (Path(creds) / name).read_text(encoding="utf-8").strip() or None
     if cfg.endpoint.api_key_file is not None:
         return _key_from_file(cfg)
+    if not name and creds and (Path(creds) / DEFAULT_CREDENTIAL).is_file():
+        return (Path(creds) / DEFAULT_CREDENTIAL).read_text(encoding="utf-8").strip() or None
     return None
 
 

@@ -401,6 +401,13 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
                     f"{section}[{first[value]}]; each {key} may appear once"
                 )
             first.setdefault(value, i)
+    for i, root in enumerate(cfg.watch):
+        for key in ("include", "exclude"):
+            for j, pattern in enumerate(getattr(root, key)):
+                try:
+                    _valid_globs((pattern,))
+                except ValueError as exc:
+                    problems.append(f"{_locate(source, positions, ('watch', i, key, j))}: {exc}")
     for i, rule in enumerate(cfg.rules):
         for key in ("on_success", "on_error"):
             action: ActionSpec | None = getattr(rule, key)

@@ -155,8 +155,10 @@ class EndpointConfig:
 
     base_url: Annotated[str, HttpUrl] = "http://127.0.0.1:11434/v1"
     model: str = "qwen2.5vl:7b"
-    #: Name of the environment variable holding the API key (the key itself never sits in the config).
-    api_key_env: str | None = "OPENAI_API_KEY"
+    #: Name of the environment variable holding the API key (the key itself never sits in the config). None by
+    #: default: a key that happens to be in the shell (``OPENAI_API_KEY``) must not go to whatever ``base_url`` says,
+    #: a LAN server over plain HTTP included, unless the config names it.
+    api_key_env: str | None = None
     #: Or a file holding the key; it must not be readable by other users (chmod 600).
     api_key_file: Path | None = None
     concurrency: Annotated[int, Ge(1), Le(256)] = 4

@@ -7,11 +7,16 @@ from collections.abc import Iterator
 
 import pytest
 
+import fuzzseed
 from fakevlm import FakeVLM
 
 # Threads may take a moment to end after their owner stopped them (an HTTP handler finishing its last write,
 # a pool closed by the garbage collector): the guard waits this long for strays before it fails the test.
 THREAD_GRACE_S = 2.0
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"fuzz seed: {fuzzseed.SEED} (repeat with: {fuzzseed.repeat_hint()})"
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -251,8 +250,9 @@ class TestRun:
         make_jpeg(inbox / "a.jpg", (64, 48))
         proc = spawn_run(cfg, tmp_path, env=RUN_ENV)
         try:
-            # The daemon is up, probing a dead endpoint; the file must not fail meanwhile.
-            wait_until(lambda: b"endpoint.unreachable" in (tmp_path / "run.log").read_bytes())
+            # The daemon is up and has found the endpoint dead (a fixed sleep raced a slow start on a busy machine);
+            # the file must not fail meanwhile.
+            wait_until(lambda: b'"endpoint.unreachable"' in (tmp_path / "run.log").read_bytes(), timeout=60)
             assert not (inbox / "a.jpg.json").exists()
             fake_vlm.resume()
             wait_until(lambda: (inbox / "a.jpg.json").exists(), timeout=30)

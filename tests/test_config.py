@@ -1,12 +1,22 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import structlog
+import yaml
+from configs import write_config
+from fakevlm import FakeVLM
+from media import make_jpeg
 
 from mmwatchd import config
+from mmwatchd.cli import api_key, main
 from mmwatchd.errors import ConfigError
+from mmwatchd.vlm import NO_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,3 +176,76 @@ class TestFinding:
 def test_reply_schema_must_be_a_valid_json_schema(tmp_path: Path) -> None:
     out = problems(MINIMAL + "    schema: {type: objekt}\n", tmp_path)
     assert len(out) == 1 and ":4:13: rules[0].schema: not a valid JSON schema: at $.type:" in out[0], out
+
+
+class TestApiKey:
+    """``endpoint.api_key_env`` defaults to none: a key exported in the shell is sent only where the config says."""
+
+    SHELL_KEY = "sk-shell-secret-for-openai"
+
+    def _config(self, tmp_path: Path, base_url: str, **endpoint: object) -> Path:
+        path = write_config(tmp_path, base_url=base_url)
+        doc = yaml.safe_load(path.read_text())
+        del doc["endpoint"]["api_key_env"]  # as a user writes it: the key is simply absent
+        doc["endpoint"].update(endpoint)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def _once(self, cfg: Path, photo: Path, tmp_path: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": self.SHELL_KEY}
+        env.pop("CREDENTIALS_DIRECTORY", None)
+        done = subprocess.run([sys.executable, "-m", "mmwatchd", "once", "-c", str(cfg), str(photo)],
+                              cwd=tmp_path, env=env, capture_output=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    def test_the_default_reads_no_variable(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.yaml"
+        f.write_text(MINIMAL)
+        assert config.load(f).endpoint.api_key_env is None
+        assert config.load(REPO / "config.example.yaml").endpoint.api_key_env is None
+
+    def test_a_key_in_the_shell_never_reaches_a_server_the_config_does_not_name_it_for(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
+        self._once(self._config(tmp_path, fake_vlm.base_url), photo, tmp_path)
+        assert fake_vlm.chat_requests, "the file was not sent"
+        for request in fake_vlm.requests:  # /v1/models too
+            assert self.SHELL_KEY not in repr(request.headers), request.path
+            assert request.headers["authorization"] == f"Bearer {NO_KEY}"  # the SDK's required key: a placeholder
+
+    def test_naming_the_variable_sends_its_key(
+        self, tmp_path: Path, fake_vlm: FakeVLM, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The control for the test above: the same key does arrive once the config names its variable."""
+        monkeypatch.setenv("OPENAI_API_KEY", self.SHELL_KEY)
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
+        cfg = self._config(tmp_path, fake_vlm.base_url, api_key_env="OPENAI_API_KEY")
+        try:
+            assert main(["once", "-c", str(cfg), str(photo)]) == 0
+        finally:
+            structlog.reset_defaults()
+        assert fake_vlm.chat_requests
+        assert {r.headers["authorization"] for r in fake_vlm.requests} == {f"Bearer {self.SHELL_KEY}"}
+
+    def test_systemd_credential_and_key_file_with_the_default(self, tmp_path: Path) -> None:
+        cfg = config.load(self._config(tmp_path, "http://127.0.0.1:9/v1"))
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        assert api_key(cfg, {"OPENAI_API_KEY": self.SHELL_KEY, "CREDENTIALS_DIRECTORY": str(creds)}) is None
+        # A credential is handed to this one service on purpose (LoadCredential=OPENAI_API_KEY:...): it is read.
+        (creds / "OPENAI_API_KEY").write_text("sk-credential\n")
+        assert api_key(cfg, {"OPENAI_API_KEY": self.SHELL_KEY, "CREDENTIALS_DIRECTORY": str(creds)}) == "sk-credential"
+        # A key file the config names comes before that default credential.
+        key = tmp_path / "key"
+        key.write_text("sk-from-file\n")
+        key.chmod(0o600)
+        with_file = config.load(self._config(tmp_path, "http://127.0.0.1:9/v1", api_key_file=str(key)))
+        assert api_key(with_file, {"CREDENTIALS_DIRECTORY": str(creds)}) == "sk-from-file"
+        # With api_key_env set, the credential of that name is read, and no other.
+        named = config.load(self._config(tmp_path, "http://127.0.0.1:9/v1", api_key_env="GATEWAY_KEY"))
+        assert api_key(named, {"CREDENTIALS_DIRECTORY": str(creds)}) is None
+        (creds / "GATEWAY_KEY").write_text("sk-gateway\n")
+        assert api_key(named, {"CREDENTIALS_DIRECTORY": str(creds)}) == "sk-gateway"
+        assert api_key(named, {"CREDENTIALS_DIRECTORY": str(creds), "GATEWAY_KEY": "sk-env"}) == "sk-env"

@@ -187,6 +187,7 @@ class TestCrashes:
         assert check.stdout.strip() == "ok"
 
 
+@pytest.mark.stress
 class TestFlood:
     def test_a_thousand_files_at_once_are_each_sent_exactly_once(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 8},
