@@ -126,7 +126,8 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _client(cfg: Config):  # type: ignore[no-untyped-def]
+def _client(cfg: Config, state: State | None = None):  # type: ignore[no-untyped-def]
+    """The VLM client; ``state`` keeps what it learns about the endpoint (video.mode: auto) across runs."""
     from mmwatchd.vlm import VLMClient
 
     if insecure_endpoint(cfg.endpoint.base_url):
@@ -135,7 +136,7 @@ def _client(cfg: Config):  # type: ignore[no-untyped-def]
             url=cfg.endpoint.base_url,
             note="photos and the API key cross the network unencrypted; use https:// for hosts other than this one",
         )
-    return VLMClient(cfg.endpoint, api_key=api_key(cfg))
+    return VLMClient(cfg.endpoint, api_key=api_key(cfg), store=state)
 
 
 def insecure_endpoint(base_url: str) -> bool:
@@ -260,7 +261,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     with _state(cfg) as state, Notifier() as notifier:
-        daemon = Daemon(cfg, _client(cfg), state=state, notifier=notifier, reload=reload, make_client=_client)
+        daemon = Daemon(
+            cfg, _client(cfg, state), state=state, notifier=notifier, reload=reload,
+            make_client=lambda new: _client(new, state),
+        )  # fmt: skip
 
         def on_signal(signum: int, _frame: object) -> None:
             if signum == signal.SIGHUP:
@@ -329,7 +333,8 @@ def _one_shot_daemon(cfg: Config, *, start: bool = True):  # type: ignore[no-unt
     """
     from mmwatchd.daemon import Daemon
 
-    daemon = Daemon(cfg, _LazyClient(cfg), state=_state(cfg), one_shot_attempts=ONE_SHOT_ATTEMPTS)  # type: ignore[arg-type]
+    state = _state(cfg)
+    daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS)  # type: ignore[arg-type]
     if start:
         _start_one_shot(daemon)
     return daemon
@@ -346,15 +351,16 @@ class _LazyClient:
     """The VLM client, made on first use: making it loads the openai SDK (about half a second), which a scan that
     finds everything up to date never needs. Attribute access goes to the real client."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, state: State | None = None) -> None:
         self._cfg = cfg
+        self._state = state
         self._client = None
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         with self._lock:
             if self._client is None:
-                self._client = _client(self._cfg)
+                self._client = _client(self._cfg, self._state)
         return getattr(self._client, name)
 
 

@@ -46,6 +46,7 @@ from mmwatchd.watch import Watcher, log_scan_error
 
 if TYPE_CHECKING:
     from mmwatchd.vlm import VLMClient
+    from mmwatchd.servers import EndpointKnowledge
 
 log = get_logger()
 
@@ -102,6 +103,11 @@ class _MeteredClient:
     def __init__(self, client: VLMClient, daemon: Daemon) -> None:
         self.client = client
         self.daemon = daemon
+
+    @property
+    def knowledge(self) -> EndpointKnowledge | None:
+        """What the endpoint takes (video.mode: auto), shared with the client."""
+        return getattr(self.client, "knowledge", None)
 
     def describe(self, req: VLMRequest) -> Reply:
         d = self.daemon

@@ -1,0 +1,120 @@
+"""Works with each server as it is (issue 16): the README's quick starts against fake servers shaped like the real
+ones, with the shipped example config, as a real ``mmwatchd scan`` process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fakevlm import SHAPES, FakeVLM
+from media import make_gif, make_heic, make_jpeg, make_numbered_video, make_with_metadata
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "config.example.yaml"
+#: The URL and model the quick starts name for each server (the fake serves that model).
+MODELS = {"ollama": "qwen2.5vl:7b", "lmstudio": "qwen2.5-vl-7b-instruct", "openai": "gpt-4o-mini",
+          "vllm": "Qwen/Qwen2.5-VL-7B-Instruct"}  # fmt: skip
+
+
+def quick_start_config(folder: Path, base_url: str, model: str) -> Path:
+    """The shipped config.example.yaml with only the URL and the model changed, as the README says."""
+    text = EXAMPLE.read_text()
+    assert text.count("base_url: http://127.0.0.1:11434/v1") == 1 and text.count("model: qwen2.5vl:7b ") == 1
+    text = text.replace("base_url: http://127.0.0.1:11434/v1", f"base_url: {base_url}")
+    text = text.replace("model: qwen2.5vl:7b ", f"model: {model} ")
+    path = folder / "mmwatchd.yaml"
+    path.write_text(text)
+    return path
+
+
+def scan(cfg: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_STATE_HOME": str(cwd / "state")}
+    env.pop("STATE_DIRECTORY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "mmwatchd", "scan", "-c", str(cfg), "--log-format", "json"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def library(inbox: Path, tag: str = "") -> list[Path]:
+    """Photos as phones and chats make them, GIFs, a HEIC, and videos."""
+    return [
+        make_with_metadata(inbox / f"phone{tag}.jpg", "jpeg"),
+        make_jpeg(inbox / f"big{tag}.jpg", (1800, 1200), detail=False),
+        make_with_metadata(inbox / f"screenshot{tag}.png", "png"),
+        make_with_metadata(inbox / f"sticker{tag}.webp", "webp"),
+        make_gif(inbox / f"still{tag}.gif"),
+        make_gif(inbox / f"animated{tag}.gif", frames=3),
+        make_heic(inbox / f"iphone{tag}.heic"),
+        make_numbered_video(inbox / f"clip{tag}.mp4", (160, 120), frames=30, fps=10),
+        make_numbered_video(inbox / f"clip{tag}.mov", (160, 120), frames=20, fps=10),
+    ]
+
+
+def _sent_images(fake: FakeVLM) -> list[tuple[str, bytes]]:
+    out = []
+    for request in fake.chat_requests:
+        for part in request.content:
+            if part["type"] == "image_url":
+                head, _, payload = part["image_url"]["url"].partition(",")
+                out.append((head, base64.b64decode(payload)))
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quick_start_describes_everything_on_each_server(tmp_path: Path, shape: str) -> None:
+    with FakeVLM(shape=shape, models=[MODELS[shape]]) as fake:  # type: ignore[arg-type]
+        cfg = quick_start_config(tmp_path, fake.base_url, MODELS[shape])
+        files = library(tmp_path / "inbox")
+        run = scan(cfg, tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        docs = {p.name: json.loads(p.with_name(p.name + ".json").read_text()) for p in files}
+        assert {name: doc["status"] for name, doc in docs.items()} == dict.fromkeys(docs, "ok")
+        # At most one refused request while it learns what the endpoint takes; none where the server says.
+        assert len(fake.refused) == (1 if shape == "openai" else 0)
+        clip = docs["clip.mp4"]["media"]
+        assert clip["mode"] == ("video_url" if shape == "vllm" else "images")
+        assert clip["mode_reason"]
+        if shape == "openai":
+            assert "endpoint refused video_url (400 Invalid value: 'video_url'" in docs["clip.mov"]["media"]["mode_reason"] or \
+                "endpoint refused video_url (400 Invalid value: 'video_url'" in clip["mode_reason"]  # fmt: skip
+        # No GPS, XMP or comment reached the server; every image type sent is one it takes.
+        for head, data in _sent_images(fake):
+            with Image.open(io.BytesIO(data)) as im:
+                assert not im.getexif().get_ifd(0x8825) and "xmp" not in im.info
+            assert head.split(";")[0] in ("data:image/jpeg", "data:image/png", "data:image/webp") or (
+                shape in ("openai", "vllm") and head.startswith("data:image/gif")
+            )
+
+        if shape != "openai":
+            return
+        # What was learned is remembered: a second run with new files pays no second refusal.
+        make_numbered_video(tmp_path / "inbox" / "clip-2.mp4", (96, 64), frames=12, fps=6)
+        refused_before = len(fake.refused)
+        run = scan(cfg, tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        assert len(fake.refused) == refused_before
+        again = json.loads((tmp_path / "inbox" / "clip-2.mp4.json").read_text())["media"]
+        assert again["mode"] == clip["mode"]
+
+
+def test_learning_costs_one_refusal_however_many_workers(tmp_path: Path) -> None:
+    """Eight clips, four workers, a server nobody identifies that refuses video_url: one refused request."""
+    with FakeVLM(shape="openai", models=["gpt-4o-mini"]) as fake:
+        cfg = quick_start_config(tmp_path, fake.base_url, "gpt-4o-mini")
+        for i in range(8):
+            make_numbered_video(tmp_path / "inbox" / f"c{i}.mp4", (96, 64), frames=12 + i, fps=6)
+        run = scan(cfg, tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert len(fake.refused) == 1
+        assert len(fake.chat_requests) == 9
+        modes = {json.loads((tmp_path / "inbox" / f"c{i}.mp4.json").read_text())["media"]["mode"] for i in range(8)}
+        assert modes == {"images"}
+        assert "scan done: 8 described, 0 failed" in run.stdout
