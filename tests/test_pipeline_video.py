@@ -169,3 +169,48 @@ def test_dry_run_shows_the_frame_plan(tmp_path: Path, fake_vlm: FakeVLM, clip: P
     assert {"t", "width", "height", "bytes"} <= set(media["frames"][0])
     assert plan["request"]["messages"][0]["content"][1]["video_url"]["url"].startswith("data:video/jpeg;base64,…(")
     assert fake_vlm.requests == []
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 s at 10 fps, every frame showing its number."""
+    return make_numbered_video(tmp_path_factory.mktemp("long") / "long.mp4", (160, 120), frames=60, fps=10, gop=10)
+
+
+class TestServerFrameLimit:
+    """endpoint.max_video_frames (issue 10, item 10): a vLLM keeps the first 32 frames of a video_url."""
+
+    def test_frames_spread_over_the_whole_clip_within_the_limit(self, tmp_path: Path, long_clip: Path) -> None:
+        with FakeVLM(shape="vllm") as fake:
+            out = _once(tmp_path, fake, long_clip, rule={**VIDEO_RULE, "video": {"frames": 48, "align": 28}})
+            seen = fake.frames_seen
+        media = out["doc"]["media"]
+        assert out["code"] == 0 and media["mode"] == "video_url"
+        assert len(media["frames"]) == 32 and seen == [32]  # what was sent is what the model saw
+        assert media["frames"][-1]["t"] == pytest.approx(5.9, abs=0.05)  # the end of the clip too
+        assert media["degradations"][0] == "frames 48 -> 32 (endpoint.max_video_frames)"
+        assert out["doc"]["response"]["usage"]["prompt_tokens"] == 10 + 64 * 32
+        numbers = [read_number(im) for im in _images(fake.chat_requests[0].content[1]["video_url"]["url"])]
+        assert numbers[0] == 0 and numbers[-1] == 59
+
+    def test_without_a_limit_the_server_drops_the_end(self, tmp_path: Path, long_clip: Path) -> None:
+        """What the limit is for: 48 frames sent, the server keeps the first 32, the model never sees the end."""
+        with FakeVLM(shape="vllm") as fake:
+            out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": None},
+                        rule={**VIDEO_RULE, "video": {"frames": 48, "align": 28}})  # fmt: skip
+            seen = fake.frames_seen
+        frames = out["doc"]["media"]["frames"]
+        assert len(frames) == 48 and seen == [32] and frames[31]["t"] < 4.0
+
+    def test_odd_limit_with_frame_pairing_stays_even(self, tmp_path: Path, long_clip: Path) -> None:
+        with FakeVLM(shape="vllm") as fake:
+            out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": 9},
+                        rule={**VIDEO_RULE, "video": {"frames": 20, "align": 28}})  # fmt: skip
+            assert fake.frames_seen == [8]
+        assert len(out["doc"]["media"]["frames"]) == 8
+
+    def test_images_mode_is_not_limited(self, tmp_path: Path, long_clip: Path) -> None:
+        with FakeVLM() as fake:
+            out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": 4},
+                        rule={**VIDEO_RULE, "video": {"frames": 6, "mode": "images"}})  # fmt: skip
+        assert len(out["doc"]["media"]["frames"]) == 6 and out["doc"]["media"]["degradations"] == []
