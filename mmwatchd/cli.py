@@ -100,7 +100,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("check", parents=[common], help="validate the config and exit")
+    p.add_argument(
+        "--endpoint",
+        action="store_true",
+        help="also ask the endpoint what it takes (images, video_url, json_schema, request size): a few tiny requests",
+    )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("doctor", parents=[common], help="the same as check --endpoint")
+    p.set_defaults(func=cmd_check, endpoint=True)
 
     p = sub.add_parser("once", parents=[common], help="process the named files now, then exit")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -190,7 +198,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(missing)
     print(f"config OK: {path} ({len(cfg.rules)} rule(s), {len(cfg.watch)} watched folder(s))")
+    if getattr(args, "endpoint", False):
+        return _check_endpoint(cfg, args)
     return EXIT_OK
+
+
+def _check_endpoint(cfg: Config, args: argparse.Namespace) -> int:
+    """``check --endpoint``: a short table of what the endpoint takes; exit 1 when something the config uses fails."""
+    from mmwatchd.doctor import check_endpoint, render
+    from mmwatchd.encode.image import probe_pictures
+
+    log_mod.setup(args.log_level or "warning", fmt=args.log_format)
+    with _state(cfg) as state:
+        client = _client(cfg, state)
+        try:
+            rows = check_endpoint(cfg, client, pictures=probe_pictures)
+        finally:
+            client.close()
+    print(render(cfg.endpoint.base_url, cfg.endpoint.model, rows))
+    return EXIT_FAILED if any(r.ok is False and r.needed for r in rows) else EXIT_OK
 
 
 def cmd_once(args: argparse.Namespace) -> int:

@@ -118,3 +118,68 @@ def test_learning_costs_one_refusal_however_many_workers(tmp_path: Path) -> None
         modes = {json.loads((tmp_path / "inbox" / f"c{i}.mp4.json").read_text())["media"]["mode"] for i in range(8)}
         assert modes == {"images"}
         assert "scan done: 8 described, 0 failed" in run.stdout
+
+
+class TestCheckEndpoint:
+    """``mmwatchd check --endpoint``: a short table of what the endpoint takes; exit 1 when the config needs more."""
+
+    @pytest.mark.parametrize(
+        ("shape", "video", "server"),
+        [("ollama", "no  ", "Ollama 0.12.6"), ("lmstudio", "no  ", "LM Studio"), ("openai", "no  ", "did not say"),
+         ("vllm", "ok  ", "vLLM 0.11.0")],
+    )  # fmt: skip
+    def test_each_server(self, tmp_path: Path, shape: str, video: str, server: str,
+                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        from mmwatchd.cli import main
+
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+        with FakeVLM(shape=shape, models=[MODELS[shape]]) as fake:  # type: ignore[arg-type]
+            cfg = quick_start_config(tmp_path, fake.base_url, MODELS[shape])
+            assert main(["check", "--endpoint", "-c", str(cfg)]) == 0
+            out = capsys.readouterr().out
+            rows = {line[6:23].strip(): line for line in out.splitlines()[2:]}
+            assert rows["reachable"].startswith("ok") and rows["model listed"].startswith("ok")
+            assert server in rows["server"] and rows["takes an image"].startswith("ok")
+            assert rows["takes video_url"].startswith(video) and rows["json_schema"].startswith("ok")
+            assert "20000000 bytes accepted" in rows["largest request"]
+            if shape == "vllm":
+                assert "keeps 32 of 34 frames" in rows["takes video_url"]
+            # What it found is what video.mode: auto uses: the scan after it is refused nothing.
+            refused = len(fake.refused)
+            make_numbered_video(tmp_path / "inbox" / "clip.mp4", (96, 64), frames=12, fps=6)
+            assert scan(cfg, tmp_path).returncode == 0
+            assert len(fake.refused) == refused
+            mode = json.loads((tmp_path / "inbox" / "clip.mp4.json").read_text())["media"]["mode"]
+            assert mode == ("video_url" if shape == "vllm" else "images")
+
+    def test_size_limit_found_with_few_requests(self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        from mmwatchd.cli import main
+        from mmwatchd.doctor import MAX_SIZE_PROBES
+
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        with FakeVLM(max_body_bytes=3_000_000) as fake:
+            cfg = quick_start_config(tmp_path, fake.base_url, "fake-vlm")
+            before = len(fake.chat_requests)
+            assert main(["doctor", "-c", str(cfg)]) == 1
+            sizes = [len(r.body) for r in fake.chat_requests[before:]
+                     if r.content[1].get("image_url", {}).get("url", "").startswith("data:image/png")]  # fmt: skip
+        out = capsys.readouterr().out
+        assert 19_999_000 < sizes[0] <= 20_000_000  # endpoint.max_request_bytes first
+        assert len(sizes) <= MAX_SIZE_PROBES and max(s for s in sizes if s <= 3_000_000) > 2_000_000
+        line = next(x for x in out.splitlines() if "largest request" in x)
+        assert line.startswith("FAIL") and "set endpoint.max_request_bytes to at most" in line
+
+    def test_unreachable(self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        from mmwatchd.cli import main
+
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        fake = FakeVLM().start()
+        url = fake.base_url
+        fake.stop()
+        cfg = quick_start_config(tmp_path, url, "fake-vlm")
+        assert main(["check", "--endpoint", "-c", str(cfg)]) == 1
+        out = capsys.readouterr().out
+        assert "FAIL  reachable" in out and "cannot reach the model endpoint" in out

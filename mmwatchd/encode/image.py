@@ -695,3 +695,14 @@ def probe_and_encode_image(
     return probe_image(path, limits=limits), encode_image(
         path, spec, budget=budget, limits=limits, passthrough_mimes=passthrough_mimes
     )
+
+
+def probe_pictures(n: int, size: tuple[int, int] = (56, 56)) -> list[bytes]:
+    """``n`` small JPEGs, each a different plain colour: what ``mmwatchd check --endpoint`` sends to see what an
+    endpoint takes (cheap for any model: a few hundred bytes and a handful of tokens each)."""
+    out = []
+    for i in range(n):
+        hue = (i * 47) % 256
+        img = Image.new("RGB", size, (hue, 255 - hue, (hue * 3) % 256))
+        out.append(save_image(img, "jpeg", 80))
+    return out
