@@ -420,6 +420,27 @@ class Processor:
         forced: VideoDecision | None = None,
     ) -> _Planned:
         spec, decision, capped = self._video_spec(rule, forced)
+        try:
+            return self._encode_video(path, rule, values, refs, fingerprint, spec, decision, capped)
+        except BaseException:
+            # A clip that fails before its request (decode, budget) must not hold the other clips waiting for a
+            # probe that is never sent: the next clip asks instead.
+            knowledge = self._knowledge()
+            if decision is not None and decision.probe and knowledge is not None:
+                knowledge.settle(rule.model or self.config.endpoint.model, decision, accepted=None)
+            raise
+
+    def _encode_video(
+        self,
+        path: Path,
+        rule: Rule,
+        values: dict[str, object],
+        refs: tuple[Part, ...],
+        fingerprint: str,
+        spec: VideoSpec,
+        decision: VideoDecision | None,
+        capped: str,
+    ) -> _Planned:
         limits = self.config.limits
         facts = self._decode(probe_video, path, limits=limits)
         if limits.max_duration_s is not None and facts.duration_s and facts.duration_s > limits.max_duration_s:

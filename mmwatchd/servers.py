@@ -184,6 +184,11 @@ class EndpointKnowledge:
         with self._cond:
             return self._lookup(model) or self._from_url() or Capabilities()
 
+    def asking(self, model: str) -> bool:
+        """True while a request that decides whether ``model`` takes ``video_url`` is out (others wait for it)."""
+        with self._cond:
+            return self.key(model) in self._probing
+
     def image_mimes(self, model: str) -> frozenset[str]:
         return self.known(model).image_mimes
 

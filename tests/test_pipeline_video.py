@@ -214,3 +214,45 @@ class TestServerFrameLimit:
             out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": 4},
                         rule={**VIDEO_RULE, "video": {"frames": 6, "mode": "images"}})  # fmt: skip
         assert len(out["doc"]["media"]["frames"]) == 6 and out["doc"]["media"]["degradations"] == []
+
+
+class TestAutoMode:
+    """video.mode: auto in one process: the fallback, the sidecar's reason, and a probe that is never sent."""
+
+    def _processor(self, tmp_path: Path, fake: FakeVLM):  # type: ignore[no-untyped-def]
+        from mmwatchd.config import load
+        from mmwatchd.pipeline import Processor
+        from mmwatchd.vlm import VLMClient
+
+        cfg = load(write_config(tmp_path, base_url=fake.base_url, endpoint={"timeout_s": 2},
+                                rule={**VIDEO_RULE, "video": {"frames": 4}}))  # fmt: skip
+        client = VLMClient(cfg.endpoint, api_key=None)
+        return Processor(cfg, client), client
+
+    def test_refused_video_url_is_sent_again_as_images_at_once(self, tmp_path: Path, clip: Path) -> None:
+        with FakeVLM(shape="ollama") as fake:
+            processor, client = self._processor(tmp_path, fake)
+            with client:
+                # An Ollama that hides its version: only its answer to a video_url tells.
+                fake.enqueue(status=404, text="404 page not found", path="/api/version")
+                target = tmp_path / "inbox" / "clip.mp4"
+                target.write_bytes(clip.read_bytes())
+                outcome = processor.process(target)
+            assert outcome.status == "ok", outcome.reason
+            kinds = [[p["type"] for p in r.content[1:]] for r in fake.chat_requests]
+            assert kinds == [["video_url"], ["image_url"] * 4] and len(fake.refused) == 1
+        media = json.loads((tmp_path / "inbox" / "clip.mp4.json").read_text())["media"]
+        assert media["mode"] == "images"
+        assert media["mode_reason"] == "endpoint refused video_url (400 invalid message format); learned"
+
+    def test_a_clip_that_fails_before_its_request_does_not_hold_the_next(self, tmp_path: Path, clip: Path) -> None:
+        with FakeVLM(shape="openai") as fake:
+            processor, client = self._processor(tmp_path, fake)
+            with client:
+                broken = make_audio(tmp_path / "inbox" / "voice.mp4")
+                assert processor.process(broken).status == "error"  # it was to be the probe
+                assert not client.knowledge.asking("fake-vlm")  # so nobody waits for its answer
+                target = tmp_path / "inbox" / "clip.mp4"
+                target.write_bytes(clip.read_bytes())
+                outcome = processor.process(target)  # asks at once, rather than waiting for the first's answer
+            assert outcome.status == "ok" and len(fake.refused) == 1
