@@ -27,7 +27,6 @@ from urllib.parse import urlsplit, urlunsplit
 import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
-import httpx2
 import openai
 
 from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
@@ -207,12 +206,12 @@ class VLMClient:
 
     def _get_json(self, url: str) -> Any:
         try:
-            response = self._client.get(
+            content = self._client.get(
                 url,
-                cast_to=httpx2.Response,
+                cast_to=bytes,
                 options={"max_retries": 0, "timeout": min(10.0, self.endpoint.timeout_s)},
             )
-            return json.loads(response.content)
+            return json.loads(content)
         except (openai.APIError, ValueError, RecursionError):
             return None
 
