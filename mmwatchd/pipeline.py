@@ -38,7 +38,6 @@ from mmwatchd.log import get_logger
 from mmwatchd.media import media_suffix_kind, oversize, sniff
 from mmwatchd.model import ActionSpec, LinearBudget, Part, Reply, VideoSpec, VLMRequest
 from mmwatchd.servers import (
-    COMMON_IMAGE_MIMES,
     EndpointKnowledge,
     VideoDecision,
     image_mimes_for,
@@ -350,7 +349,7 @@ class Processor:
         if knowledge is not None:
             mimes = knowledge.image_mimes(rule.model or self.config.endpoint.model)
         else:
-            mimes = image_mimes_for(server_from_url(self.config.endpoint.base_url)) or COMMON_IMAGE_MIMES
+            mimes = image_mimes_for(server_from_url(self.config.endpoint.base_url))
         return tuple(sorted(mimes))
 
     def _video_spec(self, rule: Rule, forced: VideoDecision | None) -> tuple[VideoSpec, VideoDecision | None, str]:

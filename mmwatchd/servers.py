@@ -8,7 +8,8 @@ OpenAI-compatible servers differ in what a chat request may hold:
                                                    "invalid image input"
     LM Studio  no                                  jpeg/png/webp                       GET /api/v0/models at the root
     OpenAI     no: 400 invalid content part type   jpeg/png/webp, non-animated gif     its URL, api.openai.com
-    other      learned: a video_url refused as a format error is sent again as images, and remembered
+    other      learned: a video_url refused as a format error is sent again as images, and remembered;
+               passthrough sends JPEG and PNG only (llama.cpp's server reads no WebP)
 
 (Ollama: ``openai/openai.go``, ``FromChatRequest``, accepts only ``text`` and ``image_url`` parts and the data-URL
 types above.) What is known is kept per endpoint (base URL and model) in memory and, when a store is given, in the
@@ -41,13 +42,15 @@ __all__ = [
 log = get_logger()
 ServerKind = Literal["ollama", "vllm", "lmstudio", "openai", "unknown"]
 
-#: Passthrough data-URL types every vision server takes.
-COMMON_IMAGE_MIMES: frozenset[str] = frozenset({"image/jpeg", "image/png", "image/webp"})
+#: Passthrough data-URL types every vision server takes (llama.cpp's server, behind many "unknown" endpoints,
+#: decodes with stb_image, which has no WebP).
+COMMON_IMAGE_MIMES: frozenset[str] = frozenset({"image/jpeg", "image/png"})
+_WEBP = COMMON_IMAGE_MIMES | {"image/webp"}
 _IMAGE_MIMES: dict[str, frozenset[str]] = {
-    "ollama": COMMON_IMAGE_MIMES,  # anything else: 400 "invalid image input"
-    "lmstudio": COMMON_IMAGE_MIMES,
-    "openai": COMMON_IMAGE_MIMES | {"image/gif"},  # non-animated GIF (passthrough never sends animated ones)
-    "vllm": COMMON_IMAGE_MIMES | {"image/gif"},  # decoded by Pillow
+    "ollama": _WEBP,  # anything else: 400 "invalid image input"
+    "lmstudio": _WEBP,
+    "openai": _WEBP | {"image/gif"},  # non-animated GIF (passthrough never sends animated ones)
+    "vllm": _WEBP | {"image/gif"},  # decoded by Pillow
 }
 #: What each identified server does with a ``video_url`` part (None: not known from its kind alone).
 _TAKES_VIDEO_URL: dict[str, bool | None] = {"ollama": False, "lmstudio": False, "openai": False, "vllm": True}
@@ -190,6 +193,8 @@ class EndpointKnowledge:
             return self.key(model) in self._probing
 
     def image_mimes(self, model: str) -> frozenset[str]:
+        """The image types passthrough may send to ``model``, from what is known: the server is not asked for a
+        photo (a WebP goes encoded until a clip or ``check --endpoint`` has found out what the server is)."""
         return self.known(model).image_mimes
 
     def video_mode(self, model: str) -> VideoDecision:

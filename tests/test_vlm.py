@@ -613,3 +613,11 @@ class TestKnowledge:
         openai_url = EndpointKnowledge("https://api.openai.com/v1", identify=lambda: pytest.fail("asked"))
         assert openai_url.video_mode("gpt-4o-mini").mode == "images"
         assert "image/gif" in openai_url.image_mimes("gpt-4o-mini")
+
+    def test_passthrough_types_follow_what_is_known(self) -> None:
+        from mmwatchd.servers import EndpointKnowledge
+
+        knowledge = EndpointKnowledge("http://h:11434/v1", identify=lambda: ("ollama", "0.12.6"))
+        assert knowledge.image_mimes("m") == {"image/jpeg", "image/png"}  # nobody asked yet: what every server reads
+        knowledge.video_mode("m")  # a clip asks the server what it is
+        assert knowledge.image_mimes("m") == {"image/jpeg", "image/png", "image/webp"}
