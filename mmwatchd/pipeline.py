@@ -385,8 +385,20 @@ class Processor:
         decision = planned.decision
         knowledge = self._knowledge()
         model = planned.request.model
-        if decision is None or knowledge is None or planned.media.get("mode") != "video_url":
+        if planned.media.get("mode") != "video_url":
             return self.client.describe(planned.request), planned
+        if decision is None or knowledge is None:  # the rule says video_url: no fallback, but say what to change
+            try:
+                return self.client.describe(planned.request), planned
+            except VLMRejected as exc:
+                if not is_video_format_refusal(exc.status, exc.server_message):
+                    raise
+                hint = VLMRejected(
+                    f"{exc.message}; this endpoint takes no video_url: remove rules: {planned.rule.name}: "
+                    "video.mode (auto is the default) or set it to images"
+                )
+                hint.status, hint.server_message = exc.status, exc.server_message
+                raise hint from exc
         try:
             reply = self.client.describe(planned.request)
         except VLMRejected as exc:

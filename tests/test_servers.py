@@ -9,9 +9,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from fakevlm import SHAPES, FakeVLM
 from media import make_gif, make_heic, make_jpeg, make_numbered_video, make_with_metadata
 from PIL import Image
@@ -21,6 +23,12 @@ EXAMPLE = REPO / "config.example.yaml"
 #: The URL and model the quick starts name for each server (the fake serves that model).
 MODELS = {"ollama": "qwen2.5vl:7b", "lmstudio": "qwen2.5-vl-7b-instruct", "openai": "gpt-4o-mini",
           "vllm": "Qwen/Qwen2.5-VL-7B-Instruct"}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
 
 
 def quick_start_config(folder: Path, base_url: str, model: str) -> Path:
@@ -187,3 +195,41 @@ class TestCheckEndpoint:
         assert main(["check", "--endpoint", "-c", str(cfg)]) == 1
         out = capsys.readouterr().out
         assert "FAIL  reachable" in out and "cannot reach the model endpoint" in out
+
+
+def test_explicit_video_url_refused_says_what_to_change(tmp_path: Path) -> None:
+    """A rule that insists on video_url gets no fallback, but its error sidecar names the fix."""
+    from configs import write_config
+
+    from mmwatchd.cli import main
+
+    with FakeVLM(shape="ollama") as fake:
+        cfg = write_config(tmp_path, base_url=fake.base_url,
+                           rule={"name": "clips", "match": {"kind": "video"}, "prompt": "What happens?",
+                                 "video": {"frames": 4, "mode": "video_url"}})  # fmt: skip
+        clip = make_numbered_video(tmp_path / "inbox" / "clip.mp4", (96, 64), frames=12, fps=6)
+        assert main(["once", "-c", str(cfg), str(clip)]) == 1
+    error = json.loads(clip.with_name("clip.mp4.json").read_text())["error"]
+    assert error["kind"] == "rejected" and "invalid message format" in error["message"]
+    assert "this endpoint takes no video_url: remove rules: clips: video.mode" in error["message"]
+
+
+class TestConfigKeys:
+    def test_defaults(self, tmp_path: Path) -> None:
+        from configs import load_config
+
+        cfg = load_config(tmp_path, base_url="http://127.0.0.1:9/v1",
+                          rule={"match": {"kind": "video"}, "video": {"frames": 8}})  # fmt: skip
+        assert cfg.rules[0].video is not None and cfg.rules[0].video.mode == "auto"
+        assert cfg.endpoint.max_video_frames == 32 and cfg.rules[0].image.keep_metadata is False
+
+    def test_no_limit_and_bad_values(self, tmp_path: Path) -> None:
+        from configs import load_config
+
+        from mmwatchd.errors import ConfigError
+
+        assert load_config(tmp_path, base_url="http://127.0.0.1:9/v1",
+                           endpoint={"max_video_frames": None}).endpoint.max_video_frames is None  # fmt: skip
+        with pytest.raises(ConfigError) as caught:
+            load_config(tmp_path, base_url="http://127.0.0.1:9/v1", endpoint={"max_video_frames": 0})
+        assert any("endpoint.max_video_frames" in line for line in caught.value.problems)
