@@ -41,6 +41,7 @@ from mmwatchd.servers import (
     EndpointKnowledge,
     VideoDecision,
     image_mimes_for,
+    is_image_refusal,
     is_video_format_refusal,
     server_from_url,
 )
@@ -228,9 +229,7 @@ class Processor:
                 )
             if self.client is None:
                 raise RuntimeError("Processor without a client cannot call the endpoint")
-            reply, planned = self._ask(
-                planned, lambda forced: self._plan(path, kind, rule, values, fingerprint, video_mode=forced)
-            )
+            reply, planned = self._ask(planned, lambda **again: self._plan(path, kind, rule, values, fingerprint, **again))
             after = self._restat(path)
             if after != before:
                 return Outcome(
@@ -312,8 +311,10 @@ class Processor:
         fingerprint: str,
         *,
         video_mode: VideoDecision | None = None,
+        image_mimes: tuple[str, ...] | None = None,
     ) -> _Planned:
-        """``video_mode``: send a clip this way (the fallback after a refused ``video_url``), whatever the rule says."""
+        """``video_mode``: send a clip this way (the fallback after a refused ``video_url``), whatever the rule says;
+        ``image_mimes``: the types passthrough may send (the fallback after a refused image: none)."""
         refs = self._references(rule)
         if kind == "image" and rule.video is not None:  # an animated image may be sent as a video
             facts = self._decode(probe_image, path, limits=self.config.limits)
@@ -329,7 +330,7 @@ class Processor:
                 raise self._no_room(path, widest)
             facts, part = self._decode(
                 probe_and_encode_image, path, rule.image, budget=budget, limits=self.config.limits,
-                passthrough_mimes=self._image_mimes(rule),
+                passthrough_mimes=self._image_mimes(rule) if image_mimes is None else image_mimes,
             )  # fmt: skip
             values.update(width=facts.width, height=facts.height, taken=facts.taken)
             request = replace(self._request(rule, values, refs), parts=(*refs, part))
@@ -378,13 +379,27 @@ class Processor:
             spec = replace(spec, frames=cap)
         return spec, decision, note
 
-    def _ask(self, planned: _Planned, replan: Callable[[VideoDecision], _Planned]) -> tuple[Reply, _Planned]:
+    def _ask(self, planned: _Planned, replan: Callable[..., _Planned]) -> tuple[Reply, _Planned]:
         """Send the request. Under ``video.mode: auto``, a ``video_url`` refused for its format is sent again at
-        once as images, and the endpoint's answer is remembered; the refusal counts nothing against the file."""
+        once as images, and a photo passed through as it is and refused for its data is sent again at once
+        encoded; the endpoint's answer is remembered and the refusal counts nothing against the file."""
         assert self.client is not None
         decision = planned.decision
         knowledge = self._knowledge()
         model = planned.request.model
+        if planned.media.get("kind") == "image":
+            original = next((p for p in planned.request.parts if p.origin == "original"), None)
+            try:
+                return self.client.describe(planned.request), planned
+            except VLMRejected as exc:
+                if original is None or knowledge is None or not is_image_refusal(exc.status, exc.server_message):
+                    raise
+                said = _short(exc.server_message)
+                knowledge.refuse_image(model, original.mime)
+                log.info("endpoint.learned", url=knowledge.base_url, model=model, refused=original.mime, said=said)
+                planned = replan(image_mimes=())
+                media = {**planned.media, "passthrough_refused": f"{exc.status} {said}"}
+                return self.client.describe(planned.request), replace(planned, media=media)
         if planned.media.get("mode") != "video_url":
             return self.client.describe(planned.request), planned
         if decision is None or knowledge is None:  # the rule says video_url: no fallback, but say what to change
@@ -405,11 +420,10 @@ class Processor:
             if not is_video_format_refusal(exc.status, exc.server_message):
                 knowledge.settle(model, decision, accepted=None)
                 raise
-            said = " ".join(exc.server_message.split())
-            said = said if len(said) <= 120 else said[:119] + "…"
+            said = _short(exc.server_message)
             reason = knowledge.settle(model, decision, accepted=False, refusal=f"{exc.status} {said}")
             log.info("endpoint.learned", url=knowledge.base_url, model=model, video_url=False, reason=reason)
-            planned = replan(VideoDecision(mode="images", reason=reason))
+            planned = replan(video_mode=VideoDecision(mode="images", reason=reason))
             return self.client.describe(planned.request), planned
         except BaseException:
             knowledge.settle(model, decision, accepted=None)
@@ -675,6 +689,12 @@ class Processor:
 
 #: Prompt values an image's facts can take, at their longest (pixel counts are capped by limits.max_pixels).
 _WIDEST_FACTS: dict[str, object] = {"width": 999_999_999, "height": 999_999_999, "taken": "0000-00-00 00:00:00"}
+
+
+def _short(said: str) -> str:
+    """A server's words as a sidecar records them: one line, at most 120 characters."""
+    said = " ".join(said.split())
+    return said if len(said) <= 120 else said[:119] + "…"
 
 
 def _quoted(text: str) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "KnowledgeStore",
     "VideoDecision",
     "image_mimes_for",
+    "is_image_refusal",
     "is_video_format_refusal",
     "server_from_url",
 ]
@@ -84,6 +85,20 @@ def is_video_format_refusal(status: int | None, message: str) -> bool:
     return status in (400, 415, 422) and bool(_FORMAT_WORDS.search(message))
 
 
+# Ollama: "invalid image input"; OpenAI: "You uploaded an unsupported image", "Invalid image format"; llama.cpp:
+# "failed to load image"; others: "image format not supported", "cannot identify image file".
+# Not every 400 that names an image: "image too small" would be refused again once encoded.
+_IMAGE_WORDS = re.compile(
+    r"invalid image|unsupported image|image (?:input|format|type|data)|image/\w+|(?:load|decode|identify) (?:the )?image",
+    re.I,
+)
+
+
+def is_image_refusal(status: int | None, message: str) -> bool:
+    """True when a request was refused over an image's data (so the same image re-encoded may go through)."""
+    return status in (400, 415, 422) and bool(_IMAGE_WORDS.search(message))
+
+
 def root_url(base_url: str) -> str:
     """The server root: ``http://host:11434/v1`` → ``http://host:11434`` (servers answer /version etc. there)."""
     base = base_url.rstrip("/")
@@ -102,6 +117,8 @@ class Capabilities:
     reason: str = ""
     #: Set when the server was asked what it is (so that is not asked again).
     identified: bool = False
+    #: Image types the endpoint refused when passed through (they are encoded from then on).
+    refused_mimes: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -110,7 +127,7 @@ class Capabilities:
 
     @property
     def image_mimes(self) -> frozenset[str]:
-        return image_mimes_for(self.server)
+        return image_mimes_for(self.server) - set(self.refused_mimes)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +143,7 @@ class Capabilities:
                 video_url=data.get("video_url") if isinstance(data.get("video_url"), bool) else None,
                 reason=str(data.get("reason") or ""),
                 identified=bool(data.get("identified")),
+                refused_mimes=tuple(str(m) for m in data.get("refused_mimes") or () if isinstance(m, str)),
             )
         except (TypeError, ValueError):
             return None
@@ -238,6 +256,13 @@ class EndpointKnowledge:
                 self._put(model, replace(base, video_url=False, reason=reason))
             self._cond.notify_all()
             return reason
+
+    def refuse_image(self, model: str, mime: str) -> None:
+        """The endpoint refused a passed-through ``mime`` image: encode that type from now on."""
+        with self._cond:
+            base = self._lookup(model) or self._identity or self._from_url() or Capabilities()
+            if mime not in base.refused_mimes:
+                self._put(model, replace(base, refused_mimes=(*base.refused_mimes, mime)))
 
     def record(self, model: str, caps: Capabilities) -> None:
         """Store what a check found (``mmwatchd check --endpoint``)."""

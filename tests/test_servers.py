@@ -233,3 +233,25 @@ class TestConfigKeys:
         with pytest.raises(ConfigError) as caught:
             load_config(tmp_path, base_url="http://127.0.0.1:9/v1", endpoint={"max_video_frames": 0})
         assert any("endpoint.max_video_frames" in line for line in caught.value.problems)
+
+
+def test_a_refused_passthrough_image_is_sent_again_encoded_and_remembered(tmp_path: Path) -> None:
+    """A gateway that takes no PNG as it is: the photo is re-sent at once as a JPEG, and PNGs go encoded after."""
+    from configs import write_config
+    from fakevlm import error_body
+
+    from mmwatchd.cli import main
+
+    with FakeVLM() as fake:
+        fake.enqueue(status=400, json=error_body("Invalid image: unsupported format image/png"),
+                     path="/v1/chat/completions")  # fmt: skip
+        cfg = write_config(tmp_path, base_url=fake.base_url)
+        first = make_with_metadata(tmp_path / "inbox" / "a.png", "png")
+        assert main(["once", "-c", str(cfg), str(first)]) == 0
+        second = make_with_metadata(tmp_path / "inbox" / "b.png", "png")
+        assert main(["once", "-c", str(cfg), str(second)]) == 0
+        sent = [r.content[1]["image_url"]["url"].partition(";")[0] for r in fake.chat_requests]
+    assert sent == ["data:image/png", "data:image/jpeg", "data:image/jpeg"]
+    media = json.loads(first.with_name("a.png.json").read_text())["media"]
+    assert media["parts"][0]["origin"] == "encoded"
+    assert media["passthrough_refused"] == "400 Invalid image: unsupported format image/png"

@@ -621,3 +621,16 @@ class TestKnowledge:
         assert knowledge.image_mimes("m") == {"image/jpeg", "image/png"}  # nobody asked yet: what every server reads
         knowledge.video_mode("m")  # a clip asks the server what it is
         assert knowledge.image_mimes("m") == {"image/jpeg", "image/png", "image/webp"}
+
+
+@pytest.mark.parametrize(
+    ("said", "expected"),
+    [("invalid image input", True), ("You uploaded an unsupported image. Please make sure ...", True),
+     ("Invalid image format", True), ("failed to load image", True), ("cannot identify image file", True),
+     ("Invalid image: unsupported format image/png", True), ("image too small", False), ("rate limited", False)],
+)  # fmt: skip
+def test_image_refusals(said: str, expected: bool) -> None:
+    from mmwatchd.servers import is_image_refusal
+
+    assert is_image_refusal(400, said) is expected
+    assert not is_image_refusal(500, said)
