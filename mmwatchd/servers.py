@@ -203,7 +203,7 @@ class EndpointKnowledge:
     def known(self, model: str) -> Capabilities:
         """What is known now, without asking the server anything."""
         with self._cond:
-            return self._lookup(model) or self._from_url() or Capabilities()
+            return self._lookup(model) or self._identity or self._from_url() or Capabilities()
 
     def asking(self, model: str) -> bool:
         """True while a request that decides whether ``model`` takes ``video_url`` is out (others wait for it)."""
