@@ -103,7 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("check", parents=[common], help="validate the config and exit")
+    p.add_argument(
+        "--endpoint",
+        action="store_true",
+        help="also ask the endpoint what it takes (images, video_url, json_schema, request size): a few tiny requests",
+    )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("doctor", parents=[common], help="the same as check --endpoint")
+    p.set_defaults(func=cmd_check, endpoint=True)
 
     p = sub.add_parser("once", parents=[common], help="process the named files now, then exit")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -152,7 +160,8 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _client(cfg: Config):  # type: ignore[no-untyped-def]
+def _client(cfg: Config, state: State | None = None):  # type: ignore[no-untyped-def]
+    """The VLM client; ``state`` keeps what it learns about the endpoint (video.mode: auto) across runs."""
     from mmwatchd.vlm import VLMClient
 
     if insecure_endpoint(cfg.endpoint.base_url):
@@ -161,7 +170,7 @@ def _client(cfg: Config):  # type: ignore[no-untyped-def]
             url=cfg.endpoint.base_url,
             note="photos and the API key cross the network unencrypted; use https:// for hosts other than this one",
         )
-    return VLMClient(cfg.endpoint, api_key=api_key(cfg))
+    return VLMClient(cfg.endpoint, api_key=api_key(cfg), store=state)
 
 
 def insecure_endpoint(base_url: str) -> bool:
@@ -228,7 +237,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(missing)
     print(f"config OK: {path} ({len(cfg.rules)} rule(s), {len(cfg.watch)} watched folder(s))")
+    if getattr(args, "endpoint", False):
+        return _check_endpoint(cfg, args)
     return EXIT_OK
+
+
+def _check_endpoint(cfg: Config, args: argparse.Namespace) -> int:
+    """``check --endpoint``: a short table of what the endpoint takes; exit 1 when something the config uses fails."""
+    from mmwatchd.doctor import check_endpoint, render
+    from mmwatchd.encode.image import probe_pictures
+
+    log_mod.setup(args.log_level or "warning", fmt=args.log_format)
+    with _state(cfg) as state:
+        client = _client(cfg, state)
+        try:
+            rows = check_endpoint(cfg, client, pictures=probe_pictures)
+        finally:
+            client.close()
+    print(render(cfg.endpoint.base_url, cfg.endpoint.model, rows))
+    return EXIT_FAILED if any(r.ok is False and r.needed for r in rows) else EXIT_OK
 
 
 def cmd_once(args: argparse.Namespace) -> int:
@@ -305,7 +332,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     with _state(cfg) as state, Notifier() as notifier:
-        daemon = Daemon(cfg, _client(cfg), state=state, notifier=notifier, reload=reload, make_client=_client)
+        daemon = Daemon(
+            cfg, _client(cfg, state), state=state, notifier=notifier, reload=reload,
+            make_client=lambda new: _client(new, state),
+        )  # fmt: skip
 
         # These run on the relay's thread, not in a signal handler: logging and locks are safe here.
         def on_stop(signum: int) -> None:
@@ -421,7 +451,8 @@ def _one_shot_daemon(cfg: Config, *, start: bool = True):  # type: ignore[no-unt
     """
     from mmwatchd.daemon import Daemon
 
-    daemon = Daemon(cfg, _LazyClient(cfg), state=_state(cfg), one_shot_attempts=ONE_SHOT_ATTEMPTS)  # type: ignore[arg-type]
+    state = _state(cfg)
+    daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS)  # type: ignore[arg-type]
     if start:
         _start_one_shot(daemon)
     return daemon
@@ -441,8 +472,9 @@ class _LazyClient:
     #: As the real client: every HTTP request is reported to ``before_request`` (set before or after it is made).
     counts_every_request = True
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, state: State | None = None) -> None:
         self._cfg = cfg
+        self._state = state
         self._client = None
         self._before_request = None
         self._lock = threading.Lock()
@@ -461,7 +493,7 @@ class _LazyClient:
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         with self._lock:
             if self._client is None:
-                self._client = _client(self._cfg)
+                self._client = _client(self._cfg, self._state)
                 self._client.before_request = self._before_request
         return getattr(self._client, name)
 

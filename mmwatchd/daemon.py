@@ -68,6 +68,7 @@ from mmwatchd.watch import StabilityTracker, Watcher, log_scan_error, wanted
 
 if TYPE_CHECKING:
     from mmwatchd.vlm import VLMClient
+    from mmwatchd.servers import EndpointKnowledge
 
 log = get_logger()
 
@@ -151,6 +152,11 @@ class _MeteredClient:
         self._per_describe = not getattr(client, "counts_every_request", False)
         if not self._per_describe:
             client.before_request = daemon._before_request
+
+    @property
+    def knowledge(self) -> EndpointKnowledge | None:
+        """What the endpoint takes (video.mode: auto), shared with the client."""
+        return getattr(self.client, "knowledge", None)
 
     def describe(self, req: VLMRequest) -> Reply:
         d = self.daemon

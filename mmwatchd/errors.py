@@ -101,6 +101,9 @@ class VLMMisconfigured(VLMUnavailable):
 
 class VLMRejected(VLMError):
     kind = "rejected"
+    #: The HTTP status and the server's own words, when the server answered (``video.mode: auto`` reads them).
+    status: int | None = None
+    server_message: str = ""
 
 
 class VLMBadReply(VLMError):

@@ -72,8 +72,11 @@ class ImageSpec:
     quality: Annotated[int, Ge(1), Le(100)] = 85
     #: The budget search never goes below this JPEG/WebP quality before it scales down instead.
     min_quality: Annotated[int, Ge(1), Le(100)] = 50
-    #: Send the original bytes when they are already small enough and in a format every server takes.
+    #: Send the original bytes when they are already small enough and in a format the endpoint takes.
     passthrough: bool = True
+    #: Passthrough images keep their EXIF/XMP/GPS/comments (off: those segments are cut out losslessly before
+    #: sending; the pixels' coded bytes are untouched). Re-encoded images never carry metadata.
+    keep_metadata: bool = False
     #: Colour transparent areas are flattened onto for formats without alpha.
     background: tuple[Byte, Byte, Byte] = (255, 255, 255)
 
@@ -176,6 +179,9 @@ class EndpointConfig:
     #: A file whose requests the server answered with 408/409/5xx (or that timed out) this many times gets an
     #: error sidecar instead of another try. Unreachable endpoints and 429s never count: they pause work instead.
     max_attempts: Annotated[int, Ge(1), Le(1000)] = 8
+    #: Frames the server looks at in one ``video_url`` at most (vLLM's default keeps the first 32 and drops the
+    #: rest); frames are spread over the whole clip within it. None: the server has no such limit.
+    max_video_frames: Annotated[int, Ge(1), Le(512)] | None = 32
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,7 +236,9 @@ class Reply:
     attempts: int = 1
 
 
-VideoMode = Literal["video_url", "images", "file"]
+#: ``auto``: ``video_url`` for endpoints that take it, ``images`` for the rest (see :mod:`mmwatchd.servers`).
+VideoMode = Literal["auto", "video_url", "images", "file"]
+SentVideoMode = Literal["video_url", "images", "file"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,7 +254,7 @@ class VideoSpec:
     max_side: Annotated[int, Ge(16)] = 768
     #: Optional per-frame pixel cap (Qwen2.5-VL: 768*28*28 = 602112).
     max_pixels: Annotated[int, Ge(256)] | None = None
-    mode: VideoMode = "video_url"
+    mode: VideoMode = "auto"
     frame_format: Literal["jpeg", "png"] = "jpeg"
     quality: Annotated[int, Ge(1), Le(100)] = 80
     min_quality: Annotated[int, Ge(1), Le(100)] = 40
@@ -284,7 +292,7 @@ class EncodedVideo:
 
     parts: tuple[Part, ...]
     frames: tuple[SampledFrame, ...]
-    mode: VideoMode
+    mode: SentVideoMode
     facts: VideoFacts
     #: Human-readable, in the order applied, e.g. "quality 80 -> 52", "frame size 768 -> 512 px", "frames 16 -> 8".
     degradations: tuple[str, ...] = ()

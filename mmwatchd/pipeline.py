@@ -30,11 +30,21 @@ from mmwatchd.errors import (
     SidecarError,
     UnsupportedMedia,
     VLMError,
+    VLMRejected,
     VLMUnavailable,
 )
 from mmwatchd.isolate import ByName, Isolator
+from mmwatchd.log import get_logger
 from mmwatchd.media import media_suffix_kind, oversize, sniff
 from mmwatchd.model import ActionSpec, LinearBudget, Part, Reply, VideoSpec, VLMRequest
+from mmwatchd.servers import (
+    EndpointKnowledge,
+    VideoDecision,
+    image_mimes_for,
+    is_image_refusal,
+    is_video_format_refusal,
+    server_from_url,
+)
 from mmwatchd.watch import link_allowed
 from mmwatchd.wire import build_body, request_bytes
 
@@ -49,6 +59,7 @@ encode_image = ByName("mmwatchd.encode", "encode_image")
 probe_video = ByName("mmwatchd.encode", "probe_video")
 encode_video = ByName("mmwatchd.encode", "encode_video")
 
+log = get_logger()
 T = TypeVar("T")
 #: Sidecar bytes set aside before a request, besides room for the reply (see ``Processor._sidecar_room``).
 SIDECAR_ROOM_BYTES = 16 << 10
@@ -126,6 +137,8 @@ class _Planned:
     #: What the sidecar records about the media, without the request-level fields.
     media: dict[str, Any]
     fingerprint: str
+    #: For a clip under ``video.mode: auto``: how its mode was chosen (the answer teaches the endpoint knowledge).
+    decision: VideoDecision | None = None
 
 
 class Processor:
@@ -246,9 +259,9 @@ class Processor:
             planned = self._plan(path, kind, rule, values, fingerprint)
             if self.client is None:
                 raise RuntimeError("Processor without a client cannot call the endpoint")
-            reply = self.client.describe(planned.request)
+            reply, planned = self._ask(planned, lambda **again: self._plan(path, kind, rule, values, fingerprint, **again))
             # Hash first, then re-stat: when the re-stat finds the version of the first stat, the hash (and what the
-            # decoder read, before it) is of that version too (issue 10, item 6).
+            # decoder read, before it) is of that version too.
             sha = sidecar.sha256_file(path)
             after = self._restat(path)
             if after is None:
@@ -359,13 +372,25 @@ class Processor:
             problem = UnsupportedMedia(f"{path.name}: not {what}: {why}")
         return claimed or "image", problem
 
-    def _plan(self, path: Path, kind: str, rule: Rule, values: dict[str, object], fingerprint: str) -> _Planned:
+    def _plan(
+        self,
+        path: Path,
+        kind: str,
+        rule: Rule,
+        values: dict[str, object],
+        fingerprint: str,
+        *,
+        video_mode: VideoDecision | None = None,
+        image_mimes: tuple[str, ...] | None = None,
+    ) -> _Planned:
+        """``video_mode``: send a clip this way (the fallback after a refused ``video_url``), whatever the rule says;
+        ``image_mimes``: the types passthrough may send (the fallback after a refused image: none)."""
         refs = self._references(rule)
         if kind == "image" and rule.video is not None:  # an animated image may be sent as a video
             facts = self._decode(probe_image, path, limits=self.config.limits)
             values.update(width=facts.width, height=facts.height, taken=facts.taken)
             if facts.frames > 1:
-                return self._plan_video(path, rule, values, refs, fingerprint)
+                return self._plan_video(path, rule, values, refs, fingerprint, forced=video_mode)
         if kind == "image":
             # One trip to the decoder process: the budget is computed for the widest values the image's facts
             # could put into the prompt, so it holds for whatever the probe then finds.
@@ -373,18 +398,144 @@ class Processor:
             budget = self._budget(widest, (Part(mime="image/jpeg", chunks=(b"",), width=0, height=0),))
             if budget <= 0:
                 raise self._no_room(path, widest)
-            facts, part = self._decode(probe_and_encode_image, path, rule.image, budget=budget, limits=self.config.limits)
+            facts, part = self._decode(
+                probe_and_encode_image, path, rule.image, budget=budget, limits=self.config.limits,
+                passthrough_mimes=self._image_mimes(rule) if image_mimes is None else image_mimes,
+            )  # fmt: skip
             values.update(width=facts.width, height=facts.height, taken=facts.taken)
             request = replace(self._request(rule, values, refs), parts=(*refs, part))
             media = {"kind": "image", "format": facts.format, "width": facts.width, "height": facts.height,
                      "taken": facts.taken or None}  # fmt: skip
             return self._checked(path, rule, request, media, fingerprint)
-        return self._plan_video(path, rule, values, refs, fingerprint)
+        return self._plan_video(path, rule, values, refs, fingerprint, forced=video_mode)
+
+    # -- what the endpoint takes -----------------------------------------------------------------------------
+
+    def _knowledge(self) -> EndpointKnowledge | None:
+        return getattr(self.client, "knowledge", None)
+
+    def _image_mimes(self, rule: Rule) -> tuple[str, ...]:
+        """The image types passthrough may send as they are: what the endpoint is known to take (issue 16)."""
+        knowledge = self._knowledge()
+        if knowledge is not None:
+            mimes = knowledge.image_mimes(rule.model or self.config.endpoint.model)
+        else:
+            mimes = image_mimes_for(server_from_url(self.config.endpoint.base_url))
+        return tuple(sorted(mimes))
+
+    def _video_spec(self, rule: Rule, forced: VideoDecision | None) -> tuple[VideoSpec, VideoDecision | None, str]:
+        """The rule's video settings with the mode decided and the endpoint's frame limit applied; the decision
+        (``mode: auto``) and the degradation the limit caused, if any."""
+        spec = rule.video or VideoSpec()
+        decision = forced
+        if decision is None and spec.mode == "auto":
+            knowledge = self._knowledge()
+            if knowledge is not None:
+                decision = knowledge.video_mode(rule.model or self.config.endpoint.model)
+            elif server_from_url(self.config.endpoint.base_url) is not None:
+                decision = VideoDecision(mode="images", reason="the endpoint (known from its URL) takes images only")
+            else:
+                decision = VideoDecision(
+                    mode="video_url", reason="the endpoint was not asked (dry run): video_url unless it refuses"
+                )
+        if decision is not None:
+            spec = replace(spec, mode=decision.mode)
+        cap = self.config.endpoint.max_video_frames
+        note = ""
+        # A vLLM keeps the first 32 frames of a video_url and drops the rest (issue 10, item 10): ask for no more
+        # than the server looks at, so the frames spread over the whole clip and none is paid for unseen.
+        if cap is not None and spec.mode in ("video_url", "file") and spec.frames > cap:
+            note = f"frames {spec.frames} -> {cap} (endpoint.max_video_frames)"
+            spec = replace(spec, frames=cap)
+        return spec, decision, note
+
+    def _ask(self, planned: _Planned, replan: Callable[..., _Planned]) -> tuple[Reply, _Planned]:
+        """Send the request. Under ``video.mode: auto``, a ``video_url`` refused for its format is sent again at
+        once as images, and a photo passed through as it is and refused for its data is sent again at once
+        encoded; the endpoint's answer is remembered and the refusal counts nothing against the file."""
+        assert self.client is not None
+        decision = planned.decision
+        knowledge = self._knowledge()
+        model = planned.request.model
+        if planned.media.get("kind") == "image":
+            original = next((p for p in planned.request.parts if p.origin == "original"), None)
+            try:
+                return self.client.describe(planned.request), planned
+            except VLMRejected as exc:
+                if original is None or knowledge is None or not is_image_refusal(exc.status, exc.server_message):
+                    raise
+                said = _short(exc.server_message)
+                knowledge.refuse_image(model, original.mime)
+                log.info("endpoint.learned", url=knowledge.base_url, model=model, refused=original.mime, said=said)
+                planned = replan(image_mimes=())
+                media = {**planned.media, "passthrough_refused": f"{exc.status} {said}"}
+                return self.client.describe(planned.request), replace(planned, media=media)
+        if planned.media.get("mode") != "video_url":
+            return self.client.describe(planned.request), planned
+        if decision is None or knowledge is None:  # the rule says video_url: no fallback, but say what to change
+            try:
+                return self.client.describe(planned.request), planned
+            except VLMRejected as exc:
+                if not is_video_format_refusal(exc.status, exc.server_message):
+                    raise
+                hint = VLMRejected(
+                    f"{exc.message}; this endpoint takes no video_url: remove rules: {planned.rule.name}: "
+                    "video.mode (auto is the default) or set it to images"
+                )
+                hint.status, hint.server_message = exc.status, exc.server_message
+                raise hint from exc
+        try:
+            reply = self.client.describe(planned.request)
+        except VLMRejected as exc:
+            if not is_video_format_refusal(exc.status, exc.server_message):
+                knowledge.settle(model, decision, accepted=None)
+                raise
+            said = _short(exc.server_message)
+            reason = knowledge.settle(model, decision, accepted=False, refusal=f"{exc.status} {said}")
+            log.info("endpoint.learned", url=knowledge.base_url, model=model, video_url=False, reason=reason)
+            planned = replan(video_mode=VideoDecision(mode="images", reason=reason))
+            return self.client.describe(planned.request), planned
+        except BaseException:
+            knowledge.settle(model, decision, accepted=None)
+            raise
+        reason = knowledge.settle(model, decision, accepted=True)
+        if reason != decision.reason:
+            log.info("endpoint.learned", url=knowledge.base_url, model=model, video_url=True, reason=reason)
+            planned = replace(planned, media={**planned.media, "mode_reason": reason})
+        return reply, planned
 
     def _plan_video(
-        self, path: Path, rule: Rule, values: dict[str, object], refs: tuple[Part, ...], fingerprint: str
+        self,
+        path: Path,
+        rule: Rule,
+        values: dict[str, object],
+        refs: tuple[Part, ...],
+        fingerprint: str,
+        *,
+        forced: VideoDecision | None = None,
     ) -> _Planned:
-        spec = rule.video or VideoSpec()
+        spec, decision, capped = self._video_spec(rule, forced)
+        try:
+            return self._encode_video(path, rule, values, refs, fingerprint, spec, decision, capped)
+        except BaseException:
+            # A clip that fails before its request (decode, budget) must not hold the other clips waiting for a
+            # probe that is never sent: the next clip asks instead.
+            knowledge = self._knowledge()
+            if decision is not None and decision.probe and knowledge is not None:
+                knowledge.settle(rule.model or self.config.endpoint.model, decision, accepted=None)
+            raise
+
+    def _encode_video(
+        self,
+        path: Path,
+        rule: Rule,
+        values: dict[str, object],
+        refs: tuple[Part, ...],
+        fingerprint: str,
+        spec: VideoSpec,
+        decision: VideoDecision | None,
+        capped: str,
+    ) -> _Planned:
         limits = self.config.limits
         facts = self._decode(probe_video, path, limits=limits)
         if limits.max_duration_s is not None and facts.duration_s and facts.duration_s > limits.max_duration_s:
@@ -435,10 +586,11 @@ class Processor:
             "duration_s": video.facts.duration_s,
             "fps": video.facts.fps,
             "mode": video.mode,
+            **({"mode_reason": decision.reason} if decision is not None else {}),
             "frames": [{"t": f.t, "width": f.width, "height": f.height, "bytes": f.bytes} for f in video.frames],
-            "degradations": list(video.degradations),
+            "degradations": [*([capped] if capped else []), *video.degradations],
         }
-        return self._checked(path, rule, request, media, fingerprint)
+        return replace(self._checked(path, rule, request, media, fingerprint), decision=decision)
 
     def _decode(self, fn: Callable[..., T], path: Path, /, *args: Any, **kwargs: Any) -> T:
         """Run a decoder on ``path``: isolated when there is an isolator, so a decoder that hangs or crashes costs
@@ -481,7 +633,10 @@ class Processor:
         parts = []
         for ref in rule.reference_images:
             try:
-                part = self._decode(encode_image, ref, rule.image, budget=share, limits=self.config.limits)
+                part = self._decode(
+                    encode_image, ref, rule.image, budget=share, limits=self.config.limits,
+                    passthrough_mimes=self._image_mimes(rule),
+                )  # fmt: skip
             except FileNotFoundError:
                 raise DecodeError(f"reference image {ref} is missing (rules: {rule.name}.reference_images)") from None
             except MediaError as exc:
@@ -627,6 +782,12 @@ class Processor:
 
 #: Prompt values an image's facts can take, at their longest (pixel counts are capped by limits.max_pixels).
 _WIDEST_FACTS: dict[str, object] = {"width": 999_999_999, "height": 999_999_999, "taken": "0000-00-00 00:00:00"}
+
+
+def _short(said: str) -> str:
+    """A server's words as a sidecar records them: one line, at most 120 characters."""
+    said = " ".join(said.split())
+    return said if len(said) <= 120 else said[:119] + "…"
 
 
 def _quoted(text: str) -> str:

@@ -124,6 +124,10 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
     sent as a video), so tuning them does not send every photo again.
     """
     video = rule.video if kind == "image" else (rule.video or VideoSpec())
+    image = asdict(rule.image)
+    if not image["keep_metadata"]:  # the default leaves fingerprints as they were: no photo is sent again for it
+        del image["keep_metadata"]
+    cap = endpoint.max_video_frames
     material = {
         "format": REQUEST_FORMAT,
         "prompt": rule.prompt,
@@ -132,8 +136,10 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
         "model": rule.model or endpoint.model,
         "max_tokens": rule.max_tokens or endpoint.max_tokens,
         "temperature": rule.temperature if rule.temperature is not None else endpoint.temperature,
-        "image": asdict(rule.image),
+        "image": image,
         "video": asdict(video) if video else None,
+        # Only when the server's frame limit changes what is sent (frames over it).
+        **({"max_video_frames": cap} if video and cap is not None and video.frames > cap else {}),
         # A reference image that is edited or replaced changes the answer too.
         "references": [_file_identity(p) for p in rule.reference_images],
     }

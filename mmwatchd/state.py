@@ -21,6 +21,7 @@ so a connection per thread would only add lock waits between our own connections
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import sys
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mmwatchd import __version__
 from mmwatchd.errors import StateError
@@ -100,6 +101,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # so (State.adopt_identities), so no library is read or described again for the upgrade.
         "ALTER TABLE done ADD COLUMN ino INTEGER",
         "ALTER TABLE done ADD COLUMN ctime_ns INTEGER",
+    ),
+    (
+        # What an endpoint (base URL and model) takes, asked for or learned (video.mode: auto; mmwatchd.servers).
+        "CREATE TABLE endpoints (key TEXT PRIMARY KEY, capabilities TEXT NOT NULL, updated REAL NOT NULL)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -451,6 +456,28 @@ class State:
 
     def _today(self) -> date:
         return date(*time.localtime(self.clock())[:3])
+
+    # -- endpoint capabilities -------------------------------------------------------------------------------
+
+    def endpoint_capabilities(self, key: str) -> dict[str, Any] | None:
+        """What was learned about an endpoint (``mmwatchd.servers.Capabilities`` as JSON), or None."""
+        with self._read() as db:
+            row = db.execute("SELECT capabilities FROM endpoints WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def remember_endpoint(self, key: str, capabilities: dict[str, Any]) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO endpoints (key, capabilities, updated) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                "SET capabilities = excluded.capabilities, updated = excluded.updated",
+                (key, json.dumps(capabilities, sort_keys=True), self.clock()),
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 

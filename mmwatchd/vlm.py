@@ -31,6 +31,7 @@ import openai
 
 from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
 from .model import EndpointConfig, Reply, VLMRequest
+from .servers import EndpointKnowledge, KnowledgeStore, root_url
 from .wire import build_body, plain, redact_text, request_bytes
 
 __all__ = ["NO_KEY", "VLMClient"]
@@ -135,7 +136,9 @@ class VLMClient:
         *,
         api_key: str | None,
         openai_client: openai.OpenAI | None = None,
+        store: KnowledgeStore | None = None,
     ) -> None:
+        """``store``: where what the endpoint takes is remembered across restarts (the state database)."""
         self.endpoint = endpoint
         self._api_key = api_key or None
         self._url = _safe_url(endpoint.base_url)
@@ -153,6 +156,13 @@ class VLMClient:
             timeout=endpoint.timeout_s,
             max_retries=endpoint.max_retries,
             http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._on_request]}),
+        )
+        #: What this endpoint takes (``video.mode: auto``, passthrough types), asked for and learned.
+        self.knowledge = EndpointKnowledge(
+            self._url,
+            identify=self.identify,
+            store=store,
+            wait_s=endpoint.timeout_s * (endpoint.max_retries + 1) + 30,
         )
 
     def __repr__(self) -> str:
@@ -186,6 +196,35 @@ class VLMClient:
         if not isinstance(items, list):
             raise VLMBadReply(f"{self._url}/models answered without a model list: {self._snippet(json.dumps(data))}")
         return [str(item["id"]) for item in items if isinstance(item, dict) and "id" in item]
+
+    def identify(self) -> tuple[str, str]:
+        """(server kind, version) from what the server says about itself at its root: Ollama answers
+        ``GET /api/version``, vLLM ``GET /version``, LM Studio ``GET /api/v0/models``; ("unknown", "") otherwise.
+
+        Three short GETs without retries; a server that answers none of them is simply unknown (its answers to
+        requests then tell what it takes)."""
+        root = root_url(self.endpoint.base_url)
+        version = self._get_json(f"{root}/api/version")
+        if isinstance(version, dict) and isinstance(version.get("version"), str):
+            return "ollama", version["version"]
+        version = self._get_json(f"{root}/version")
+        if isinstance(version, dict) and isinstance(version.get("version"), str):
+            return "vllm", version["version"]
+        models = self._get_json(f"{root}/api/v0/models")
+        if isinstance(models, dict) and isinstance(models.get("data"), list):
+            return "lmstudio", ""
+        return "unknown", ""
+
+    def _get_json(self, url: str) -> Any:
+        try:
+            content = self._client.get(
+                url,
+                cast_to=bytes,
+                options={"max_retries": 0, "timeout": min(10.0, self.endpoint.timeout_s)},
+            )
+            return json.loads(content)
+        except (openai.APIError, ValueError, RecursionError):
+            return None
 
     def describe(self, req: VLMRequest) -> Reply:
         """Send ``req``; an unusable reply (empty, not JSON, not matching the schema) is asked for once more.
@@ -297,6 +336,20 @@ class VLMClient:
             busy = f"endpoint {self._url} cannot take the request now (HTTP {status}): {said}{wait}"
             return self._unavailable(busy, retry_after, status)
         refused = f"endpoint {self._url} refused the request (HTTP {status}): {said}"
+        return self._with_status(self._refusal(exc, req, status, said, refused), status, said)
+
+    @staticmethod
+    def _with_status(
+        error: VLMRejected | VLMMisconfigured, status: int, said: str
+    ) -> VLMRejected | VLMMisconfigured:
+        if isinstance(error, VLMRejected):
+            error.status = status
+            error.server_message = said
+        return error
+
+    def _refusal(
+        self, exc: openai.APIStatusError, req: VLMRequest | None, status: int, said: str, refused: str
+    ) -> VLMRejected | VLMMisconfigured:
         if status == 413:
             size = f" of about {request_bytes(req)} bytes" if req is not None else ""
             return VLMRejected(

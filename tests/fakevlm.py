@@ -11,23 +11,48 @@ request asks for ``response_format: json_schema``, JSON that fits simple schemas
 
 Responses are HTTP/1.0 (one request per connection), so no handler thread waits on an idle keep-alive connection and
 ``stop()`` joins every thread it started.
+
+``shape`` makes the server behave like a real one, from that server's own code and documents (issue 16):
+
+    generic   takes everything (the default)
+    ollama    openai/openai.go FromChatRequest: only "text" and "image_url" parts (else 400 "invalid message
+              format"); an image data URL must be data:image/{jpeg,jpg,png,webp};base64 (else 400 "invalid image
+              input"); GET /api/version at the server root
+    openai    every request body validated against OpenAI's own request schema (../shared/openai-spec), so a
+              video_url part is refused as OpenAI refuses it (400 invalid_value on messages[i].content[j].type);
+              data URLs png/jpeg/webp/gif only
+    vllm      takes video_url (frames split on the commas) and keeps the first 32 frames, padding an odd count as
+              Qwen2-VL does; GET /version at the root; usage.prompt_tokens counts the frames it kept
+    lmstudio  images only (400 for other part types); GET /api/v0/models at the root
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import json
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["DEFAULT_MODELS", "FakeVLM", "Recorded", "Scripted", "chat_completion", "error_body"]
+__all__ = ["DEFAULT_MODELS", "SHAPES", "VLLM_MAX_FRAMES", "FakeVLM", "Recorded", "Scripted", "chat_completion", "error_body"]
 
 #: Served by default; the second is EndpointConfig's default model, so a default config works against the fake.
 DEFAULT_MODELS = ("fake-vlm", "qwen2.5vl:7b")
+Shape = Literal["generic", "ollama", "openai", "vllm", "lmstudio"]
+SHAPES: tuple[Shape, ...] = ("ollama", "lmstudio", "openai", "vllm")
+#: vLLM's default: frames of a video_url past this are dropped (num_frames=32 in its video loader).
+VLLM_MAX_FRAMES = 32
+#: Tokens a fake server "spends" on each image or kept video frame, so usage shows what the model saw.
+TOKENS_PER_IMAGE = 64
+OPENAI_SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-spec" / "chat-completions-request.schema.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +131,7 @@ class FakeVLM:
         models: Iterable[str] = DEFAULT_MODELS,
         reply_json: Any = None,
         max_body_bytes: int | None = None,
+        shape: Shape = "generic",
     ) -> None:
         #: Listed by GET /v1/models; a chat request for another model gets Ollama's 404 (an empty list accepts any).
         self.models = list(models)
@@ -113,12 +139,17 @@ class FakeVLM:
         self.reply_json = reply_json
         #: Answer 413 when a request body is larger, like a gateway's cap.
         self.max_body_bytes = max_body_bytes
+        #: Which real server this one behaves like (see the module docstring).
+        self.shape: Shape = shape
+        #: vllm: frames of each video_url the model kept, in arrival order.
+        self.frames_seen: list[int] = []
         self._cond = threading.Condition()
         #: POST requests being answered right now, and the most there ever were at once.
         self.in_flight = 0
         self.peak_in_flight = 0
         self._requests: list[Recorded] = []
         self._script: deque[Scripted] = deque()
+        self._refused: list[Recorded] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
@@ -236,10 +267,18 @@ class FakeVLM:
                     return item
             return None
 
+    @property
+    def refused(self) -> list[Recorded]:
+        """Chat requests answered 400 by the server's shape."""
+        with self._cond:
+            return list(self._refused)
+
     def _default(self, request: Recorded) -> Scripted:
         if request.method == "GET" and request.path == "/v1/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fakevlm"} for m in self.models]
             return Scripted(json={"object": "list", "data": data})
+        if request.method == "GET" and (answer := _ROOT_ROUTES.get((self.shape, request.path))) is not None:
+            return Scripted(json=answer(self))
         if request.method != "POST" or request.path != "/v1/chat/completions":
             return Scripted(status=404, json=error_body(f"no route for {request.method} {request.path}"))
         body = request.json
@@ -248,7 +287,23 @@ class FakeVLM:
         model = body.get("model")
         if self.models and model not in self.models:
             return Scripted(status=404, json=error_body(f"model {model!r} not found, try pulling it first"))
+        refusal = _SHAPE_CHECKS[self.shape](body) if self.shape in _SHAPE_CHECKS else None
+        if refusal is not None:
+            with self._cond:
+                self._refused.append(request)
+            return refusal
         summary = _summary(body["messages"])
+        usage = None
+        if self.shape != "generic":
+            images, frames = _media_counts(body["messages"])
+            if self.shape == "vllm":
+                kept = [min(n, VLLM_MAX_FRAMES) for n in frames]
+                kept = [n + n % 2 for n in kept]  # Qwen2-VL pairs frames: an odd count is padded with the last
+                with self._cond:
+                    self.frames_seen.extend(kept)
+                frames = kept
+            tokens = 10 + TOKENS_PER_IMAGE * (images + sum(frames))
+            usage = {"prompt_tokens": tokens, "completion_tokens": 5, "total_tokens": tokens + 5}
         fmt = body.get("response_format") or {}
         if fmt.get("type") == "json_schema":
             data = self.reply_json
@@ -257,7 +312,7 @@ class FakeVLM:
             content = json.dumps(data)
         else:
             content = summary
-        return Scripted(json=chat_completion(content, model=str(model)))
+        return Scripted(json=chat_completion(content, model=str(model), usage=usage))
 
 
 class _Server(ThreadingHTTPServer):
@@ -381,3 +436,139 @@ def _example(schema: Mapping[str, Any], summary: str, *, name: str = "") -> Any:
     if type_ == "boolean":
         return True
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Server shapes
+
+
+def _user_parts(messages: list[Any]) -> list[Any]:
+    parts: list[Any] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            parts.extend(content)
+    return parts
+
+
+def _media_counts(messages: list[Any]) -> tuple[int, list[int]]:
+    """(image parts, frames in each video_url part)."""
+    images, frames = 0, []
+    for part in _user_parts(messages):
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "image_url":
+            images += 1
+        elif part.get("type") == "video_url":
+            url = (part.get("video_url") or {}).get("url", "")
+            frames.append(len(url.partition(";base64,")[2].split(",")))
+    return images, frames
+
+
+def _ollama_error(message: str) -> Scripted:
+    # middleware/openai.go: c.AbortWithStatusJSON(http.StatusBadRequest, NewError(http.StatusBadRequest, err.Error()))
+    return Scripted(status=400, json=error_body(message))
+
+
+_OLLAMA_IMAGE_TYPES = ("jpeg", "jpg", "png", "webp")
+
+
+def _check_ollama(body: dict[str, Any]) -> Scripted | None:
+    """ollama/ollama openai/openai.go, FromChatRequest: the content parts it accepts and its decodeImageURL."""
+    for message in body["messages"]:
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            return _ollama_error("invalid message content type")
+        for part in content:
+            if not isinstance(part, dict):
+                return _ollama_error("invalid message format")
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    return _ollama_error("invalid message format")
+            elif kind == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if not isinstance(url, str):
+                    return _ollama_error("invalid message format")
+                if url.startswith(("http://", "https://")):
+                    continue
+                prefix = next((f"data:image/{t};base64," for t in _OLLAMA_IMAGE_TYPES
+                               if url.startswith(f"data:image/{t};base64,")), None)  # fmt: skip
+                if prefix is None:
+                    return _ollama_error("invalid image input")
+                try:
+                    base64.b64decode(url[len(prefix) :], validate=True)
+                except binascii.Error:
+                    return _ollama_error("invalid image input")
+            else:
+                return _ollama_error("invalid message format")
+    return None
+
+
+@functools.cache
+def _openai_validator() -> Any:
+    import jsonschema
+    import referencing
+
+    spec = json.loads(OPENAI_SPEC.read_text())
+    uri = "urn:openai-spec"
+    registry = referencing.Registry().with_resource(
+        uri, referencing.Resource.from_contents(spec, default_specification=referencing.jsonschema.DRAFT202012)
+    )
+    schema = {"$ref": f"{uri}#/components/schemas/CreateChatCompletionRequest"}
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+_OPENAI_IMAGE = re.compile(r"data:image/(png|jpeg|webp|gif);base64,")
+
+
+def _check_openai(body: dict[str, Any]) -> Scripted | None:
+    """OpenAI's request schema decides; its error names the first bad content part as OpenAI's does."""
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("text", "image_url", "input_audio", "file", "refusal"):
+                refused = error_body(
+                    f"Invalid value: {kind!r}. Supported values are: 'text', 'image_url', 'input_audio', "
+                    "'refusal', 'audio', and 'file'.", code="invalid_value",
+                )  # fmt: skip
+                refused["error"]["param"] = f"messages[{i}].content[{j}].type"
+                return Scripted(status=400, json=refused)
+            if kind == "image_url":
+                url = (part.get("image_url") or {}).get("url", "")
+                if url.startswith("data:") and not _OPENAI_IMAGE.match(url):
+                    return Scripted(status=400, json=error_body(
+                        "You uploaded an unsupported image. Please make sure your image has of one the following "
+                        "formats: ['png', 'jpeg', 'gif', 'webp'].", code="invalid_image_format"))  # fmt: skip
+    errors = sorted(_openai_validator().iter_errors(body), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].absolute_path) or "body"
+        return Scripted(status=400, json=error_body(f"Invalid request at {where}: {errors[0].message[:200]}"))
+    return None
+
+
+def _check_lmstudio(body: dict[str, Any]) -> Scripted | None:
+    """LM Studio takes text and images (jpeg/png/webp data URLs); it answers {"error": "<words>"}."""
+    for part in _user_parts(body["messages"]):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "image_url"):
+            return Scripted(status=400, json={"error": "Invalid 'content': 'content' objects must have a 'type' "
+                                                       "field that is either 'text' or 'image_url'."})  # fmt: skip
+        if kind == "image_url" and not re.match(r"data:image/(jpeg|png|webp);base64,", part["image_url"]["url"]):
+            return Scripted(status=400, json={"error": "Invalid image: expected a base64 JPEG, PNG or WebP data URL"})
+    return None
+
+
+_SHAPE_CHECKS = {"ollama": _check_ollama, "openai": _check_openai, "lmstudio": _check_lmstudio}
+_ROOT_ROUTES = {
+    ("ollama", "/api/version"): lambda fake: {"version": "0.12.6"},
+    ("vllm", "/version"): lambda fake: {"version": "0.11.0"},
+    ("lmstudio", "/api/v0/models"): lambda fake: {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "type": "vlm", "state": "loaded"} for m in fake.models],
+    },
+}

@@ -500,3 +500,38 @@ def make_audio(path: Path, seconds: float = 1.0, *, container: str | None = None
         for packet in stream.encode(None):
             out.mux(packet)
     return path
+
+
+#: Where make_with_metadata's photos say they were taken (a GPS position the server must never see by default).
+GPS_LATITUDE = (52.0, 31.0, 12.5)
+XMP_PACKET = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><rdf:Description photoshop:City="Secretville"/></rdf:RDF></x:xmpmeta>'
+
+
+def make_with_metadata(path: Path, fmt: str, *, progressive: bool = False) -> Path:
+    """A small upright JPEG, PNG, WebP or GIF carrying EXIF with GPS, XMP and a comment (and an sRGB ICC profile
+    where the format has one): what a phone photo shared from a gallery app looks like to mmwatchd."""
+    from PIL import ImageCms, PngImagePlugin
+
+    path = _prepare(path)
+    img = picture((64, 48), detail=True)
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"
+    exif[0x0112] = 1
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2], gps[3], gps[4] = "N", GPS_LATITUDE, "E", (13.0, 24.0, 36.0)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    if fmt == "jpeg":
+        img.save(path, "JPEG", exif=exif, xmp=XMP_PACKET, comment=b"taken at home", icc_profile=icc,
+                 progressive=progressive, quality=90)  # fmt: skip
+    elif fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Comment", "taken at home")
+        info.add_itxt("XML:com.adobe.xmp", XMP_PACKET.decode())
+        img.save(path, "PNG", pnginfo=info, exif=exif, icc_profile=icc)
+    elif fmt == "webp":
+        img.save(path, "WEBP", exif=exif, xmp=XMP_PACKET, icc_profile=icc, quality=80)
+    elif fmt == "gif":
+        img.quantize(255).save(path, "GIF", comment=b"taken at home", xmp=XMP_PACKET)
+    else:
+        raise ValueError(fmt)
+    return path

@@ -26,7 +26,9 @@ from media import (
     make_truncated,
     make_video,
     make_webp,
+    make_with_metadata,
     picture,
+    XMP_PACKET,
 )
 from PIL import Image, ImageStat
 
@@ -41,8 +43,13 @@ RED = (255, 0, 0)
 BIG = 50_000_000  # a budget nothing in these tests reaches
 
 
-def encode(path: Path, budget: int = BIG, **spec: object) -> Part:
-    return encode_image(path, ImageSpec(**spec), budget=budget, limits=LIMITS)  # type: ignore[arg-type]
+#: Every type passthrough knows (what OpenAI takes); the default is what every server takes (no GIF).
+ALL_MIMES = ("image/gif", "image/jpeg", "image/png", "image/webp")
+
+
+def encode(path: Path, budget: int = BIG, *, mimes: tuple[str, ...] | None = None, **spec: object) -> Part:
+    extra = {} if mimes is None else {"passthrough_mimes": mimes}
+    return encode_image(path, ImageSpec(**spec), budget=budget, limits=LIMITS, **extra)  # type: ignore[arg-type]
 
 
 def decoded(part: Part) -> Image.Image:
@@ -422,7 +429,8 @@ class TestPassthrough:
     )
     def test_sent_untouched(self, tmp_path: Path, make, mime: str) -> None:
         path = make(tmp_path)
-        part = encode(path, budget=data_url_len(mime, path.stat().st_size))  # exactly enough
+        # exactly enough; keep_metadata: the very bytes of the file
+        part = encode(path, budget=data_url_len(mime, path.stat().st_size), mimes=ALL_MIMES, keep_metadata=True)
         assert part.origin == "original" and part.mime == mime and part.quality is None
         assert part.chunks == (path.read_bytes(),)
         assert (part.width, part.height) == (64, 48)
@@ -452,11 +460,64 @@ class TestPassthrough:
         assert part.origin == "encoded" and part.mime == "image/jpeg"
         decoded(part)
 
+    def test_gif_only_to_endpoints_that_take_it(self, tmp_path: Path) -> None:
+        """Ollama answers 400 "invalid image input" to a GIF data URL: GIFs are encoded unless the endpoint takes them."""
+        path = make_gif(tmp_path / "a.gif")
+        assert encode(path).origin == "encoded" and encode(path).mime == "image/jpeg"
+        assert encode(path, mimes=ALL_MIMES).mime == "image/gif"
+
     def test_over_budget_is_encoded(self, tmp_path: Path) -> None:
         path = make_jpeg(tmp_path / "a.jpg", (256, 192), quality=95)
         budget = data_url_len("image/jpeg", path.stat().st_size) - 1
         part = encode(path, budget=budget)
         assert part.origin == "encoded" and part.url_len <= budget
+
+
+def _jpeg_scans(data: bytes) -> bytes:
+    """From the first SOS marker to EOI: the entropy-coded pixels (with their scan headers and tables between)."""
+    return data[data.index(b"\xff\xda") : data.rindex(b"\xff\xd9") + 2]
+
+
+class TestPassthroughMetadata:
+    """Passthrough photos reach the endpoint without EXIF/XMP/GPS/comments; the coded pixels are untouched."""
+
+    @pytest.mark.parametrize("fmt", ["jpeg", "jpeg-progressive", "png", "webp", "gif"])
+    def test_stripped_losslessly(self, tmp_path: Path, fmt: str) -> None:
+        kind = fmt.split("-")[0]
+        path = make_with_metadata(tmp_path / f"a.{kind}", kind, progressive=fmt.endswith("progressive"))
+        original = path.read_bytes()
+        with Image.open(path) as im:
+            assert im.getexif().get_ifd(0x8825) or kind == "gif"  # the file really has GPS (GIF has no EXIF)
+        part = encode(path, mimes=ALL_MIMES)
+        sent = part.chunks[0]
+        assert part.origin == "original" and len(sent) < len(original)
+        assert XMP_PACKET not in sent and b"taken at home" not in sent and b"PhoneMaker" not in sent
+        with Image.open(io.BytesIO(sent)) as im, Image.open(path) as orig:
+            assert not im.getexif().get_ifd(0x8825) and not im.getexif()
+            assert "xmp" not in im.info and "comment" not in im.info
+            if kind != "gif":
+                assert im.info.get("icc_profile") == orig.info.get("icc_profile")  # colours stay right
+            assert im.tobytes() == orig.tobytes()
+        if kind == "jpeg":
+            assert _jpeg_scans(sent) == _jpeg_scans(original)
+        elif kind == "png":
+            idat = re.compile(rb"IDAT.*?(?=....IEND)", re.S)
+            assert idat.search(sent)[0] == idat.search(original)[0]  # type: ignore[index]
+        elif kind == "webp":
+            vp8 = original[original.index(b"VP8 ") :]
+            vp8 = vp8[: 8 + int.from_bytes(vp8[4:8], "little")]
+            assert vp8 in sent
+
+    def test_keep_metadata_sends_the_file_as_it_is(self, tmp_path: Path) -> None:
+        path = make_with_metadata(tmp_path / "a.jpg", "jpeg")
+        assert encode(path, keep_metadata=True).chunks == (path.read_bytes(),)
+
+    def test_trailer_after_eoi_is_not_sent(self, tmp_path: Path) -> None:
+        """Phones append motion-photo videos after a JPEG's EOI; such a trailer is not the picture."""
+        path = make_jpeg(tmp_path / "a.jpg")
+        path.write_bytes(path.read_bytes() + b"ftypmp42" + b"\0" * 500)
+        sent = encode(path).chunks[0]
+        assert sent.endswith(b"\xff\xd9") and b"ftypmp42" not in sent
 
 
 class TestTaken:

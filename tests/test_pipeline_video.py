@@ -169,3 +169,90 @@ def test_dry_run_shows_the_frame_plan(tmp_path: Path, fake_vlm: FakeVLM, clip: P
     assert {"t", "width", "height", "bytes"} <= set(media["frames"][0])
     assert plan["request"]["messages"][0]["content"][1]["video_url"]["url"].startswith("data:video/jpeg;base64,…(")
     assert fake_vlm.requests == []
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 s at 10 fps, every frame showing its number."""
+    return make_numbered_video(tmp_path_factory.mktemp("long") / "long.mp4", (160, 120), frames=60, fps=10, gop=10)
+
+
+class TestServerFrameLimit:
+    """endpoint.max_video_frames (issue 10, item 10): a vLLM keeps the first 32 frames of a video_url."""
+
+    def test_frames_spread_over_the_whole_clip_within_the_limit(self, tmp_path: Path, long_clip: Path) -> None:
+        with FakeVLM(shape="vllm") as fake:
+            out = _once(tmp_path, fake, long_clip, rule={**VIDEO_RULE, "video": {"frames": 48, "align": 28}})
+            seen = fake.frames_seen
+        media = out["doc"]["media"]
+        assert out["code"] == 0 and media["mode"] == "video_url"
+        assert len(media["frames"]) == 32 and seen == [32]  # what was sent is what the model saw
+        assert media["frames"][-1]["t"] == pytest.approx(5.9, abs=0.05)  # the end of the clip too
+        assert media["degradations"][0] == "frames 48 -> 32 (endpoint.max_video_frames)"
+        assert out["doc"]["response"]["usage"]["prompt_tokens"] == 10 + 64 * 32
+        numbers = [read_number(im) for im in _images(fake.chat_requests[0].content[1]["video_url"]["url"])]
+        assert numbers[0] == 0 and numbers[-1] == 59
+
+    def test_without_a_limit_the_server_drops_the_end(self, tmp_path: Path, long_clip: Path) -> None:
+        """What the limit is for: 48 frames sent, the server keeps the first 32, the model never sees the end."""
+        with FakeVLM(shape="vllm") as fake:
+            out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": None},
+                        rule={**VIDEO_RULE, "video": {"frames": 48, "align": 28}})  # fmt: skip
+            seen = fake.frames_seen
+        frames = out["doc"]["media"]["frames"]
+        assert len(frames) == 48 and seen == [32] and frames[31]["t"] < 4.0
+
+    def test_odd_limit_with_frame_pairing_stays_even(self, tmp_path: Path, long_clip: Path) -> None:
+        with FakeVLM(shape="vllm") as fake:
+            out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": 9},
+                        rule={**VIDEO_RULE, "video": {"frames": 20, "align": 28}})  # fmt: skip
+            assert fake.frames_seen == [8]
+        assert len(out["doc"]["media"]["frames"]) == 8
+
+    def test_images_mode_is_not_limited(self, tmp_path: Path, long_clip: Path) -> None:
+        with FakeVLM() as fake:
+            out = _once(tmp_path, fake, long_clip, endpoint={"max_video_frames": 4},
+                        rule={**VIDEO_RULE, "video": {"frames": 6, "mode": "images"}})  # fmt: skip
+        assert len(out["doc"]["media"]["frames"]) == 6 and out["doc"]["media"]["degradations"] == []
+
+
+class TestAutoMode:
+    """video.mode: auto in one process: the fallback, the sidecar's reason, and a probe that is never sent."""
+
+    def _processor(self, tmp_path: Path, fake: FakeVLM):  # type: ignore[no-untyped-def]
+        from mmwatchd.config import load
+        from mmwatchd.pipeline import Processor
+        from mmwatchd.vlm import VLMClient
+
+        cfg = load(write_config(tmp_path, base_url=fake.base_url, endpoint={"timeout_s": 2},
+                                rule={**VIDEO_RULE, "video": {"frames": 4}}))  # fmt: skip
+        client = VLMClient(cfg.endpoint, api_key=None)
+        return Processor(cfg, client), client
+
+    def test_refused_video_url_is_sent_again_as_images_at_once(self, tmp_path: Path, clip: Path) -> None:
+        with FakeVLM(shape="ollama") as fake:
+            processor, client = self._processor(tmp_path, fake)
+            with client:
+                # An Ollama that hides its version: only its answer to a video_url tells.
+                fake.enqueue(status=404, text="404 page not found", path="/api/version")
+                target = tmp_path / "inbox" / "clip.mp4"
+                target.write_bytes(clip.read_bytes())
+                outcome = processor.process(target)
+            assert outcome.status == "ok", outcome.reason
+            kinds = [[p["type"] for p in r.content[1:]] for r in fake.chat_requests]
+            assert kinds == [["video_url"], ["image_url"] * 4] and len(fake.refused) == 1
+        media = json.loads((tmp_path / "inbox" / "clip.mp4.json").read_text())["media"]
+        assert media["mode"] == "images"
+        assert media["mode_reason"] == "endpoint refused video_url (400 invalid message format); learned"
+
+    def test_a_clip_that_fails_before_its_request_does_not_hold_the_next(self, tmp_path: Path, clip: Path) -> None:
+        with FakeVLM(shape="openai") as fake:
+            processor, client = self._processor(tmp_path, fake)
+            with client:
+                broken = make_audio(tmp_path / "inbox" / "voice.mp4")
+                assert processor.process(broken).status == "error"  # it was to be the probe
+                assert not client.knowledge.asking("fake-vlm")  # so nobody waits for its answer
+                target = tmp_path / "inbox" / "clip.mp4"
+                target.write_bytes(clip.read_bytes())
+                outcome = processor.process(target)  # asks at once, rather than waiting for the first's answer
+            assert outcome.status == "ok" and len(fake.refused) == 1

@@ -268,3 +268,73 @@ def test_scan_a_folder(
     # Everything is up to date now.
     assert main(["scan", "-c", str(cfg)]) == 0
     assert "scan done: 0 described, 0 failed" in capsys.readouterr().out
+
+
+# -- a real vLLM (../shared/realvllm): video_url and its frame limit -------------------------------------------------
+
+REALVLLM = Path(__file__).resolve().parents[2] / "shared" / "realvllm"
+REALVLLM_HOME = Path(os.environ.get("REALVLLM_HOME") or Path.home() / ".cache" / "realvllm")
+CLIP_PROMPT = "Describe the clip."
+
+
+@pytest.fixture(scope="module")
+def real_vllm() -> Iterator[Server]:
+    """vLLM on a CPU with a tiny random Qwen2-VL (``../shared/realvllm/setup.sh`` must have run once)."""
+    if not (REALVLLM_HOME / "venv" / "bin" / "python").exists() or not (REALVLLM / "serve.sh").exists():
+        pytest.skip(f"needs the real vLLM: run {REALVLLM}/setup.sh once")
+    port = _free_port()
+    started = subprocess.run([str(REALVLLM / "serve.sh"), str(port)], capture_output=True, text=True, timeout=420)
+    log = REALVLLM_HOME / f"server.{port}.log"
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"vLLM did not start:\n{started.stderr[-3000:]}", pytrace=False)
+        yield Server(base_url=f"http://127.0.0.1:{port}/v1", model="tiny-qwen2-vl", log=log)
+    finally:
+        subprocess.run([str(REALVLLM / "stop.sh"), str(port)], capture_output=True, timeout=60)
+
+
+def _clip_tokens(server: Server, frames: int) -> int:
+    """Prompt tokens of CLIP_PROMPT with a ``frames``-frame 224x168 video_url, as mmwatchd sends it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    chunks = []
+    for i in range(frames):
+        buf = io.BytesIO()
+        Image.new("RGB", (224, 168), (i * 9 % 256, 90, 160)).save(buf, "JPEG", quality=80)
+        chunks.append(base64.b64encode(buf.getvalue()).decode())
+    content = [{"type": "text", "text": CLIP_PROMPT},
+               {"type": "video_url", "video_url": {"url": "data:video/jpeg;base64," + ",".join(chunks)}}]  # fmt: skip
+    reply = _http_json(f"{server.base_url}/chat/completions",
+                       {"model": server.model, "messages": [{"role": "user", "content": content}], "max_tokens": 1})  # fmt: skip
+    return int(reply["usage"]["prompt_tokens"])
+
+
+def test_real_vllm_frame_limit_proven_by_token_counts(real_vllm: Server, tmp_path: Path) -> None:
+    """Under mode auto mmwatchd knows the server is vLLM (GET /version) and sends one video_url; with
+    max_video_frames 32 every frame sent is one the model saw, spread over the whole clip; without it the server
+    keeps the first 32 of 48 and the tokens show the rest unseen."""
+    from media import make_numbered_video
+
+    per_pair = _clip_tokens(real_vllm, 4) - _clip_tokens(real_vllm, 2)
+    assert per_pair == (224 // 28) * (168 // 28)  # one token per 28x28 pixels, frames in pairs
+    thirty_two = _clip_tokens(real_vllm, 2) + 15 * per_pair
+    clip = make_numbered_video(tmp_path / "src" / "clip.mp4", (224, 168), frames=60, fps=10, gop=10)
+    rule = {"name": "clips", "match": {"kind": "video"}, "prompt": CLIP_PROMPT,
+            "video": {"frames": 48, "align": 28, "max_side": 224}}  # fmt: skip
+    seen = {}
+    for cap in (32, None):
+        folder = tmp_path / f"cap-{cap}"
+        cfg = write_config(folder, base_url=real_vllm.base_url, rule=rule,
+                           endpoint={"model": real_vllm.model, "max_video_frames": cap, "timeout_s": 300})  # fmt: skip
+        target = folder / "inbox" / "clip.mp4"
+        target.write_bytes(clip.read_bytes())
+        assert main(["once", "-c", str(cfg), str(target)]) == 0, real_vllm.log_tail()
+        doc = sidecar(target)
+        assert doc["media"]["mode"] == "video_url" and "vLLM" in doc["media"]["mode_reason"]
+        seen[cap] = (len(doc["media"]["frames"]), doc["media"]["frames"][-1]["t"], doc["response"]["usage"]["prompt_tokens"])
+    assert seen[32] == (32, pytest.approx(5.9, abs=0.05), thirty_two)  # all 32 seen, the clip's end among them
+    frames, _, tokens = seen[None]
+    assert frames == 48 and tokens == thirty_two  # 48 sent and paid for, 32 seen

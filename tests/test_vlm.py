@@ -503,3 +503,134 @@ class TestRequestBytes:
         errors = [f"{e.json_path}: {e.message[:200]}" for e in validator.iter_errors(sent)]
         assert errors == []
         assert list(validator.iter_errors({**sent, "messages": "nope"})), "the validator checks something"
+
+
+class TestServerShapes:
+    """What each server says it is, and how it refuses what it does not take (issue 16)."""
+
+    @pytest.mark.parametrize(
+        ("shape", "expected"),
+        [("ollama", ("ollama", "0.12.6")), ("vllm", ("vllm", "0.11.0")), ("lmstudio", ("lmstudio", "")),
+         ("openai", ("unknown", "")), ("generic", ("unknown", ""))],
+    )  # fmt: skip
+    def test_identify(self, shape: str, expected: tuple[str, str]) -> None:
+        with FakeVLM(shape=shape) as fake, VLMClient(endpoint(fake), api_key=KEY) as vlm:  # type: ignore[arg-type]
+            assert vlm.identify() == expected
+            assert fake.chat_requests == []
+
+    def test_identify_unreachable_is_unknown(self) -> None:
+        fake = FakeVLM().start()
+        url = endpoint(fake)
+        fake.stop()
+        with VLMClient(url, api_key=KEY) as vlm:
+            assert vlm.identify() == ("unknown", "")
+
+    @pytest.mark.parametrize(
+        ("shape", "said"),
+        [("ollama", "invalid message format"), ("openai", "Invalid value: 'video_url'"), ("lmstudio", "'text' or 'image_url'")],
+    )  # fmt: skip
+    def test_video_url_refusal_is_a_format_refusal(self, shape: str, said: str) -> None:
+        from mmwatchd.servers import is_video_format_refusal
+
+        with FakeVLM(shape=shape) as fake, VLMClient(endpoint(fake), api_key=KEY) as vlm:  # type: ignore[arg-type]
+            with pytest.raises(VLMRejected) as caught:
+                vlm.describe(request(parts=(video(),)))
+        assert caught.value.status == 400 and said in caught.value.server_message
+        assert is_video_format_refusal(caught.value.status, caught.value.server_message)
+
+    @pytest.mark.parametrize(
+        "said",
+        ["max_tokens is too large: 512. This model's maximum context length is 256 tokens",
+         "Rate limit reached", "model 'x' not found, try pulling it first", "invalid image input"],
+    )  # fmt: skip
+    def test_other_refusals_are_not(self, said: str) -> None:
+        from mmwatchd.servers import is_video_format_refusal
+
+        assert not is_video_format_refusal(400, said)
+        assert not is_video_format_refusal(500, "invalid message format")
+
+    def test_ollama_refuses_a_gif_data_url(self) -> None:
+        with FakeVLM(shape="ollama") as fake, VLMClient(endpoint(fake), api_key=KEY) as vlm:
+            with pytest.raises(VLMRejected, match="invalid image input"):
+                vlm.describe(request(parts=(image(mime="image/gif"),)))
+            vlm.describe(request(parts=(image(mime="image/webp"),)))
+
+    def test_openai_shape_takes_what_the_client_sends(self) -> None:
+        """The body mmwatchd builds, schema and all, passes OpenAI's own request schema."""
+        with FakeVLM(shape="openai") as fake, VLMClient(endpoint(fake), api_key=KEY) as vlm:
+            reply = vlm.describe(request(system="Be brief.", schema=SCHEMA, temperature=0.2,
+                                         parts=(image(), image(seed=2, mime="image/png"))))  # fmt: skip
+            assert reply.data and fake.refused == []
+
+
+class TestKnowledge:
+    """EndpointKnowledge: one video request asks while it is unknown; the answer is remembered."""
+
+    class Store:
+        def __init__(self) -> None:
+            self.rows: dict[str, dict[str, Any]] = {}
+
+        def endpoint_capabilities(self, key: str) -> dict[str, Any] | None:
+            return self.rows.get(key)
+
+        def remember_endpoint(self, key: str, capabilities: dict[str, Any]) -> None:
+            self.rows[key] = capabilities
+
+    def test_one_probe_at_a_time_and_the_others_wait_for_its_answer(self) -> None:
+        from mmwatchd.servers import EndpointKnowledge
+
+        store = self.Store()
+        knowledge = EndpointKnowledge("http://gateway.example/v1", identify=lambda: ("unknown", ""), store=store)
+        first = knowledge.video_mode("m")
+        assert first.probe and first.mode == "video_url"
+        results: list[Any] = []
+        waiter = threading.Thread(target=lambda: results.append(knowledge.video_mode("m")))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive() and results == []  # held while the probe is out
+        knowledge.settle("m", first, accepted=False, refusal="400 invalid message format")
+        waiter.join(5)
+        assert results[0].mode == "images" and not results[0].probe
+        assert results[0].reason == "endpoint refused video_url (400 invalid message format); learned"
+        # A new process with the same store asks nothing and probes nothing.
+        again = EndpointKnowledge("http://gateway.example/v1", identify=lambda: pytest.fail("asked again"), store=store)
+        assert again.video_mode("m").mode == "images"
+
+    def test_no_verdict_lets_the_next_caller_probe(self) -> None:
+        from mmwatchd.servers import EndpointKnowledge
+
+        knowledge = EndpointKnowledge("http://gateway.example/v1", identify=lambda: ("unknown", ""))
+        first = knowledge.video_mode("m")
+        knowledge.settle("m", first, accepted=None)  # the server was busy: nothing learned
+        assert knowledge.video_mode("m").probe
+
+    def test_identified_servers_need_no_probe(self) -> None:
+        from mmwatchd.servers import EndpointKnowledge
+
+        for server, mode in (("ollama", "images"), ("lmstudio", "images"), ("vllm", "video_url")):
+            decision = EndpointKnowledge("http://h/v1", identify=lambda s=server: (s, "1")).video_mode("m")
+            assert decision.mode == mode and not decision.probe
+        openai_url = EndpointKnowledge("https://api.openai.com/v1", identify=lambda: pytest.fail("asked"))
+        assert openai_url.video_mode("gpt-4o-mini").mode == "images"
+        assert "image/gif" in openai_url.image_mimes("gpt-4o-mini")
+
+    def test_passthrough_types_follow_what_is_known(self) -> None:
+        from mmwatchd.servers import EndpointKnowledge
+
+        knowledge = EndpointKnowledge("http://h:11434/v1", identify=lambda: ("ollama", "0.12.6"))
+        assert knowledge.image_mimes("m") == {"image/jpeg", "image/png"}  # nobody asked yet: what every server reads
+        knowledge.video_mode("m")  # a clip asks the server what it is
+        assert knowledge.image_mimes("m") == {"image/jpeg", "image/png", "image/webp"}
+
+
+@pytest.mark.parametrize(
+    ("said", "expected"),
+    [("invalid image input", True), ("You uploaded an unsupported image. Please make sure ...", True),
+     ("Invalid image format", True), ("failed to load image", True), ("cannot identify image file", True),
+     ("Invalid image: unsupported format image/png", True), ("image too small", False), ("rate limited", False)],
+)  # fmt: skip
+def test_image_refusals(said: str, expected: bool) -> None:
+    from mmwatchd.servers import is_image_refusal
+
+    assert is_image_refusal(400, said) is expected
+    assert not is_image_refusal(500, said)

@@ -18,7 +18,8 @@ For one file, in this order:
 
 Small files that servers read as they are may be sent untouched instead (see :func:`encode_image`).
 
-The output never carries metadata: EXIF (GPS included), XMP and ICC profiles are dropped. Everything here is a pure
+The output never carries metadata: EXIF (GPS included), XMP and ICC profiles are dropped; passthrough images have
+their metadata segments cut out losslessly unless ``spec.keep_metadata`` (see :mod:`mmwatchd.encode.strip`). Everything here is a pure
 function of the file and the arguments, safe to call from several threads at once.
 """
 
@@ -41,6 +42,8 @@ from PIL import Image, ImageMath, UnidentifiedImageError
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.media import Sniffed, read_head
 from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len, data_url_prefix
+
+from .strip import strip_metadata
 
 __all__ = [
     "MIN_SIDE",
@@ -579,11 +582,19 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
     )
 
 
-def _passthrough(src: _Source, spec: ImageSpec, orientation: int, budget: int) -> Part | None:
+#: What every vision server takes as a data URL (Ollama refuses other types with 400 "invalid image input").
+DEFAULT_PASSTHROUGH_MIMES: Final = ("image/jpeg", "image/png", "image/webp")
+
+
+def _passthrough(
+    src: _Source, spec: ImageSpec, orientation: int, budget: int, mimes: tuple[str, ...]
+) -> Part | None:
     """The original bytes, when a server will show them exactly as we would, and they fit; else None."""
     im = src.im
     fmt = im.format or ""
     if im.mode not in _PASSTHROUGH_MODES.get(fmt, ()) or orientation != 1:
+        return None
+    if _SOURCE_MIME[fmt] not in mimes:  # the endpoint does not take this type as it is
         return None
     if src.png and src.png.bit_depth > 8:  # Pillow shows 16-bit RGB(A) as 8-bit; a server may not
         return None
@@ -603,6 +614,13 @@ def _passthrough(src: _Source, spec: ImageSpec, orientation: int, budget: int) -
     data = src.fp.read()
     if len(data) != src.file_size:  # changed while we read it: encode from what Pillow has instead
         return None
+    if not spec.keep_metadata:
+        # EXIF (GPS, camera serial), XMP and comments are not the model's business (issue 10, "Defaults that
+        # protect people"); the coded pixels are kept byte for byte. A structure the walk cannot follow is re-encoded.
+        try:
+            data = strip_metadata(data, fmt)
+        except ValueError:
+            return None
     # Decode once, so that a damaged file fails here and not on the server. For JPEG at 1/8 scale: every coefficient
     # is still entropy-decoded (truncation is caught), but the inverse DCT and colour conversion cost 1/64.
     with translate_pillow(src.name, src.label):
@@ -612,12 +630,20 @@ def _passthrough(src: _Source, spec: ImageSpec, orientation: int, budget: int) -
     )
 
 
-def encode_image(path: Path, spec: ImageSpec, *, budget: int, limits: Limits) -> Part:
+def encode_image(
+    path: Path,
+    spec: ImageSpec,
+    *,
+    budget: int,
+    limits: Limits,
+    passthrough_mimes: tuple[str, ...] = DEFAULT_PASSTHROUGH_MIMES,
+) -> Part:
     """One ``image_url`` part for ``path`` whose data URL is at most ``budget`` characters.
 
     With ``spec.passthrough``, a JPEG (RGB/L), PNG (RGB/RGBA/L), WebP (RGB/RGBA) or GIF (palette) that is not
     animated, has no transparency key and no EXIF rotation, fits ``spec.max_side``/``spec.max_pixels`` and whose data
-    URL fits ``budget`` is sent untouched (``origin="original"``, its own MIME type, metadata included). Anything else
+    URL fits ``budget`` and whose type is in ``passthrough_mimes`` (what the endpoint takes) is sent as it is
+    (``origin="original"``, its own MIME type; its metadata cut out losslessly unless ``spec.keep_metadata``). Anything else
     (CMYK, 16-bit, MPO, HEIC, TIFF, ...) is decoded and re-encoded as ``spec.format`` (``origin="encoded"``), see
     :func:`fit_budget` for how it is made to fit.
 
@@ -630,7 +656,7 @@ def encode_image(path: Path, spec: ImageSpec, *, budget: int, limits: Limits) ->
         stored = src.im.size
         target = fit_size(_displayed(stored, orientation), spec)
         if spec.passthrough:
-            part = _passthrough(src, spec, orientation, budget)
+            part = _passthrough(src, spec, orientation, budget, passthrough_mimes)
             if part is not None:
                 return part
         stored_target = _displayed(target, orientation)  # the same swap maps displayed axes back to stored ones
@@ -657,6 +683,26 @@ def encode_image(path: Path, spec: ImageSpec, *, budget: int, limits: Limits) ->
     return part
 
 
-def probe_and_encode_image(path: Path, spec: ImageSpec, *, budget: int, limits: Limits) -> tuple[ImageFacts, Part]:
+def probe_and_encode_image(
+    path: Path,
+    spec: ImageSpec,
+    *,
+    budget: int,
+    limits: Limits,
+    passthrough_mimes: tuple[str, ...] = DEFAULT_PASSTHROUGH_MIMES,
+) -> tuple[ImageFacts, Part]:
     """:func:`probe_image` and :func:`encode_image` in one call (one trip to a decoder process)."""
-    return probe_image(path, limits=limits), encode_image(path, spec, budget=budget, limits=limits)
+    return probe_image(path, limits=limits), encode_image(
+        path, spec, budget=budget, limits=limits, passthrough_mimes=passthrough_mimes
+    )
+
+
+def probe_pictures(n: int, size: tuple[int, int] = (56, 56)) -> list[bytes]:
+    """``n`` small JPEGs, each a different plain colour: what ``mmwatchd check --endpoint`` sends to see what an
+    endpoint takes (cheap for any model: a few hundred bytes and a handful of tokens each)."""
+    out = []
+    for i in range(n):
+        hue = (i * 47) % 256
+        img = Image.new("RGB", size, (hue, 255 - hue, (hue * 3) % 256))
+        out.append(save_image(img, "jpeg", 80))
+    return out

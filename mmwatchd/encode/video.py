@@ -464,7 +464,7 @@ def _sample_count(spec: VideoSpec) -> int:
     fewer (and an odd number of) frames sends them all; the server's padding is exactly what padding here would
     send, without the bytes. Frame dropping for the budget keeps the count even too (see :func:`_fit`).
     """
-    if spec.align > 1 and spec.mode in ("video_url", "file") and spec.frames > 1:
+    if spec.align > 1 and spec.mode != "images" and spec.frames > 1:  # ("auto" here is video_url: see encode_video)
         return spec.frames - spec.frames % 2
     return spec.frames
 
