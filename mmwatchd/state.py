@@ -131,12 +131,24 @@ class ErrorRow:
     at: float
 
 
-def default_state_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``; the first of several), else ``$XDG_STATE_HOME/mmwatchd``,
-    else ``~/.local/state/mmwatchd``."""
+#: The system service's config folder and its ``StateDirectory=mmwatchd`` (see systemd/mmwatchd.service).
+SYSTEM_CONFIG_DIR = Path("/etc/mmwatchd")
+SYSTEM_STATE_DIR = Path("/var/lib/mmwatchd")
+
+
+def default_state_dir(env: Mapping[str, str] = os.environ, *, config: Path | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``; the first of several); else, for a ``config`` in
+    ``/etc/mmwatchd/``, the system service's ``/var/lib/mmwatchd``; else ``$XDG_STATE_HOME/mmwatchd``, else
+    ``~/.local/state/mmwatchd``.
+
+    The middle case is ``mmwatchd status`` typed in a root shell: it has no ``$STATE_DIRECTORY``, and must read the
+    service's database rather than start an empty one under ``/root``.
+    """
     first = env.get("STATE_DIRECTORY", "").split(":")[0]
     if first:
         return Path(first)
+    if config is not None and Path(os.path.abspath(config)).parent == SYSTEM_CONFIG_DIR:
+        return SYSTEM_STATE_DIR
     xdg = env.get("XDG_STATE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec says relative values are invalid and must be ignored
         return Path(xdg) / "mmwatchd"
