@@ -38,7 +38,7 @@ def test_units_verify(tmp_path: Path, unit: str, user: bool, exe: str) -> None:
     stub.chmod(0o755)
     text = (REPO / "systemd" / unit).read_text()
     assert exe in text
-    assert "Type=notify" in text and "ExecReload=/bin/kill -HUP $MAINPID" in text and "WatchdogSec=" in text
+    assert "Type=notify" in text and "ExecReload=/bin/sh -c 'kill -HUP $MAINPID'" in text and "WatchdogSec=" in text
     (tmp_path / "units").mkdir()
     target = tmp_path / "units" / "mmwatchd.service"
     target.write_text(text.replace(exe, str(stub)))  # verify insists the program exists
