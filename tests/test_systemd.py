@@ -111,6 +111,20 @@ def test_a_config_in_etc_mmwatchd_means_the_system_services_state() -> None:
     assert _state_path(cfg, root_shell) == Path("/x/state.sqlite3")
 
 
+def test_a_user_units_state_beside_its_config_is_found(tmp_path: Path) -> None:
+    """systemd 252 gives a user unit's StateDirectory=mmwatchd as ~/.config/mmwatchd, beside config.yaml."""
+    from mmwatchd.state import State
+
+    home = tmp_path / "home"
+    config = home / ".config" / "mmwatchd" / "config.yaml"
+    shell = {"HOME": str(home)}
+    assert default_state_dir(shell, config=config) == home / ".local" / "state" / "mmwatchd"  # nothing there yet
+    with State(config.parent / "state.sqlite3"):  # what the service made
+        pass
+    assert default_state_dir(shell, config=config) == config.parent
+    assert default_state_dir({**shell, "STATE_DIRECTORY": "/x"}, config=config) == Path("/x")
+
+
 def test_status_without_a_database_says_so_and_creates_none(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
