@@ -9,9 +9,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from configs import load_config, write_config
 from media import make_jpeg
 
@@ -20,6 +22,13 @@ from mmwatchd.cli import _state_path, api_key, main
 from mmwatchd.state import default_state_dir
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """``main()`` points structlog at the captured stderr of the test; later tests must not write to it."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.mark.parametrize(
