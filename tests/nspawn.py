@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 SUITE = "bookworm"
-#: What the rootfs holds beyond debootstrap's minbase: systemd as init, and what the README's install steps use.
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "acl")
+#: What the rootfs holds beyond debootstrap's minbase: systemd as init (libpam-systemd: user managers, for the user
+#: unit), and what the README's install steps use.
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "libpam-systemd", "python3", "python3-venv", "acl")
 #: Changing what ``build_rootfs`` does changes this, and with it the cache key.
 ROOTFS_RECIPE = 2
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -172,11 +173,14 @@ class Container:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60.0, user: str | None = None,
             stdin: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        """``argv`` inside the container, as from a login shell's clean environment (root, or ``user``)."""
+        """``argv`` inside the container, as from a login shell's clean environment (root, or ``user``, whose
+        ``$XDG_RUNTIME_DIR`` is set as a login sets it, so that ``systemctl --user`` finds the user manager)."""
         env = ["env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8",
                "HOME=/root", "TERM=dumb", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0"]  # fmt: skip
         if user is not None:
-            env = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", *env]
+            uid = int(self.sh(f"id -u {user}").stdout)
+            env = ["setpriv", "--reuid", user, "--regid", user, "--init-groups", *env,
+                   f"XDG_RUNTIME_DIR=/run/user/{uid}"]  # fmt: skip
             env[env.index("HOME=/root")] = f"HOME=/home/{user}"
         done = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", *env, *argv], input=stdin,
                               capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip

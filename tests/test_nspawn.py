@@ -9,7 +9,8 @@ word for word, then run in the container as root), against a fake OpenAI-compati
 this process on 127.0.0.1 (the container shares the host's network). The tests run in order on one container, each
 setting up what it needs: start without a key, STATUS=, a key as a credential and in an environment file, a
 person's folder through the README's ACL recipe, reload, a 150-file startup backlog under a 3 s watchdog, stop during
-a backlog and when idle, whole sidecars, ``mmwatchd status`` from a root shell, the per-file journal lines.
+a backlog and when idle, whole sidecars, ``mmwatchd status`` from a root shell, the per-file journal lines; then the
+user unit by the README's user-service steps.
 """
 
 from __future__ import annotations
@@ -433,3 +434,57 @@ def test_the_journal_has_a_line_per_file(box: nspawn.Container) -> None:
     assert len(photos) == BACKLOG
     missing = [p for p in photos if "/" + p not in done]
     assert not missing, f"{len(missing)} files without a job.done line, e.g. {missing[:3]}"
+
+
+#: The README's user-service steps, run as the user (the linger step first: without a login session, it is what
+#: starts the user's service manager).
+USER_STEPS = (
+    "python3 -m venv ~/.local/share/mmwatchd/venv && ~/.local/share/mmwatchd/venv/bin/pip install .",
+    "mkdir -p ~/.config/mmwatchd && cp config.example.yaml ~/.config/mmwatchd/config.yaml",
+    "mkdir -p ~/.config/systemd/user && cp systemd/mmwatchd-user.service ~/.config/systemd/user/mmwatchd.service",
+    "systemctl --user daemon-reload && systemctl --user enable --now mmwatchd",
+)
+USER_DROPIN = "[Service]\nReadWritePaths=\nReadWritePaths=%h/Photos\n"
+
+
+def test_the_user_unit(box: nspawn.Container, fake: SlowVLM) -> None:
+    """Without ~/Pictures and without a key file it starts; the README's drop-in names the folder it writes to;
+    ``mmwatchd status`` from the user's shell finds the service's state (systemd 252: ~/.config/mmwatchd)."""
+    assert 'loginctl enable-linger "$USER"' in README
+    assert "`[Service]`, `ReadWritePaths=`, `ReadWritePaths=%h/Photos /mnt/nas`" in README
+    _sh(box, "useradd --create-home bob", "loginctl enable-linger bob")
+    manager = f"user@{box.sh('id -u bob').stdout.strip()}.service"
+    _wait("bob's service manager", lambda: box.run("systemctl", "is-active", manager, check=False).stdout.strip()
+          == "active", box)  # fmt: skip
+    _sh(box, "cp -a /root/mmwatchd /home/bob/mmwatchd", "chown -R bob:bob /home/bob/mmwatchd",
+        "install -d -o bob -g bob /home/bob/Photos")  # fmt: skip
+    bob = Path("/home/bob")
+    doc = yaml.safe_load((REPO / "config.example.yaml").read_text())
+    doc["endpoint"].update(base_url=fake.base_url, model="fake-vlm", api_key_env="OPENAI_API_KEY")
+    doc["watch"] = [{"path": str(bob / "Photos")}]
+    doc["settle_s"] = 0.5
+    steps = _readme(*USER_STEPS)
+    box.run("bash", "-euo", "pipefail", "-c", " && ".join(["cd ~/mmwatchd", *steps[:2]]), user="bob", timeout=900)
+    (box.root / "home/bob/.config/mmwatchd/config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    box.run("bash", "-euo", "pipefail", "-c", " && ".join(["cd ~/mmwatchd", *steps[2:]]), user="bob", timeout=120)
+    assert not _host(box, bob / "Pictures").exists() and not _host(box, bob / ".config/mmwatchd/env").exists()
+
+    def show() -> dict[str, str]:
+        out = box.run("systemctl", "--user", "show", "mmwatchd", "--property=ActiveState", "--property=SubState",
+                      "--property=Result", user="bob").stdout  # fmt: skip
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    assert (show()["ActiveState"], show()["SubState"]) == ("active", "running"), show()
+    dropin = _host(box, bob / ".config/systemd/user/mmwatchd.service.d/override.conf")
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text(USER_DROPIN)  # what `systemctl --user edit mmwatchd` saves
+    box.run("bash", "-c", "systemctl --user daemon-reload && systemctl --user restart mmwatchd", user="bob")
+    staged = _photos(box, Path("/var/tmp"), 1, seed=9600)[0]
+    box.run("cp", str(staged), str(bob / "Photos"), user="bob")
+    photo = bob / "Photos" / staged.name
+    _wait("a sidecar in bob's ~/Photos", _sidecar(box, photo).exists, box)
+    assert json.loads(_sidecar(box, photo).read_text())["status"] == "ok"
+    out = box.run(str(bob / ".local/share/mmwatchd/venv/bin/mmwatchd"), "status", user="bob").stdout
+    assert "no state yet" not in out and f"{bob / 'Photos'}: 1 done" in out, out
+    assert _host(box, bob / ".config/mmwatchd/state.sqlite3").exists() or _host(
+        box, bob / ".local/state/mmwatchd/state.sqlite3").exists()
