@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import errno
 import ipaddress
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from mmwatchd import __version__, config as config_mod, log as log_mod, sidecar
 from mmwatchd.config import Config
-from mmwatchd.errors import ConfigError, MmwatchdError
+from mmwatchd.errors import ConfigError, MmwatchdError, StateError
 from mmwatchd.pipeline import Outcome, Processor
 
 if TYPE_CHECKING:
@@ -359,15 +360,38 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The report; without a database yet (nothing ran with this state dir) it says so and counts the folders from
+    their sidecars alone, from a throwaway database, rather than leave an empty one where the service's is expected."""
+    import tempfile
+
     from mmwatchd import status
+    from mmwatchd.state import FILENAME, State
 
     cfg = _load(args)
-    with _state(cfg) as state:
-        report = status.collect(cfg, state)
+    path = _state_path(cfg)
+    try:
+        found = os.stat(path).st_size > 0
+    except FileNotFoundError:
+        found = False
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EACCES:
+            hint = " (the service's state belongs to its user: run mmwatchd status as root)"
+        raise StateError(f"{path}: cannot read the state database: {exc.strerror or exc}{hint}") from None
+    with contextlib.ExitStack() as stack:
+        if found:
+            state = stack.enter_context(State(path))
+        else:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="mmwatchd-status-"))
+            state = stack.enter_context(State(Path(scratch) / FILENAME))
+        report = {**status.collect(cfg, state), "state_path": str(path), "state_found": found}
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
+        if not found:
+            print(f"no state yet at {path} (nothing has run with this state_dir; "
+                  "the system service keeps its state in /var/lib/mmwatchd)")  # fmt: skip
         print(status.render(report))
     return EXIT_OK
 
@@ -414,10 +438,16 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _state(cfg: Config) -> State:
-    from mmwatchd.state import State, default_state_dir
+def _state_path(cfg: Config, env: Mapping[str, str] = os.environ) -> Path:
+    from mmwatchd.state import FILENAME, default_state_dir
 
-    return State((cfg.state_dir or default_state_dir()) / "state.sqlite3")
+    return (cfg.state_dir or default_state_dir(env, config=cfg.source)) / FILENAME
+
+
+def _state(cfg: Config) -> State:
+    from mmwatchd.state import State
+
+    return State(_state_path(cfg))
 
 
 def _missing_roots(cfg: Config) -> list[str]:

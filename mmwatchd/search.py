@@ -115,7 +115,7 @@ def index_path(cfg: Config) -> Path:
     """``<state dir>/search.sqlite3``, with the state directory found the way ``mmwatchd status`` finds it."""
     from mmwatchd.state import default_state_dir
 
-    return (cfg.state_dir or default_state_dir()) / FILENAME
+    return (cfg.state_dir or default_state_dir(config=cfg.source)) / FILENAME
 
 
 # ----------------------------------------------------------------------------------------------------- documents

@@ -149,12 +149,29 @@ class ErrorRow:
     at: float
 
 
-def default_state_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``; the first of several), else ``$XDG_STATE_HOME/mmwatchd``,
-    else ``~/.local/state/mmwatchd``."""
+#: The system service's config folder and its ``StateDirectory=mmwatchd`` (see systemd/mmwatchd.service).
+SYSTEM_CONFIG_DIR = Path("/etc/mmwatchd")
+SYSTEM_STATE_DIR = Path("/var/lib/mmwatchd")
+
+
+def default_state_dir(env: Mapping[str, str] = os.environ, *, config: Path | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (systemd's ``StateDirectory=``; the first of several); else, for a ``config`` in
+    ``/etc/mmwatchd/``, the system service's ``/var/lib/mmwatchd``; else the ``config``'s folder when a state database
+    is already there; else ``$XDG_STATE_HOME/mmwatchd``, else ``~/.local/state/mmwatchd``.
+
+    The middle cases are ``mmwatchd status`` typed in a shell, which has no ``$STATE_DIRECTORY``: it must read the
+    service's database rather than start an empty one. The system service's is ``/var/lib/mmwatchd``; systemd 252
+    gives a user unit's ``StateDirectory=mmwatchd`` as ``~/.config/mmwatchd``, the folder of its config.
+    """
     first = env.get("STATE_DIRECTORY", "").split(":")[0]
     if first:
         return Path(first)
+    if config is not None:
+        folder = Path(os.path.abspath(config)).parent
+        if folder == SYSTEM_CONFIG_DIR:
+            return SYSTEM_STATE_DIR
+        if (folder / FILENAME).is_file():
+            return folder
     xdg = env.get("XDG_STATE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec says relative values are invalid and must be ignored
         return Path(xdg) / "mmwatchd"
