@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -90,6 +90,11 @@ class Scripted:
     path: str | None = None
     #: Hold the response until this event is set (a request kept in flight for as long as a test needs).
     hold: threading.Event | None = None
+    #: Called when the request has arrived, before anything is answered (the client is mid-request), and when the
+    #: response has been written (the client is reading it, or writing what it learned): a test's trigger at an
+    #: exact moment of the client's work, where a sleep would only guess it.
+    on_received: Callable[[], None] | None = None
+    on_answered: Callable[[], None] | None = None
 
 
 def chat_completion(
@@ -230,6 +235,8 @@ class FakeVLM:
         disconnect: bool = False,
         path: str | None = None,
         hold: threading.Event | None = None,
+        on_received: Callable[[], None] | None = None,
+        on_answered: Callable[[], None] | None = None,
     ) -> None:
         """Queue one response for the next request (to ``path``, when given)."""
         if json is not None and text is not None:
@@ -244,9 +251,16 @@ class FakeVLM:
             disconnect=disconnect,
             path=path,
             hold=hold,
+            on_received=on_received,
+            on_answered=on_answered,
         )
         with self._cond:
             self._script.append(item)
+
+    def clear_script(self) -> None:
+        """Drop the queued responses no request has taken."""
+        with self._cond:
+            self._script.clear()
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[Recorded]:
         """Block until at least ``n`` requests have arrived; TimeoutError after ``timeout`` seconds."""
@@ -374,6 +388,8 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             else:
                 item = fake._default(request)
+        if item.on_received is not None:
+            item.on_received()
         while item.hold is not None and not item.hold.wait(0.02):
             if self.server.closing.is_set():
                 self.close_connection = True
@@ -398,6 +414,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+        if item.on_answered is not None:
+            self.wfile.flush()
+            item.on_answered()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean

@@ -157,18 +157,32 @@ class TestCrashes:
             alive.wait()
         assert sorted(os.listdir(inbox)) == sorted(["a.jpg", "a.jpg.json", busy.name])
 
-    def test_kill_9_at_any_moment_loses_nothing(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+    def test_kill_9_mid_request_and_mid_write_loses_nothing(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        """SIGKILL at moments the fake server picks: while a request is in flight (its Nth arrival), and just after
+        an answer went out, while the daemon parses it and writes the sidecar; three kills, then a clean run. The
+        seed (``MMWATCHD_KILL_SEED``) picks N and the third moment."""
+        seed = int(os.environ.get("MMWATCHD_KILL_SEED", "7"))
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 4})
         inbox = tmp_path / "inbox"
         photos = [make_jpeg(inbox / f"{i:03}.jpg", (64, 48), seed=i) for i in range(40)]
-        rng = random.Random(7)
-        for _ in range(3):
-            for _ in range(8):
-                fake_vlm.enqueue(json=chat_completion("slow"), delay_s=0.15, path="/v1/chat/completions")
-            proc = spawn_run(cfg, tmp_path)
-            time.sleep(rng.uniform(0.5, 1.5))
-            proc.kill()  # SIGKILL: no cleanup of any kind
-            proc.wait(timeout=10)
+        rng = random.Random(seed)
+        for moment in ("on_received", "on_answered", rng.choice(["on_received", "on_answered"])):
+            running: list[subprocess.Popen[bytes]] = []
+            killed = threading.Event()
+
+            def kill() -> None:
+                if running and not killed.is_set():
+                    running[0].kill()  # SIGKILL: no cleanup of any kind
+                    killed.set()
+
+            nth = rng.randint(1, 6)
+            for i in range(8):
+                trigger = {moment: kill} if i == nth - 1 else {}
+                fake_vlm.enqueue(json=chat_completion("slow"), delay_s=0.05, path="/v1/chat/completions", **trigger)
+            running.append(spawn_run(cfg, tmp_path))
+            assert killed.wait(60), f"the daemon never sent request {nth} (seed {seed})"
+            running[0].wait(timeout=10)
+            fake_vlm.clear_script()  # what this round did not take must not script the next one
         proc = spawn_run(cfg, tmp_path)
         try:
             wait_until(lambda: all(p.with_name(p.name + ".json").exists() for p in photos), timeout=60)
