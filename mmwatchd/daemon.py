@@ -5,7 +5,7 @@ Threads, all owned and joined here: the workers (``endpoint.concurrency`` of the
 feeder and one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs the service
 loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the folders
 (startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping the
-watchdog and to stop (issue 10, item 1).
+watchdog and to stop.
 
 Stopping (SIGTERM, SIGINT: see :class:`SignalRelay`): nothing new starts. Requests already on the wire finish and
 their sidecars are written; no request leaves after the stop, neither a new one nor a retry of one in flight (every
@@ -441,7 +441,7 @@ class Daemon:
         thread that may wait calls this (the feeder, a one-shot command); the service loop uses :meth:`offer`.
 
         ``scanned``: found by a walk rather than reported ready by the watcher, so it may still be being written:
-        a file changed within ``settle_s`` goes to the stability tracker first (issue 10, item 5).
+        a file changed within ``settle_s`` goes to the stability tracker first.
         """
         with self._lock:
             if path in self._pending or self.stopping.is_set():

@@ -1,4 +1,4 @@
-"""``mmwatchd gallery``: one static HTML page to review what the model said about each file (issue 13).
+"""``mmwatchd gallery``: one static HTML page to review what the model said about each file.
 
 The page opens from ``file://`` with no server and no external assets: thumbnails are small JPEGs made by our own
 encoders (in the decoder processes, with the config's limits, like the daemon's) in a folder beside the page

@@ -217,7 +217,7 @@ class Processor:
             "relpath": _quoted(rel),
             "size_bytes": before.size,
         }
-        # A hook's argv takes each value as one argument, so it gets them as they are (issue 10, item 11).
+        # A hook's argv takes each value as one argument, so it gets them as they are.
         raw = {"name": path.name, "stem": path.stem, "folder": path.parent.name, "path": str(path), "relpath": rel}
         claim: sidecar.Claim | None = None
         reservation: sidecar.Reservation | None = None
@@ -415,7 +415,7 @@ class Processor:
         return getattr(self.client, "knowledge", None)
 
     def _image_mimes(self, rule: Rule) -> tuple[str, ...]:
-        """The image types passthrough may send as they are: what the endpoint is known to take (issue 16)."""
+        """The image types passthrough may send as they are: what the endpoint is known to take."""
         knowledge = self._knowledge()
         if knowledge is not None:
             mimes = knowledge.image_mimes(rule.model or self.config.endpoint.model)
@@ -442,7 +442,7 @@ class Processor:
             spec = replace(spec, mode=decision.mode)
         cap = self.config.endpoint.max_video_frames
         note = ""
-        # A vLLM keeps the first 32 frames of a video_url and drops the rest (issue 10, item 10): ask for no more
+        # A vLLM keeps the first 32 frames of a video_url and drops the rest: ask for no more
         # than the server looks at, so the frames spread over the whole clip and none is paid for unseen.
         if cap is not None and spec.mode in ("video_url", "file") and spec.frames > cap:
             note = f"frames {spec.frames} -> {cap} (endpoint.max_video_frames)"

@@ -5,7 +5,7 @@ sidecars, which stay the truth: before each query :meth:`SearchIndex.refresh` wa
 ``sidecar.dir`` mirror), compares every sidecar's size and mtime with what the index recorded, reads the new and
 changed ones and drops those that are gone. A missing index is therefore simply built by the first search, and
 ``--reindex`` empties it first. :meth:`SearchIndex.index_sidecar` takes one freshly written sidecar, so a writer can
-keep the index current as it goes (issue 13).
+keep the index current as it goes.
 
 Three columns are searched, weighted in that order by bm25: the caption (the reply's text, or the caption-like fields
 of a schema reply), the tags (every other string of a schema reply) and the media path. Words are stemmed (Porter):

@@ -122,7 +122,7 @@ def temp_path(path: Path) -> Path:
 
 
 class Reservation:
-    """A sidecar temp file made, with room set aside, before anything is paid for (issue 10, item 2).
+    """A sidecar temp file made, with room set aside, before anything is paid for.
 
     A folder mmwatchd cannot write into (read-only, no permission, disk full) is found out here, for free, instead
     of after a request whose answer then has nowhere to go. :meth:`commit` fills the file and renames it into place;
@@ -252,7 +252,7 @@ LOCK_MARK = ".mmwatchd-lock"
 
 
 class Claim:
-    """This process's hold on a sidecar while it decides about, pays for and writes it (issue 10, item 7).
+    """This process's hold on a sidecar while it decides about, pays for and writes it.
 
     Two processes on the same files (``mmwatchd scan`` while the service runs, two machines sharing a folder) would
     otherwise both pay for the same description. The claim is an exclusive ``flock`` on a lock file beside the
@@ -387,7 +387,7 @@ def is_fresh(
 ) -> bool:
     """Whether ``doc`` already answers this file version under this rule.
 
-    A file version is its size, mtime, inode and ctime (issue 10, item 6): a rewrite of the same size whose mtime
+    A file version is its size, mtime, inode and ctime: a rewrite of the same size whose mtime
     was put back (``touch -r``, ``rsync --times``, a restore) still gets a new ctime, which no program can set.
     When all four match the sidecar's ``source``, it is the same file. Same size but anything else differing (a
     copy, a move, ``touch``) is settled by the content hash, computed only then. Error sidecars count too: a file

@@ -96,7 +96,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE done ADD COLUMN status TEXT",
     ),
     (
-        # A file version is size + mtime + inode + ctime (issue 10, item 6). NULL for entries made before: they are
+        # A file version is size + mtime + inode + ctime. NULL for entries made before: they are
         # trusted on size and mtime as before, and take the file's inode and ctime the first time a walk finds them
         # so (State.adopt_identities), so no library is read or described again for the upgrade.
         "ALTER TABLE done ADD COLUMN ino INTEGER",

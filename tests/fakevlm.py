@@ -12,7 +12,7 @@ request asks for ``response_format: json_schema``, JSON that fits simple schemas
 Responses are HTTP/1.0 (one request per connection), so no handler thread waits on an idle keep-alive connection and
 ``stop()`` joins every thread it started.
 
-``shape`` makes the server behave like a real one, from that server's own code and documents (issue 16):
+``shape`` makes the server behave like a real one, from that server's own code and documents:
 
     generic   takes everything (the default)
     ollama    openai/openai.go FromChatRequest: only "text" and "image_url" parts (else 400 "invalid message

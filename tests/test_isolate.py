@@ -149,7 +149,7 @@ class TestResults:
 
 
 class TestOSErrors:
-    """The file system's answers cross as themselves (issue 10, item 4): the caller handles them as its own."""
+    """The file system's answers cross as themselves: the caller handles them as its own."""
 
     @pytest.mark.parametrize("number", [errno.ENOENT, errno.EIO, errno.ESTALE, errno.EACCES, errno.EAGAIN])
     def test_an_os_error_with_an_errno_is_raised_as_that_os_error(self, iso: Isolator, number: int) -> None:

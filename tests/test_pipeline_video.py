@@ -178,7 +178,7 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class TestServerFrameLimit:
-    """endpoint.max_video_frames (issue 10, item 10): a vLLM keeps the first 32 frames of a video_url."""
+    """endpoint.max_video_frames: a vLLM keeps the first 32 frames of a video_url."""
 
     def test_frames_spread_over_the_whole_clip_within_the_limit(self, tmp_path: Path, long_clip: Path) -> None:
         with FakeVLM(shape="vllm") as fake:

@@ -296,7 +296,7 @@ class TestDecoderContainment:
 
 
 class TestOSErrorsInsideDecoders:
-    """An OSError in a decoder process is about the file system, not the file's content (issue 10, item 4)."""
+    """An OSError in a decoder process is about the file system, not the file's content."""
 
     def test_a_file_renamed_between_sniff_and_decode_gets_no_sidecar_under_its_old_name(
         self, tmp_path: Path, fake_vlm: FakeVLM, processor  # type: ignore[no-untyped-def]
@@ -350,7 +350,7 @@ def _fill(folder: Path) -> None:
 
 
 class TestFoldersThatCannotTakeSidecars:
-    """Nothing is paid for a file whose sidecar cannot be written (issue 10, item 2)."""
+    """Nothing is paid for a file whose sidecar cannot be written."""
 
     def test_a_full_disk_costs_no_request(
         self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]

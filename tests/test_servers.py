@@ -1,4 +1,4 @@
-"""Works with each server as it is (issue 16): the README's quick starts against fake servers shaped like the real
+"""Works with each server as it is: the README's quick starts against fake servers shaped like the real
 ones, with the shipped example config, as a real ``mmwatchd scan`` process."""
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class TestFresh:
 
 
 class TestFreshIdentity:
-    """A file version is size + mtime + inode + ctime (issue 10, item 6)."""
+    """A file version is size + mtime + inode + ctime."""
 
     DOC = {**OURS, "source": {"size": 3, "mtime_ns": 10, "inode": 7, "ctime_ns": 20, "sha256": "abc"}}
 
@@ -149,7 +149,7 @@ class TestFreshIdentity:
 
 
 class TestReserve:
-    """The temp file is made, with room, before anything is paid for (issue 10, item 2)."""
+    """The temp file is made, with room, before anything is paid for."""
 
     def test_commit_puts_the_sidecar_in_place_and_gives_back_the_room(self, tmp_path: Path) -> None:
         target = tmp_path / "a.jpg.json"

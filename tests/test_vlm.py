@@ -506,7 +506,7 @@ class TestRequestBytes:
 
 
 class TestServerShapes:
-    """What each server says it is, and how it refuses what it does not take (issue 16)."""
+    """What each server says it is, and how it refuses what it does not take."""
 
     @pytest.mark.parametrize(
         ("shape", "expected"),
