@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+from configs import write_config
+from fakevlm import FakeVLM
 from PIL import Image
+
+from mmwatchd.cli import main
 
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image
 from mmwatchd.errors import DecodeError, MediaTooLarge, UnsupportedMedia
@@ -45,6 +53,86 @@ def ascii_tag(tag: int, text: str) -> tuple[int, int, int, bytes]:
 
 def short(tag: int, value: int) -> tuple[int, int, int, bytes]:
     return (tag, 3, 1, struct.pack("<H", value))
+
+
+def make_dng(
+    path: Path,
+    *,
+    size: tuple[int, int] = (96, 64),
+    orientation: int = 1,
+    preview: tuple[int, int] | None = (96, 64),
+    turned: bool = False,
+    make: str = "Apple",
+    preview_bytes: bytes | None = None,
+) -> Path:
+    """A small but complete DNG that LibRaw decodes: IFD0 is a JPEG preview (or a 16x16 RGB thumbnail when
+    ``preview`` is None) with the Orientation tag, its SubIFD the image as 8-bit LinearRaw RGB.
+
+    The image is blue with a red block in its stored top-left corner, so where the red ends up shows the
+    orientation applied. ``turned``: the camera stored the preview already rotated (portrait pixels).
+    """
+    width, height = size
+    picture = Image.new("RGB", size, (40, 60, 200))
+    picture.paste((220, 30, 30), (0, 0, width // 3, height // 3))
+    if preview is None:
+        shown = picture.resize((16, 16))
+        thumb, compression, photometric = shown.tobytes(), 1, 2
+    else:
+        shown = picture.resize(preview)
+        if turned:
+            shown = shown.transpose(Image.Transpose.ROTATE_270)
+        buf = io.BytesIO()
+        shown.save(buf, "JPEG", quality=90)
+        thumb, compression, photometric = preview_bytes or buf.getvalue(), 7, 6
+    pixels = picture.tobytes()
+
+    def s(tag: int, value: int) -> tuple[int, int, int, bytes]:
+        return (tag, 3, 1, struct.pack("<H", value))
+
+    def long(tag: int, value: int) -> tuple[int, int, int, bytes]:
+        return (tag, 4, 1, struct.pack("<I", value))
+
+    rgb8 = (258, 3, 3, struct.pack("<HHH", 8, 8, 8))
+
+    def layout(sub_at: int, thumb_at: int, pixels_at: int) -> tuple[bytes, bytes]:
+        ifd0 = [long(254, 1), long(256, shown.width), long(257, shown.height), rgb8, s(259, compression),
+                s(262, photometric), ascii_tag(271, make), ascii_tag(272, "Test Camera"), long(273, thumb_at),
+                s(274, orientation), s(277, 3), long(278, shown.height), long(279, len(thumb)), long(330, sub_at),
+                (0xC612, 1, 4, b"\x01\x04\0\0"), ascii_tag(0xC614, make + " Test Camera")]  # fmt: skip
+        sub = [long(254, 0), long(256, width), long(257, height), rgb8, s(259, 1), s(262, 34892),
+               long(273, pixels_at), s(277, 3), long(278, height), long(279, len(pixels)), s(0xC61D, 255)]  # fmt: skip
+        first = tiff(ifd0)
+        return first, ifd_bytes(sub, len(first))
+
+    first, sub = layout(0, 0, 0)
+    sub_at = len(first)
+    thumb_at = sub_at + len(sub)
+    first, sub = layout(sub_at, thumb_at, thumb_at + len(thumb))
+    path.write_bytes(first + sub + thumb + pixels)
+    return path
+
+
+def ifd_bytes(entries: list[tuple[int, int, int, bytes]], at: int) -> bytes:
+    """One IFD placed at byte ``at`` of a little-endian TIFF, followed by its out-of-line values."""
+    data_at = at + 2 + 12 * len(entries) + 4
+    ifd, data = b"", b""
+    for tag, kind, count, value in sorted(entries):
+        if len(value) <= 4:
+            ifd += struct.pack("<HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHI", tag, kind, count) + struct.pack("<I", data_at + len(data))
+            data += value
+    return struct.pack("<H", len(entries)) + ifd + b"\0\0\0\0" + data
+
+
+def red_corner(img: Image.Image) -> str:
+    """Which corner of ``img`` is red: "TL", "TR", "BL" or "BR"."""
+    rgb = img.convert("RGB")
+    w, h = rgb.size
+    corners = {"TL": (1, 1), "TR": (w - 2, 1), "BL": (1, h - 2), "BR": (w - 2, h - 2)}
+    red = [name for name, xy in corners.items() if rgb.getpixel(xy)[0] > 150 > rgb.getpixel(xy)[2]]
+    assert len(red) == 1, red
+    return red[0]
 
 
 class TestSniff:
@@ -132,6 +220,56 @@ class TestSniff:
         for suffix in (".CR2", ".cr3", ".nef", ".ARW", ".dng", ".raf", ".orf", ".rw2", ".pef", ".srw"):
             assert media_suffix_kind(Path("IMG_1" + suffix)) == "image"
             assert suffix.lower() in IMAGE_SUFFIXES
+
+
+class TestSynthetic:
+    """Always on: a DNG made here, decoded by LibRaw."""
+
+    @pytest.mark.parametrize(("orientation", "corner"), [(1, "TL"), (3, "BR"), (6, "TR"), (8, "BL")])
+    @pytest.mark.parametrize("raw", ["preview", "demosaic"])
+    def test_orientation_applied_once(self, tmp_path: Path, orientation: int, corner: str, raw: str) -> None:
+        path = make_dng(tmp_path / "IMG_1.DNG", orientation=orientation)
+        assert sniff(path).format == "dng"
+        facts, part = probe_and_encode_image(path, ImageSpec(max_side=96, raw=raw), budget=BUDGET, limits=Limits())
+        want = (64, 96) if orientation >= 5 else (96, 64)
+        assert (facts.width, facts.height) == want
+        assert (part.width, part.height) == want
+        assert red_corner(decoded(part.chunks[0])) == corner
+
+    def test_a_preview_the_camera_already_turned_is_not_turned_again(self, tmp_path: Path) -> None:
+        path = make_dng(tmp_path / "IMG_2.DNG", orientation=6, turned=True)
+        part = encode(path, max_side=96)
+        assert (part.width, part.height) == (64, 96)
+        assert red_corner(decoded(part.chunks[0])) == "TR"
+
+    def test_a_preview_smaller_than_the_rule_wants_gives_way_to_the_raw_data(self, tmp_path: Path) -> None:
+        # A 48x32 preview of a 96x64 image: at max_side 96 the raw data is developed, at 48 the preview serves.
+        path = make_dng(tmp_path / "IMG_3.DNG", preview=(48, 32))
+        assert (encode(path, max_side=96).width, encode(path, max_side=48).width) == (96, 48)
+
+    def test_a_bitmap_thumbnail_only_gives_way_to_the_raw_data(self, tmp_path: Path) -> None:
+        path = make_dng(tmp_path / "IMG_4.DNG", preview=None, orientation=6)
+        part = encode(path, max_side=96)
+        assert (part.width, part.height) == (64, 96)
+        assert red_corner(decoded(part.chunks[0])) == "TR"
+
+    def test_a_damaged_preview_gives_way_to_the_raw_data(self, tmp_path: Path) -> None:
+        path = make_dng(tmp_path / "IMG_5.DNG", preview_bytes=b"\xff\xd8\xff\xdb" + bytes(600))
+        part = encode(path, max_side=96)
+        assert (part.width, part.height) == (96, 64)
+        assert red_corner(decoded(part.chunks[0])) == "TL"
+
+    def test_the_pixel_limit_applies_before_decoding(self, tmp_path: Path) -> None:
+        path = make_dng(tmp_path / "IMG_6.DNG")
+        message = r"^IMG_6\.DNG: DNG sensor of 6144 pixels exceeds limits\.max_pixels \(6000\)$"
+        with pytest.raises(MediaTooLarge, match=message):
+            encode(path, limits=Limits(max_pixels=6000))
+
+    def test_a_cut_copy_is_truncated_not_black(self, tmp_path: Path) -> None:
+        data = make_dng(tmp_path / "whole.dng").read_bytes()
+        (tmp_path / "IMG_7.DNG").write_bytes(data[:-100])
+        with pytest.raises(DecodeError, match=r"^IMG_7\.DNG: truncated camera RAW file: its image data ends at byte"):
+            encode(tmp_path / "IMG_7.DNG", raw="demosaic")
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -263,3 +401,55 @@ class TestDamaged:
                     assert str(exc).startswith(path.name + ": ")
                 else:
                     pytest.fail(f"{path.name} decoded although cut at byte {cut}")
+
+
+class TestCommand:
+    """``mmwatchd once`` on a folder of RAW files, against the fake server: what a person runs."""
+
+    @pytest.fixture(autouse=True)
+    def _reset_logging(self) -> Iterator[None]:
+        yield
+        structlog.reset_defaults()
+
+    def test_once_describes_raw_files_and_refuses_cut_ones(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, rule={"image": {"max_side": 64}})
+        inbox = tmp_path / "inbox"
+        good = make_dng(inbox / "IMG_0001.DNG", orientation=6, make="Apple")
+        cut = inbox / "IMG_0002.DNG"
+        cut.write_bytes(good.read_bytes()[:-10])
+        assert main(["once", "-c", str(cfg), str(good), str(cut)]) == 1
+        capsys.readouterr()
+        done = json.loads((inbox / "IMG_0001.DNG.json").read_text())
+        assert done["status"] == "ok"
+        assert {k: done["media"][k] for k in ("kind", "format", "width", "height")} == {
+            "kind": "image", "format": "DNG", "width": 64, "height": 96,
+        }  # fmt: skip
+        (request,) = fake_vlm.chat_requests
+        (image,) = [p for p in request.content if p["type"] == "image_url"]
+        prefix, _, payload = image["image_url"]["url"].partition(",")
+        assert prefix == "data:image/jpeg;base64"
+        sent = decoded(base64.b64decode(payload))
+        assert sent.size == (42, 64) and red_corner(sent) == "TR"
+        failed = json.loads((inbox / "IMG_0002.DNG.json").read_text())
+        assert failed["status"] == "error"
+        assert failed["error"]["message"].startswith("IMG_0002.DNG: truncated camera RAW file")
+
+    @needs_raw
+    def test_dry_run_over_the_real_samples(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, rule={"image": {"max_side": 512}})
+        names = ["sample.nef", "CRW.CRW", "canon_eos_6d.dng", "RAW_KODAK_DC50.KDC", "GOPR0024.GPR"]
+        files = [shutil.copy(RAW / n, tmp_path / "inbox" / n) for n in names]
+        files += [shutil.copy(RAW / "bad" / n, tmp_path / "inbox" / n) for n in ("sample.arw", "IMG_1361.dng")]
+        assert main(["once", "-c", str(cfg), "--dry-run", *map(str, files)]) == 1
+        plans = {Path(p["path"]).name: p for p in json.loads(capsys.readouterr().out)["files"]}
+        for name, fmt in zip(names[:4], ["NEF", "CRW", "DNG", "KDC"], strict=True):
+            assert plans[name]["status"] == "planned" and plans[name]["media"]["format"] == fmt
+            (part,) = plans[name]["media"]["parts"]
+            assert max(part["width"], part["height"]) <= 512
+        assert "cannot decode this DNG" in plans["GOPR0024.GPR"]["reason"]
+        assert "truncated" in plans["sample.arw"]["reason"] and "truncated" in plans["IMG_1361.dng"]["reason"]
+        assert fake_vlm.chat_requests == []
