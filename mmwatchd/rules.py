@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmwatchd.globs import any_match
-from mmwatchd.model import VideoSpec
+from mmwatchd.model import ImageSpec, VideoSpec
 
 if TYPE_CHECKING:
     from mmwatchd.config import Rule
@@ -132,10 +132,20 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
         "model": rule.model or endpoint.model,
         "max_tokens": rule.max_tokens or endpoint.max_tokens,
         "temperature": rule.temperature if rule.temperature is not None else endpoint.temperature,
-        "image": asdict(rule.image),
+        "image": _image_material(rule.image),
         "video": asdict(video) if video else None,
         # A reference image that is edited or replaced changes the answer too.
         "references": [_file_identity(p) for p in rule.reference_images],
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _image_material(spec: ImageSpec) -> dict[str, object]:
+    """The image settings for the fingerprint. ``raw`` counts only when it is not the default, so that adding the
+    setting did not change every existing fingerprint (and send every photo again)."""
+    material = asdict(spec)
+    if material["raw"] == "preview":
+        del material["raw"]
+    return material
+

@@ -16,13 +16,15 @@ from configs import write_config
 from fakevlm import FakeVLM
 from PIL import Image
 
+from mmwatchd import rules
 from mmwatchd.cli import main
+from mmwatchd.config import Rule
 
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image
 from mmwatchd.errors import DecodeError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import IMAGE_SUFFIXES, RAW_FORMATS, media_suffix_kind, sniff, sniff_bytes
-from mmwatchd.model import ImageSpec, Limits
+from mmwatchd.model import EndpointConfig, ImageSpec, Limits
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "media" / "raw"
 needs_raw = pytest.mark.skipif(not RAW.is_dir(), reason="shared RAW samples not present")
@@ -453,3 +455,13 @@ class TestCommand:
         assert "cannot decode this DNG" in plans["GOPR0024.GPR"]["reason"]
         assert "truncated" in plans["sample.arw"]["reason"] and "truncated" in plans["IMG_1361.dng"]["reason"]
         assert fake_vlm.chat_requests == []
+
+
+class TestFingerprint:
+    def test_the_raw_setting_leaves_existing_fingerprints_alone(self) -> None:
+        # The value before image.raw existed: upgrading must not send every photo again.
+        endpoint = EndpointConfig(base_url="http://127.0.0.1:1/v1", model="m")
+        rule = Rule(name="photos", prompt="Describe {name}.")
+        assert rules.fingerprint(rule, endpoint) == "sha256:87bdf298c8b4556d3f883add70ef6494"
+        developed = Rule(name="photos", prompt="Describe {name}.", image=ImageSpec(raw="demosaic"))
+        assert rules.fingerprint(developed, endpoint) != rules.fingerprint(rule, endpoint)
