@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import shutil
 import struct
@@ -14,6 +15,8 @@ import pytest
 import structlog
 from configs import write_config
 from fakevlm import FakeVLM
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mmwatchd import rules
@@ -21,7 +24,7 @@ from mmwatchd.cli import main
 from mmwatchd.config import Rule
 
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image
-from mmwatchd.errors import DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.errors import DecodeError, MediaError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import IMAGE_SUFFIXES, RAW_FORMATS, media_suffix_kind, sniff, sniff_bytes
 from mmwatchd.model import EndpointConfig, ImageSpec, Limits
@@ -29,6 +32,7 @@ from mmwatchd.model import EndpointConfig, ImageSpec, Limits
 RAW = Path(__file__).resolve().parents[2] / "shared" / "media" / "raw"
 needs_raw = pytest.mark.skipif(not RAW.is_dir(), reason="shared RAW samples not present")
 BUDGET = 4_000_000
+_serial = itertools.count()
 
 
 def tiff(entries: list[tuple[int, int, int, bytes]], *, order: str = "<", extra: bytes = b"") -> bytes:
@@ -465,3 +469,80 @@ class TestFingerprint:
         assert rules.fingerprint(rule, endpoint) == "sha256:87bdf298c8b4556d3f883add70ef6494"
         developed = Rule(name="photos", prompt="Describe {name}.", image=ImageSpec(raw="demosaic"))
         assert rules.fingerprint(developed, endpoint) != rules.fingerprint(rule, endpoint)
+
+
+def mutate(data: bytes, how: tuple) -> bytes:  # type: ignore[type-arg]
+    """One mutation, as in test_fuzz.py: overwrite bytes, cut, insert, or zero a run."""
+    kind, arg = how
+    buf = bytearray(data)
+    if kind == "flip":
+        for where, value in arg:
+            buf[min(len(buf) - 1, int(where * len(buf)))] = value
+    elif kind == "cut":
+        del buf[int(arg * len(buf)) :]
+    elif kind == "insert":
+        where, chunk = arg
+        buf[int(where * len(buf)) : int(where * len(buf))] = chunk
+    else:
+        where, n = arg
+        start = int(where * len(buf))
+        buf[start : start + n] = bytes(len(buf[start : start + n]))
+    return bytes(buf)
+
+
+_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=12)),
+    st.tuples(st.just("cut"), st.floats(0, 1)),
+    st.tuples(st.just("insert"), st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64))),
+    st.tuples(st.just("zero"), st.tuples(st.floats(0, 1), st.integers(1, 512))),
+)
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("raw-seeds")
+    found = {"made.dng": make_dng(folder / "made.dng", orientation=6).read_bytes()}
+    for name in ("canon_eos_6d.dng", "RAW_KODAK_DC50.KDC"):
+        if (RAW / name).is_file():
+            found[name] = (RAW / name).read_bytes()
+    return found
+
+
+@pytest.fixture(scope="module")
+def isolator() -> Iterator[Isolator]:
+    with Isolator(workers=1, timeout_s=20, memory_bytes=1 << 30, preload=("mmwatchd.encode",)) as iso:
+        yield iso
+
+
+class TestFuzz:
+    @settings(max_examples=300, deadline=None)
+    @given(body=st.binary(max_size=2048), order=st.sampled_from([b"II*\0", b"MM\0*", b"IIRO", b"IIU\0"]))
+    def test_sniffing_any_tiff_like_bytes_never_raises(self, body: bytes, order: bytes) -> None:
+        found = sniff_bytes(order + body)
+        assert found.kind in ("image", None)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(pick=st.integers(0, 2), how=_mutation, raw=st.sampled_from(["preview", "demosaic"]))
+    def test_a_damaged_raw_ends_in_an_image_or_a_media_error(
+        self,
+        seeds: dict[str, bytes],
+        isolator: Isolator,
+        tmp_path: Path,
+        pick: int,
+        how: tuple,  # type: ignore[type-arg]
+        raw: str,
+    ) -> None:
+        name = sorted(seeds)[pick % len(seeds)]
+        path = tmp_path / f"fuzz-{next(_serial)}-{name}"
+        path.write_bytes(mutate(seeds[name], how))
+        try:
+            spec = ImageSpec(max_side=256, raw=raw)  # type: ignore[arg-type]
+            encode = ByName("mmwatchd.encode.image", "encode_image")
+            part = isolator.call(encode, path, spec, budget=BUDGET, limits=Limits(), label=path.name)
+        except MediaError as exc:
+            assert str(exc).startswith(path.name + ": ")
+            # Our own code never fails with a stray Python exception (that is what "decoding failed: <Type>" means);
+            # LibRaw crashing in the decoder process would be isolated, and is reported as such.
+            assert ": decoding failed: " not in str(exc), str(exc)
+        else:
+            assert 0 < max(part.width, part.height) <= 256
