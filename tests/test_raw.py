@@ -70,12 +70,14 @@ def make_dng(
     turned: bool = False,
     make: str = "Apple",
     preview_bytes: bytes | None = None,
+    preview_exif: int | None = None,
 ) -> Path:
     """A small but complete DNG that LibRaw decodes: IFD0 is a JPEG preview (or a 16x16 RGB thumbnail when
     ``preview`` is None) with the Orientation tag, its SubIFD the image as 8-bit LinearRaw RGB.
 
     The image is blue with a red block in its stored top-left corner, so where the red ends up shows the
     orientation applied. ``turned``: the camera stored the preview already rotated (portrait pixels).
+    ``preview_exif``: the preview JPEG carries its own EXIF with this Orientation (as Sony's and Fuji's do).
     """
     width, height = size
     picture = Image.new("RGB", size, (40, 60, 200))
@@ -88,7 +90,10 @@ def make_dng(
         if turned:
             shown = shown.transpose(Image.Transpose.ROTATE_270)
         buf = io.BytesIO()
-        shown.save(buf, "JPEG", quality=90)
+        exif = Image.Exif()
+        if preview_exif is not None:
+            exif[0x0112] = preview_exif
+        shown.save(buf, "JPEG", quality=90, exif=exif)
         thumb, compression, photometric = preview_bytes or buf.getvalue(), 7, 6
     pixels = picture.tobytes()
 
@@ -241,6 +246,12 @@ class TestSynthetic:
         assert (facts.width, facts.height) == want
         assert (part.width, part.height) == want
         assert red_corner(decoded(part.chunks[0])) == corner
+
+    def test_the_previews_own_exif_orientation_is_not_applied_on_top(self, tmp_path: Path) -> None:
+        path = make_dng(tmp_path / "IMG_8.DNG", orientation=6, preview_exif=6)
+        part = encode(path, max_side=96)
+        assert (part.width, part.height) == (64, 96)
+        assert red_corner(decoded(part.chunks[0])) == "TR"
 
     def test_a_preview_the_camera_already_turned_is_not_turned_again(self, tmp_path: Path) -> None:
         path = make_dng(tmp_path / "IMG_2.DNG", orientation=6, turned=True)
