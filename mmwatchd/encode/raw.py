@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 import rawpy
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.model import ImageSpec, Limits
@@ -132,8 +132,8 @@ def open_raw(
     fitted = _fit(img.size, spec.max_side, spec.max_pixels)
     if not _near(img.size, fitted):
         img = img.resize(fitted, _RESAMPLE, reducing_gap=_REDUCING_GAP)
-    if img is not None and img.info:  # a decoded preview: its own EXIF (orientation!) must not be applied again
-        img = img.copy()
+    if isinstance(img, ImageFile.ImageFile):  # the preview as decoded: hand on pixels only, not its own EXIF
+        img = img.copy()  # (with its Orientation, which image.py would apply a second time)
     img.info = _taken_info(fp)
     img.format = label
     return img
