@@ -19,7 +19,7 @@ the RAW's value, so only ``flip`` is applied, once. A preview whose pixels are a
 the sensor's) is not turned again.
 
 Runs in the decoder processes (:mod:`mmwatchd.isolate`) like every other decoder: LibRaw is C, and the time and
-memory limits apply to it too.
+memory limits apply to it too. rawpy is imported on the first RAW file, not with the module.
 """
 
 from __future__ import annotations
@@ -31,13 +31,16 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Final
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO, Final
 
-import rawpy
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.model import ImageSpec, Limits
+
+if TYPE_CHECKING:
+    import rawpy
 
 __all__ = ["RawHeader", "open_raw"]
 
@@ -111,7 +114,7 @@ def open_raw(
     problem = _structure_problem(fp, size)
     if problem:
         raise DecodeError(f"{name}: {problem}")
-    with _libraw(name, label), rawpy.RawPy() as raw:
+    with _libraw(name, label), _lib().RawPy() as raw:
         _open(raw, fp)
         facts = _facts(raw)
         if facts.raw_pixels > limits.max_pixels:
@@ -165,15 +168,21 @@ def _taken_info(fp: BinaryIO) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------------------ LibRaw calls
 
 
-_OUT_OF_MEMORY: Final = (rawpy.LibRawTooBigError, rawpy.LibRawUnsufficientMemoryError, rawpy.LibRawMemPoolOverflowError)
+def _lib() -> ModuleType:
+    """rawpy, imported on first use: numpy and LibRaw cost every decoder process 14 MiB and 0.2 s at start-up,
+    which a folder without RAW files should not pay."""
+    import rawpy
+
+    return rawpy
 
 
 @contextmanager
 def _libraw(name: str, label: str) -> Iterator[None]:
     """The one place where LibRaw's exceptions become :class:`MediaError` subclasses naming the file."""
+    rawpy = _lib()
     try:
         yield
-    except _OUT_OF_MEMORY as exc:
+    except (rawpy.LibRawTooBigError, rawpy.LibRawUnsufficientMemoryError, rawpy.LibRawMemPoolOverflowError) as exc:
         raise MediaTooLarge(
             f"{name}: {label} needs more memory than limits.decode_memory_mb allows ({_text(exc)})"
         ) from exc
@@ -198,7 +207,7 @@ def _text(exc: BaseException) -> str:
 
 
 def _version() -> str:
-    return ".".join(map(str, rawpy.libraw_version))
+    return ".".join(map(str, _lib().libraw_version))
 
 
 def _open(raw: rawpy.RawPy, fp: BinaryIO) -> None:
@@ -221,6 +230,7 @@ def _from_preview(
     raw: rawpy.RawPy, name: str, label: str, facts: _Facts, target: tuple[int, int], limits: Limits
 ) -> Image.Image | None:
     """The embedded preview, oriented and reduced towards ``target``; None when there is none large enough."""
+    rawpy = _lib()
     try:
         thumb = raw.extract_thumb()
     except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
