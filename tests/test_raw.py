@@ -8,6 +8,7 @@ import itertools
 import json
 import shutil
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,6 +343,17 @@ class TestDecode:
         facts = probe_image(RAW / "RAW_KODAK_DC50.KDC", limits=Limits())
         assert (facts.format, facts.width, facts.height, facts.frames) == ("KDC", 768, 512, 1)
         assert facts.taken == "1997-04-23 08:00:47"
+
+    def test_libraw_prints_nothing_on_stderr(self, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        # Zeroed bytes inside the lossy-JPEG tiles of this DNG: libjpeg inside LibRaw warns "Corrupt JPEG data" on
+        # fd 2, where the daemon's JSON log goes. The picture still develops.
+        data = bytearray((RAW / "canon_eos_6d.dng").read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 512] = bytes(512)
+        (tmp_path / "z.dng").write_bytes(data)
+        capfd.readouterr()
+        assert encode(tmp_path / "z.dng", max_side=256, raw="demosaic").width == 256
+        print("still here", file=sys.stderr)
+        assert capfd.readouterr().err == "still here\n"
 
     def test_the_pixel_limit_is_checked_on_the_sensor_size(self) -> None:
         with pytest.raises(MediaTooLarge, match=r"^sample\.nef: NEF sensor of 2663888 pixels exceeds limits\.max_"):

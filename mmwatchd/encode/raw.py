@@ -28,6 +28,8 @@ import io
 import math
 import os
 import struct
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ def open_raw(
     problem = _structure_problem(fp, size)
     if problem:
         raise DecodeError(f"{name}: {problem}")
-    with _libraw(name, label), _lib().RawPy() as raw:
+    with _libraw(name, label), _quiet_stderr(), _lib().RawPy() as raw:
         _open(raw, fp)
         facts = _facts(raw)
         if facts.raw_pixels > limits.max_pixels:
@@ -174,6 +176,41 @@ def _lib() -> ModuleType:
     import rawpy
 
     return rawpy
+
+
+class _QuietStderr:
+    """LibRaw, and the libjpeg inside it, print to file descriptor 2 ("Unexpected end of file", "Corrupt JPEG data:
+    premature end of data segment"), where they would break the daemon's JSON log (FFmpeg's messages are switched off
+    for the same reason, see video.py). Neither has a switch that rawpy exposes, so fd 2 points at /dev/null while
+    LibRaw runs: the first of concurrent callers redirects it, the last one restores it. What LibRaw prints adds
+    nothing to the error raised here. LibRaw runs in the decoder processes, which log nothing themselves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = -1
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                sys.stderr.flush()
+                self._saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+                os.dup2(null, 2)
+                os.close(null)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    os.dup2(self._saved, 2)
+                    os.close(self._saved)
+
+
+_quiet_stderr = _QuietStderr()
 
 
 @contextmanager
