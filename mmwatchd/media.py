@@ -37,22 +37,16 @@ HEAD_SIZE = 512
 #: DNG) and the strings and SubIFDs it points to lie further in; every sample measured has them in its first 64 KiB.
 TIFF_HEAD_SIZE = 64 * 1024
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp",
-     ".heic", ".heif", ".hif", ".avif", ".mpo"}
-)  # fmt: skip
 #: Camera RAW names, so that a damaged one still gets an error sidecar. ``.raw`` is left out: too many other things
 #: (audio, disk images) are called that, and the bare Kodak/Casio sensor dumps it names have no header to sniff.
 RAW_SUFFIXES: frozenset[str] = frozenset(
     {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2", ".rwl",
      ".pef", ".srw", ".kdc", ".dcr", ".3fr", ".iiq", ".mos", ".erf", ".mef", ".mrw", ".x3f", ".gpr"}
 )  # fmt: skip
-IMAGE_SUFFIXES = IMAGE_SUFFIXES | RAW_SUFFIXES
-#: Sniffed formats that are camera RAW files (decoded by LibRaw in :mod:`mmwatchd.encode.raw`, not by Pillow).
-RAW_FORMATS: frozenset[str] = frozenset(
-    {"dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "raf", "orf", "rw2", "pef", "srw", "kdc", "dcr", "3fr",
-     "iiq", "mos", "erf", "mef", "mrw", "x3f", "raw"}
-)  # fmt: skip
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp",
+     ".heic", ".heif", ".hif", ".avif", ".mpo"}
+) | RAW_SUFFIXES  # fmt: skip
 VIDEO_SUFFIXES: frozenset[str] = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".wmv", ".mpg", ".mpeg"}
 )
@@ -203,6 +197,8 @@ _RAW_MIME: dict[str, str] = {
     "erf": "image/x-epson-erf", "mef": "image/x-mamiya-mef", "mrw": "image/x-minolta-mrw",
     "x3f": "image/x-sigma-x3f", "raw": "image/x-dcraw",
 }  # fmt: skip
+#: Sniffed formats that are camera RAW files (decoded by LibRaw in :mod:`mmwatchd.encode.raw`, not by Pillow).
+RAW_FORMATS: frozenset[str] = frozenset(_RAW_MIME)
 #: Makers whose TIFF-based RAW files have their own name, by the start of the Make tag (upper-cased).
 _RAW_MAKERS: tuple[tuple[str, str], ...] = (
     ("NIKON", "nef"), ("SONY", "arw"), ("PENTAX", "pef"), ("RICOH", "pef"), ("ASAHI", "pef"), ("SAMSUNG", "srw"),
