@@ -283,6 +283,17 @@ class TestSynthetic:
         with pytest.raises(MediaTooLarge, match=message):
             encode(path, limits=Limits(max_pixels=6000))
 
+    def test_a_cut_raf_is_refused_from_its_header(self, tmp_path: Path) -> None:
+        # RAF: (offset, length) of the preview, the sensor header and the image data, big-endian, from byte 84.
+        header = b"FUJIFILMCCD-RAW 0201FF383501" + b"X-T5".ljust(32, b"\0") + bytes(24)
+        header += struct.pack(">6I", 160, 5000, 5160, 400, 5560, 90000)
+        path = tmp_path / "DSCF0001.RAF"
+        path.write_bytes(header.ljust(160, b"\0") + b"\xff\xd8\xff" + bytes(2000))
+        assert sniff(path).format == "raf"
+        with pytest.raises(DecodeError, match=r"^DSCF0001\.RAF: truncated camera RAW file: its embedded preview ends "
+                                              r"at byte 5160 but the file has 2163 bytes"):  # fmt: skip
+            encode(path)
+
     def test_a_cut_copy_is_truncated_not_black(self, tmp_path: Path) -> None:
         data = make_dng(tmp_path / "whole.dng").read_bytes()
         (tmp_path / "IMG_7.DNG").write_bytes(data[:-100])

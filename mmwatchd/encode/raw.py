@@ -345,7 +345,8 @@ def _structure_problem(fp: BinaryIO, size: int) -> str:
     """"" when the file's own structure fits in ``size`` bytes; else what is wrong, for a person.
 
     TIFF-based RAWs (and ORF/RW2, TIFFs with their own magic): every IFD, strip, tile and JPEG preview must lie
-    within the file. CR3: the top-level boxes must add up to the file. Other formats are left to LibRaw.
+    within the file. CR3: the top-level boxes must add up to the file. RAF: the preview, CFA header and CFA data
+    its header points at must lie within the file. Other formats (CRW, MRW, X3F) are left to LibRaw.
     """
     fp.seek(0)
     head = fp.read(16)
@@ -353,6 +354,8 @@ def _structure_problem(fp: BinaryIO, size: int) -> str:
         return _tiff_problem(fp, size, "<" if head[:2] == b"II" else ">")
     if head[4:8] == b"ftyp":
         return _boxes_problem(fp, size)
+    if head.startswith(b"FUJIFILMCCD-RAW"):
+        return _raf_problem(fp, size)
     return ""
 
 
@@ -452,3 +455,18 @@ def _boxes_problem(fp: BinaryIO, size: int) -> str:
             return f"damaged camera RAW file: invalid box at byte {pos}"
         pos += box
     return "" if pos == size else _truncated_msg(f"{btype.decode('latin-1')!r} box", pos, size)
+
+
+def _raf_problem(fp: BinaryIO, size: int) -> str:
+    """Fujifilm RAF: big-endian (offset, length) pairs at byte 84 for the JPEG preview, the CFA header, the CFA data."""
+    fp.seek(84)
+    table = fp.read(24)
+    if len(table) < 24:
+        return _truncated_msg("header", 108, size)
+    pairs = struct.unpack(">6I", table)
+    for what, offset, length in zip(("embedded preview", "sensor header", "image data"), pairs[::2], pairs[1::2],
+                                    strict=True):  # fmt: skip
+        if offset and offset + length > size:
+            return _truncated_msg(what, offset + length, size)
+    return ""
+
