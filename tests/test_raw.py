@@ -24,6 +24,7 @@ from mmwatchd import rules
 from mmwatchd.cli import main
 from mmwatchd.config import Rule
 
+from mmwatchd.encode import raw as raw_module
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image
 from mmwatchd.errors import DecodeError, MediaError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.isolate import ByName, Isolator
@@ -294,6 +295,22 @@ class TestSynthetic:
                                               r"at byte 5160 but the file has 2163 bytes"):  # fmt: skip
             encode(path)
 
+    def test_the_capture_time_of_a_raf_comes_from_its_preview(self, tmp_path: Path) -> None:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9003] = "2024:07:01 18:30:00"
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 24), "green").save(buf, "JPEG", exif=exif)
+        jpeg = buf.getvalue()
+        header = b"FUJIFILMCCD-RAW 0201FF383501" + b"X-T5".ljust(32, b"\0") + bytes(24)
+        header += struct.pack(">6I", 160, len(jpeg), 0, 0, 0, 0)
+        path = tmp_path / "DSCF0002.RAF"
+        path.write_bytes(header.ljust(160, b"\0") + jpeg)
+        with open(path, "rb") as fp:
+            info = raw_module._taken_info(fp)
+        found = Image.Exif()
+        found.load(info["exif"])
+        assert dict(found) == {0x0132: "2024:07:01 18:30:00"}  # the time only: no orientation, nothing else
+
     def test_a_cut_copy_is_truncated_not_black(self, tmp_path: Path) -> None:
         data = make_dng(tmp_path / "whole.dng").read_bytes()
         (tmp_path / "IMG_7.DNG").write_bytes(data[:-100])
@@ -365,6 +382,12 @@ class TestDecode:
         assert encode(tmp_path / "z.dng", max_side=256, raw="demosaic").width == 256
         print("still here", file=sys.stderr)
         assert capfd.readouterr().err == "still here\n"
+
+    def test_the_capture_time_of_a_cr3_comes_from_canons_metadata_boxes(self) -> None:
+        # The image tracks are pruned (encoding fails, see TestDamaged), but the header and the CMT boxes are there.
+        facts = probe_image(RAW / "bad" / "Canon-R6-pruned.CR3", limits=Limits())
+        assert (facts.format, facts.width, facts.height) == ("CR3", 3584, 2386)
+        assert facts.taken == "2021-05-12 12:21:21"
 
     def test_the_pixel_limit_is_checked_on_the_sensor_size(self) -> None:
         with pytest.raises(MediaTooLarge, match=r"^sample\.nef: NEF sensor of 2663888 pixels exceeds limits\.max_"):

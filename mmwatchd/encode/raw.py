@@ -145,26 +145,91 @@ def open_raw(
 
 
 def _taken_info(fp: BinaryIO) -> dict[str, bytes]:
-    """``info`` with an EXIF block holding only the capture time (DateTimeOriginal, else DateTime) of a TIFF-based
-    RAW, for ``probe_image``; empty for other formats or when there is none. Nothing else: the pixels are already
-    oriented."""
+    """``info`` with an EXIF block holding only the capture time (DateTimeOriginal, else DateTime), for
+    ``probe_image``; empty when there is none. Nothing else: the pixels are already oriented.
+
+    Read from the file's own EXIF: the TIFF structure of TIFF-based RAWs, Canon's CMT1/CMT2 boxes in a CR3, the
+    preview JPEG's EXIF in a RAF. LibRaw knows the time too, but only after unpacking the raw data.
+    """
     fp.seek(0)
     head = fp.read(_EXIF_HEAD)
-    if not head.startswith((b"II*\0", b"MM\0*")):
-        return {}
-    try:
-        exif = Image.Exif()
-        exif.load(head)
-        when = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
-    except (SyntaxError, ValueError, struct.error, EOFError, KeyError, IndexError, TypeError, OSError):
-        return {}
-    if isinstance(when, bytes):
-        when = when.decode("ascii", "replace")
-    if not isinstance(when, str) or not when.strip("\0 "):
+    when = ""
+    if head.startswith((b"II*\0", b"MM\0*")):
+        when = _exif_time(head)
+    elif head[4:8] == b"ftyp":
+        cmt = _cr3_exif(head)
+        when = _exif_time(cmt.get(b"CMT2", b""), exif_ifd=False) or _exif_time(cmt.get(b"CMT1", b""))
+    elif head.startswith(b"FUJIFILMCCD-RAW") and len(head) >= 92:
+        offset, length = struct.unpack(">II", head[84:92])
+        fp.seek(offset)
+        when = _jpeg_time(fp.read(min(length, _EXIF_HEAD)))
+    if not when:
         return {}
     out = Image.Exif()
-    out[0x0132] = when.strip("\0 ")
+    out[0x0132] = when
     return {"exif": out.tobytes()}
+
+
+_EXIF_PARSE_ERRORS: Final = (SyntaxError, ValueError, struct.error, EOFError, KeyError, IndexError, TypeError, OSError)
+
+
+def _exif_time(tiff: bytes, *, exif_ifd: bool = True) -> str:
+    """DateTimeOriginal (in the EXIF IFD, or in the top IFD when ``exif_ifd`` is False, as in CR3's CMT2), else
+    DateTime, of a TIFF structure; "" when absent or unreadable."""
+    if not tiff.startswith((b"II*\0", b"MM\0*")):
+        return ""
+    try:
+        exif = Image.Exif()
+        exif.load(tiff)
+        original = exif.get_ifd(0x8769).get(0x9003) if exif_ifd else exif.get(0x9003)
+        when = original or exif.get(0x0132)
+    except _EXIF_PARSE_ERRORS:
+        return ""
+    if isinstance(when, bytes):
+        when = when.decode("ascii", "replace")
+    return when.strip("\0 ") if isinstance(when, str) else ""
+
+
+def _jpeg_time(jpeg: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(jpeg), formats=("JPEG",)) as im:
+            exif = im.getexif()
+            when = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)
+    except (*_EXIF_PARSE_ERRORS, UnidentifiedImageError):
+        return ""
+    if isinstance(when, bytes):
+        when = when.decode("ascii", "replace")
+    return when.strip("\0 ") if isinstance(when, str) else ""
+
+
+#: Canon's UUID for the CR3 box holding its metadata (CMT1: IFD0, CMT2: EXIF IFD, THMB: thumbnail).
+_CANON_UUID: Final = bytes.fromhex("85c0b687820f11e08111f4ce462b6a48")
+
+
+def _cr3_exif(head: bytes) -> dict[bytes, bytes]:
+    """The CMT* boxes of a CR3 (moov → Canon's uuid box), found within ``head``; empty when they are not there."""
+
+    def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+        pos = start
+        while pos + 8 <= end:
+            size, kind = struct.unpack(">I4s", head[pos : pos + 8])
+            body = pos + 8
+            if size == 1 and pos + 16 <= end:
+                size, body = struct.unpack(">Q", head[pos + 8 : pos + 16])[0], pos + 16
+            if size < body - pos:
+                return
+            yield kind, body, min(end, pos + size)
+            pos += size
+
+    found: dict[bytes, bytes] = {}
+    for kind, body, end in boxes(0, len(head)):
+        if kind != b"moov":
+            continue
+        for inner, ibody, iend in boxes(body, end):
+            if inner == b"uuid" and head[ibody : ibody + 16] == _CANON_UUID:
+                found.update((k, head[b:e]) for k, b, e in boxes(ibody + 16, iend) if k.startswith(b"CMT"))
+        break
+    return found
 
 
 # ------------------------------------------------------------------------------------------------------ LibRaw calls
