@@ -6,6 +6,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import shutil
 import struct
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 from configs import write_config
+from running import spawn_run, stop_run, wait_until
 from fakevlm import FakeVLM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -498,6 +500,24 @@ class TestCommand:
         failed = json.loads((inbox / "IMG_0002.DNG.json").read_text())
         assert failed["status"] == "error"
         assert failed["error"]["message"].startswith("IMG_0002.DNG: truncated camera RAW file")
+
+    def test_the_daemon_describes_a_raw_file_moved_into_the_inbox(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        # `mmwatchd run` as systemd runs it: the watcher, the decoder processes (rawpy is imported there on the
+        # first RAW file), the sidecar; SIGTERM, and no LibRaw text in the JSON log.
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, rule={"image": {"max_side": 64}})
+        inbox = tmp_path / "inbox"
+        proc = spawn_run(cfg, tmp_path, env={"MMWATCHD_TEST_KEY": "sk-raw"})
+        try:
+            staged = make_dng(tmp_path / "staged.dng", orientation=8)
+            os.rename(staged, inbox / "IMG_0003.DNG")
+            wait_until(lambda: (inbox / "IMG_0003.DNG.json").exists())
+        finally:
+            stop_run(proc, tmp_path)
+        done = json.loads((inbox / "IMG_0003.DNG.json").read_text())
+        assert done["status"] == "ok" and done["media"]["format"] == "DNG"
+        assert (done["media"]["width"], done["media"]["height"]) == (64, 96)
+        log = (tmp_path / "run.log").read_bytes()
+        assert all(line.startswith(b"{") for line in log.splitlines() if line.strip()), log[-2000:]
 
     @needs_raw
     def test_dry_run_over_the_real_samples(
