@@ -340,7 +340,10 @@ def _from_preview(
     except rawpy.LibRawIOError:  # a preview declared past the end: the raw data may still be there
         return None
     if thumb.format == rawpy.ThumbFormat.BITMAP:
-        img = Image.fromarray(thumb.data)
+        try:
+            img = Image.fromarray(thumb.data)
+        except (TypeError, ValueError):  # a bitmap layout Pillow has no mode for (one channel of three, ...)
+            return None
         size = img.size
     else:
         try:
