@@ -20,6 +20,8 @@ Rows (``--only`` takes the name or the number; repeatable):
 7 wire        request bytes the server received vs base64 of the original files (from the row 6 run)
 8 search      ``mmwatchd search`` over 100,000 sidecars: index build vs walk+json.load, a query vs SELECT count(*),
               the whole command vs a walk+stat (see search.py)
+9 raw         camera RAW samples (../shared/media/raw) through ``mmwatchd once --dry-run``: the embedded preview vs a
+              half-size demosaic of the same files, as whole commands and in-process (see raw.py)
 
 Times are best of 3 (images), of 2-3 (video, see video.py) or single runs (the CLI rows, which are long enough).
 Inputs are generated from fixed seeds and cached (see :mod:`inputs`; ``$MMWATCHD_BENCH_CACHE``), so a second run
@@ -60,7 +62,7 @@ for extra in (BENCH, ROOT):
 import inputs
 from server import FixedLatencyServer, self_check
 
-ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search")
+ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search", "raw")
 LATENCY_S = 0.2
 
 
@@ -626,6 +628,15 @@ def row_search(report: Report, size: Size, work: Path) -> None:
     import search
 
     search.row(report, size.rescan_files, work, sys.modules[__name__])
+
+
+# --------------------------------------------------------------------------------------------------------- 9. raw
+
+
+def row_raw(report: Report, size: Size, work: Path) -> None:
+    import raw
+
+    raw.row(report, size is QUICK, work, sys.modules[__name__])
 
 
 # ------------------------------------------------------------------------------------------- 6. memory, 7. wire

@@ -21,6 +21,8 @@ from mmwatchd.model import Limits, MediaKind
 __all__ = [
     "HEAD_SIZE",
     "IMAGE_SUFFIXES",
+    "RAW_FORMATS",
+    "RAW_SUFFIXES",
     "VIDEO_SUFFIXES",
     "Sniffed",
     "media_suffix_kind",
@@ -31,11 +33,20 @@ __all__ = [
 #: How many leading bytes :func:`sniff` reads. Most signatures fit in 64 bytes; MPEG-TS needs the second sync byte
 #: at offset 188 (192 for M2TS), so one small read of 512 bytes covers every format below.
 HEAD_SIZE = 512
+#: How many leading bytes a TIFF gets instead: a camera RAW is a TIFF whose IFD0 (58 entries, 700 bytes, in a GoPro
+#: DNG) and the strings and SubIFDs it points to lie further in; every sample measured has them in its first 64 KiB.
+TIFF_HEAD_SIZE = 64 * 1024
 
+#: Camera RAW names, so that a damaged one still gets an error sidecar. ``.raw`` is left out: too many other things
+#: (audio, disk images) are called that, and the bare Kodak/Casio sensor dumps it names have no header to sniff.
+RAW_SUFFIXES: frozenset[str] = frozenset(
+    {".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2", ".rwl",
+     ".pef", ".srw", ".kdc", ".dcr", ".3fr", ".iiq", ".mos", ".erf", ".mef", ".mrw", ".x3f", ".gpr"}
+)  # fmt: skip
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp",
      ".heic", ".heif", ".hif", ".avif", ".mpo"}
-)  # fmt: skip
+) | RAW_SUFFIXES  # fmt: skip
 VIDEO_SUFFIXES: frozenset[str] = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".wmv", ".mpg", ".mpeg"}
 )
@@ -51,7 +62,8 @@ class Sniffed:
 
     kind: MediaKind | None
     #: "jpeg", "png", "gif", "webp", "tiff", "bmp", "heif", "avif", "mp4", "mov", "mkv", "webm", "avi", "mpegts",
-    #: "mpeg", "asf", "flv"; "" when unknown.
+    #: "mpeg", "asf", "flv", a camera RAW format from :data:`RAW_FORMATS` ("cr2", "nef", "dng", ...; "raw" for a
+    #: TIFF-based RAW of a maker not named there); "" when unknown.
     format: str
     #: e.g. "image/jpeg", "video/mp4"; "" when unknown.
     mime: str
@@ -81,7 +93,6 @@ _MP4_BRANDS = {
 }  # fmt: skip
 _AUDIO_BRANDS = {b"M4A ": "M4A audio", b"M4B ": "M4B audiobook", b"M4P ": "protected M4P audio", b"F4A ": "F4A audio"}
 _OTHER_BRANDS = {
-    b"crx ": "a Canon CR3 raw photo (not supported; export it as JPEG or HEIC)",
     b"jp2 ": "a JPEG 2000 image (not supported)",
     b"jpx ": "a JPEG 2000 image (not supported)",
     b"jxl ": "a JPEG XL image (not supported)",
@@ -99,6 +110,8 @@ def _sniff_ftyp(head: bytes) -> Sniffed:
             return _image("avif", "image/avif")
         if brand in _HEIF_BRANDS:
             return _image("heif", "image/heic")
+        if brand == b"crx ":
+            return _image("cr3", "image/x-canon-cr3")
         if brand == b"qt  ":
             return _video("mov", "video/quicktime")
         if brand.startswith(b"3g2"):
@@ -173,6 +186,146 @@ def _looks_like_text(head: bytes) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------------------------------- camera RAW
+
+_RAW_MIME: dict[str, str] = {
+    "dng": "image/x-adobe-dng", "cr2": "image/x-canon-cr2", "cr3": "image/x-canon-cr3", "crw": "image/x-canon-crw",
+    "nef": "image/x-nikon-nef", "nrw": "image/x-nikon-nrw", "arw": "image/x-sony-arw", "raf": "image/x-fuji-raf",
+    "orf": "image/x-olympus-orf", "rw2": "image/x-panasonic-rw2", "pef": "image/x-pentax-pef",
+    "srw": "image/x-samsung-srw", "kdc": "image/x-kodak-kdc", "dcr": "image/x-kodak-dcr",
+    "3fr": "image/x-hasselblad-3fr", "iiq": "image/x-phaseone-iiq", "mos": "image/x-leaf-mos",
+    "erf": "image/x-epson-erf", "mef": "image/x-mamiya-mef", "mrw": "image/x-minolta-mrw",
+    "x3f": "image/x-sigma-x3f", "raw": "image/x-dcraw",
+}  # fmt: skip
+#: Sniffed formats that are camera RAW files (decoded by LibRaw in :mod:`mmwatchd.encode.raw`, not by Pillow).
+RAW_FORMATS: frozenset[str] = frozenset(_RAW_MIME)
+#: Makers whose TIFF-based RAW files have their own name, by the start of the Make tag (upper-cased).
+_RAW_MAKERS: tuple[tuple[str, str], ...] = (
+    ("NIKON", "nef"), ("SONY", "arw"), ("PENTAX", "pef"), ("RICOH", "pef"), ("ASAHI", "pef"), ("SAMSUNG", "srw"),
+    ("EASTMAN KODAK", "kdc"), ("KODAK", "dcr"), ("HASSELBLAD", "3fr"), ("PHASE ONE", "iiq"), ("LEAF", "mos"),
+    ("SEIKO EPSON", "erf"), ("MAMIYA", "mef"), ("CANON", "cr2"),
+)  # fmt: skip
+#: TIFF Compression values only camera RAW data uses (Nikon, Sony, Kodak, Panasonic, Pentax, Samsung, ...).
+_RAW_COMPRESSIONS = frozenset({32767, 32769, 32770, 32867, 34316, 34713, 34892, 65000, 65535})
+#: PhotometricInterpretation: CFA (a sensor mosaic) and LinearRaw (DNG); no ordinary TIFF has either.
+_RAW_PHOTOMETRIC = frozenset({32803, 34892})
+#: Tags only RAW files carry: TIFF/EP CFARepeatPatternDim and CFAPattern, DNGPrivateData (Sony's SR2 data, ...),
+#: Kodak's KDC IFD.
+_RAW_TAGS = frozenset({0x828D, 0x828E, 0xC634, 0xFE00})
+_DNG_VERSION = 0xC612
+_MAX_IFDS = 32
+
+
+def _raw(fmt: str) -> Sniffed:
+    return Sniffed("image", fmt, _RAW_MIME[fmt])
+
+
+def _tiff_ifds(head: bytes) -> tuple[dict[int, tuple[int, int, bytes]], list[dict[int, tuple[int, int, bytes]]]]:
+    """IFD0's entries and those of every other IFD reachable within ``head`` (the IFD0 chain and SubIFDs).
+
+    Each entry is ``tag -> (type, count, the 4 value-or-offset bytes)``. Anything outside ``head`` is skipped:
+    this is a sniff, not a validation.
+    """
+    order = "little" if head[:2] == b"II" else "big"
+
+    def u16(at: int) -> int:
+        return int.from_bytes(head[at : at + 2], order)
+
+    def u32(at: int) -> int:
+        return int.from_bytes(head[at : at + 4], order)
+
+    todo, seen, ifds = [u32(4)], set(), []
+    while todo and len(ifds) < _MAX_IFDS:
+        at = todo.pop(0)
+        if at in seen or at < 8 or at + 2 > len(head):
+            continue
+        seen.add(at)
+        count = u16(at)
+        entries: dict[int, tuple[int, int, bytes]] = {}
+        for i in range(min(count, (len(head) - at - 2) // 12)):
+            p = at + 2 + 12 * i
+            tag, kind, n = u16(p), u16(p + 2), u32(p + 4)
+            entries[tag] = (kind, n, head[p + 8 : p + 12])
+            if tag == 0x014A and kind in (4, 13):  # SubIFDs: one offset inline, or an array of them
+                if n == 1:
+                    todo.append(u32(p + 8))
+                else:
+                    base = u32(p + 8)
+                    todo.extend(u32(base + 4 * k) for k in range(min(n, 8)) if base + 4 * k + 4 <= len(head))
+        ifds.append(entries)
+        end = at + 2 + 12 * count
+        if end + 4 <= len(head):
+            todo.append(u32(end))
+    return (ifds[0] if ifds else {}), ifds
+
+
+def _tiff_value(head: bytes, entry: tuple[int, int, bytes] | None) -> int | None:
+    if entry is None:
+        return None
+    kind, _, value = entry
+    order = "little" if head[:2] == b"II" else "big"
+    return int.from_bytes(value[:2], order) if kind == 3 else int.from_bytes(value, order)
+
+
+def _tiff_text(head: bytes, entry: tuple[int, int, bytes] | None) -> str:
+    if entry is None or entry[0] != 2:
+        return ""
+    _, count, value = entry
+    if count <= 4:
+        raw = value[:count]
+    else:
+        at = int.from_bytes(value, "little" if head[:2] == b"II" else "big")
+        raw = head[at : at + min(count, 256)]
+    return raw.split(b"\0", 1)[0].decode("latin-1").strip()
+
+
+def _sniff_tiff(head: bytes) -> Sniffed:
+    """A TIFF, or a camera RAW built on TIFF: DNG (DNGVersion), CR2 (its "CR" marker), or a maker's RAW.
+
+    A maker's RAW needs evidence beyond the Make tag, which scanners and cameras also write into ordinary TIFFs: a
+    sensor-mosaic or linear-raw IFD, a RAW-only compression, or a RAW-only tag.
+    """
+    if head[:2] == b"II" and head[8:11] == b"CR\x02":
+        return _raw("cr2")
+    if head[2:4] in (b"+\0", b"\0+"):  # BigTIFF: no camera writes it
+        return _image("tiff", "image/tiff")
+    ifd0, ifds = _tiff_ifds(head)
+    if _DNG_VERSION in ifd0:
+        return _raw("dng")
+    evidence = any(
+        _RAW_TAGS.intersection(ifd)
+        or _tiff_value(head, ifd.get(0x0106)) in _RAW_PHOTOMETRIC
+        or _tiff_value(head, ifd.get(0x0103)) in _RAW_COMPRESSIONS
+        for ifd in ifds
+    )
+    if not evidence:
+        return _image("tiff", "image/tiff")
+    make = _tiff_text(head, ifd0.get(0x010F)).upper()
+    for prefix, fmt in _RAW_MAKERS:
+        if make.startswith(prefix):
+            if fmt == "nef" and _tiff_text(head, ifd0.get(0x0110)).upper().startswith("COOLPIX"):
+                return _raw("nrw")
+            return _raw(fmt)
+    return _raw("raw")
+
+
+def _sniff_raw_magic(head: bytes) -> Sniffed | None:
+    """The camera RAW formats that are not TIFF files, by their signatures."""
+    if head.startswith((b"IIRO", b"IIRS", b"MMOR")):  # Olympus: a TIFF with its own magic number
+        return _raw("orf")
+    if head.startswith(b"IIU\0"):  # Panasonic (and Leica RWL): likewise
+        return _raw("rw2")
+    if head.startswith(b"FUJIFILMCCD-RAW"):
+        return _raw("raf")
+    if head[:2] in (b"II", b"MM") and head[6:14] == b"HEAPCCDR":  # Canon CIFF, before CR2
+        return _raw("crw")
+    if head.startswith(b"\0MRM"):
+        return _raw("mrw")
+    if head.startswith(b"FOVb"):
+        return _raw("x3f")
+    return None
+
+
 _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"%PDF-", "looks like a PDF document"),
     (b"PK\x03\x04", "looks like a ZIP archive (or an Office document)"),
@@ -197,7 +350,8 @@ _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
 
 
 def sniff_bytes(head: bytes) -> Sniffed:
-    """Judge a file by its first bytes (pass :data:`HEAD_SIZE` bytes, or the whole file when it is shorter)."""
+    """Judge a file by its first bytes (pass :data:`HEAD_SIZE` bytes, :data:`TIFF_HEAD_SIZE` for a TIFF, or the whole
+    file when it is shorter)."""
     if not head:
         return _other("empty file")
     if head.startswith(b"\xff\xd8\xff"):
@@ -217,7 +371,9 @@ def sniff_bytes(head: bytes) -> Sniffed:
             return _other("looks like WAV audio")
         return _other(f"looks like a RIFF file of an unknown type ({form.decode('latin-1')!r})")
     if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
-        return _image("tiff", "image/tiff")
+        return _sniff_tiff(head)
+    if (raw := _sniff_raw_magic(head)) is not None:
+        return raw
     if head.startswith(b"BM") and _looks_like_bmp(head):
         return _image("bmp", "image/bmp")
     if len(head) >= 12 and head[4:8] == b"ftyp":
@@ -261,7 +417,7 @@ def sniff(path: Path) -> Sniffed:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as fp:
-            return sniff_bytes(fp.read(HEAD_SIZE))
+            return sniff_bytes(_read_head(fp))
     finally:
         os.close(fd)
 
@@ -279,7 +435,15 @@ def read_head(fp: BinaryIO, name: str, limits: Limits) -> tuple[int, Sniffed]:
     size = os.fstat(fp.fileno()).st_size
     if (error := oversize(name, size, limits)) is not None:
         raise error
-    return size, sniff_bytes(fp.read(HEAD_SIZE))
+    return size, sniff_bytes(_read_head(fp))
+
+
+def _read_head(fp: BinaryIO) -> bytes:
+    """:data:`HEAD_SIZE` bytes; :data:`TIFF_HEAD_SIZE` for a TIFF (a camera RAW is told from a TIFF further in)."""
+    head = fp.read(HEAD_SIZE)
+    if head.startswith((b"II*\x00", b"MM\x00*")) and len(head) == HEAD_SIZE:
+        head += fp.read(TIFF_HEAD_SIZE - HEAD_SIZE)
+    return head
 
 
 def media_suffix_kind(path: Path) -> Literal["image", "video"] | None:

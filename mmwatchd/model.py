@@ -79,6 +79,9 @@ class ImageSpec:
     keep_metadata: bool = False
     #: Colour transparent areas are flattened onto for formats without alpha.
     background: tuple[Byte, Byte, Byte] = (255, 255, 255)
+    #: Camera RAW files: "preview" decodes the camera's embedded JPEG when it is large enough (fast, the camera's
+    #: colours), "demosaic" always develops the raw sensor data (half size) with the camera's white balance.
+    raw: Literal["preview", "demosaic"] = "preview"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmwatchd.globs import any_match
-from mmwatchd.model import VideoSpec
+from mmwatchd.model import ImageSpec, VideoSpec
 
 if TYPE_CHECKING:
     from mmwatchd.config import Rule
@@ -124,9 +124,6 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
     sent as a video), so tuning them does not send every photo again.
     """
     video = rule.video if kind == "image" else (rule.video or VideoSpec())
-    image = asdict(rule.image)
-    if not image["keep_metadata"]:  # the default leaves fingerprints as they were: no photo is sent again for it
-        del image["keep_metadata"]
     cap = endpoint.max_video_frames
     material = {
         "format": REQUEST_FORMAT,
@@ -136,7 +133,7 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
         "model": rule.model or endpoint.model,
         "max_tokens": rule.max_tokens or endpoint.max_tokens,
         "temperature": rule.temperature if rule.temperature is not None else endpoint.temperature,
-        "image": image,
+        "image": _image_material(rule.image),
         "video": asdict(video) if video else None,
         # Only when the server's frame limit changes what is sent (frames over it).
         **({"max_video_frames": cap} if video and cap is not None and video.frames > cap else {}),
@@ -145,3 +142,16 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _image_material(spec: ImageSpec) -> dict[str, object]:
+    """The image settings for the fingerprint. Settings added since fingerprints were first written (``raw``,
+    ``keep_metadata``) count only when they are not the default, so an upgrade does not change every existing
+    fingerprint and send every photo again."""
+    material = asdict(spec)
+    if material["raw"] == "preview":
+        del material["raw"]
+    if not material["keep_metadata"]:
+        del material["keep_metadata"]
+    return material
+

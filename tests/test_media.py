@@ -146,7 +146,6 @@ class TestIsoBmffBrands:
         ("head", "says"),
         [
             (ftyp(b"M4A ", b"M4A ", b"mp42"), "audio"),
-            (ftyp(b"crx ", b"crx "), "Canon CR3"),
             (ftyp(b"jp2 "), "JPEG 2000"),
             (ftyp(b"zzzz", b"yyyy"), "unknown type (brand 'zzzz')"),
         ],

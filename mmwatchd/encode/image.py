@@ -40,7 +40,8 @@ import pillow_heif
 from PIL import Image, ImageMath, UnidentifiedImageError
 
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
-from mmwatchd.media import Sniffed, read_head
+from mmwatchd.encode.raw import open_raw
+from mmwatchd.media import RAW_FORMATS, Sniffed, read_head
 from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len, data_url_prefix
 
 from .strip import strip_metadata
@@ -226,7 +227,7 @@ def _scan_isobmff(fp: BinaryIO, size: int) -> str:
 
 
 @contextmanager
-def _open(path: Path, limits: Limits) -> Iterator[_Source]:
+def _open(path: Path, limits: Limits, spec: ImageSpec | None = None) -> Iterator[_Source]:
     """Open ``path`` for reading the header; everything below the size check is up to the caller."""
     name = path.name
     with open(path, "rb") as fp:
@@ -239,8 +240,11 @@ def _open(path: Path, limits: Limits) -> Iterator[_Source]:
             raise UnsupportedMedia(f"{name}: not an image: it is a video ({sniffed.format.upper()})")
         label = {"jpeg": "JPEG", "heif": "HEIF", "avif": "AVIF"}.get(sniffed.format, sniffed.format.upper())
         fp.seek(0)
-        with translate_pillow(name, label):
-            im = Image.open(fp, formats=_PLUGINS[sniffed.format])
+        if sniffed.format in RAW_FORMATS:  # camera RAW: LibRaw gives an oriented image near spec's size
+            im = open_raw(fp, name, label=label, size=size, limits=limits, spec=spec)
+        else:
+            with translate_pillow(name, label):
+                im = Image.open(fp, formats=_PLUGINS[sniffed.format])
         with im:
             label = im.format or label
             width, height = im.size
@@ -650,7 +654,7 @@ def encode_image(
     Raises :class:`UnsupportedMedia`, :class:`DecodeError`, :class:`MediaTooLarge` or :class:`BudgetExceeded`;
     ``OSError`` for I/O failures (file vanished, unreadable).
     """
-    with _open(path, limits) as src:
+    with _open(path, limits, spec) as src:
         exif = _exif(src)
         orientation = _orientation(src.im, exif)
         stored = src.im.size
