@@ -619,8 +619,8 @@ def _passthrough(
     if len(data) != src.file_size:  # changed while we read it: encode from what Pillow has instead
         return None
     if not spec.keep_metadata:
-        # EXIF (GPS, camera serial), XMP and comments are not the model's business (issue 10, "Defaults that
-        # protect people"); the coded pixels are kept byte for byte. A structure the walk cannot follow is re-encoded.
+        # EXIF (GPS, camera serial), XMP and comments are not the model's business; the coded pixels are kept byte
+        # for byte. A structure the walk cannot follow is re-encoded.
         try:
             data = strip_metadata(data, fmt)
         except ValueError:
