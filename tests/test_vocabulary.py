@@ -110,3 +110,43 @@ class TestMap:
         vocab = parse("Animals/Dog; hound\nBreeds/Hound\n")
         assert vocab.map(["Hound"]).keywords == (("Animals", "Dog"),)
         assert vocab.map(["breeds/hound"]).keywords == (("Breeds", "Hound"),)
+
+
+class TestConfigSpecs:
+    """The config values, validated the way config.py validates every section (pydantic on the dataclasses)."""
+
+    def test_defaults_and_values(self, tmp_path: Path) -> None:
+        from pydantic import TypeAdapter
+
+        from mmwatchd.xmpspec import KeywordsSpec, XmpSpec
+
+        assert TypeAdapter(XmpSpec).validate_python({}) == XmpSpec(
+            description="caption", keywords="tags", prefix="", naming="name"
+        )
+        spec = TypeAdapter(XmpSpec).validate_python({"prefix": "AI", "naming": "stem", "keywords": None})
+        assert (spec.prefix, spec.naming, spec.keywords) == ("AI/", "stem", None)
+        vocab = tmp_path / "tags.txt"
+        vocab.write_text("Animals/Dog; dog\n")
+        assert TypeAdapter(KeywordsSpec).validate_python({"vocabulary": str(vocab)}).unknown == "keep"
+
+    @pytest.mark.parametrize(
+        ("spec", "data", "says"),
+        [
+            ("XmpSpec", {"prefix": "AI|x"}, "prefix"),
+            ("XmpSpec", {"naming": "full"}, "naming"),
+            ("XmpSpec", {"descripton": "caption"}, "descripton"),
+            ("KeywordsSpec", {"vocabulary": "VOCAB", "unknown": "maybe"}, "unknown"),
+            ("KeywordsSpec", {"vocabulary": "VOCAB"}, "VOCAB:2: empty level"),
+        ],
+    )
+    def test_problems_are_reported_at_the_key(self, tmp_path: Path, spec: str, data: dict[str, str], says: str) -> None:
+        from pydantic import TypeAdapter, ValidationError
+
+        from mmwatchd import xmpspec
+
+        vocab = tmp_path / "tags.txt"
+        vocab.write_text("Animals/Dog\nAnimals//Cat\n")
+        data = {k: v.replace("VOCAB", str(vocab)) for k, v in data.items()}
+        with pytest.raises(ValidationError) as caught:
+            TypeAdapter(getattr(xmpspec, spec)).validate_python(data)
+        assert says.replace("VOCAB", str(vocab)) in str(caught.value)
