@@ -708,7 +708,7 @@ def update(
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-                _own_like_folder(fd, path.parent)
+                _own_like(fd, path)
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()
@@ -733,6 +733,20 @@ def update(
         f"{path}: another program saved the XMP sidecar each of the {max_attempts} times it was merged; "
         "it will be tried again"
     )
+
+
+def _own_like(fd: int, path: Path) -> None:
+    """A person's sidecar keeps its owner and permissions when we replace it; a new one belongs to whoever owns the
+    folder (a service running as root must not leave root-owned files in someone's photos)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        _own_like_folder(fd, path.parent)
+        return
+    with contextlib.suppress(OSError):  # not allowed: the file keeps our user and group, which is still correct
+        os.fchown(fd, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
 
 
 def preview(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ that needs one of them is skipped when it is not installed (``.ci/run`` installs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from mmwatchd import xmp
 from mmwatchd.errors import SidecarError, XMPError, XMPRefused
 from mmwatchd.sidecar import TEMP_MARK
 from mmwatchd.vocabulary import parse as parse_vocabulary
+from mounts import tmpfs
 
 EXIFTOOL = shutil.which("exiftool")
 EXIV2 = shutil.which("exiv2")
@@ -176,6 +178,34 @@ class TestNewSidecar:
         assert os.stat(path).st_mtime_ns != 1_000_000_000
         assert os.stat(path).st_ino != inode  # renamed over, never rewritten in place
         assert leftovers(tmp_path) == []
+
+    def test_a_persons_file_keeps_its_owner_and_mode(self, tmp_path: Path) -> None:
+        path = tmp_path / "IMG_1.jpg.xmp"
+        path.write_text(PERSONS)
+        os.chmod(path, 0o600)
+        if os.geteuid() == 0:
+            os.chown(path, 4321, 4321)
+        xmp.update(path, answer("A cat.", "AI/cat"))
+        st = os.stat(path)
+        assert st.st_mode & 0o777 == 0o600
+        if os.geteuid() == 0:
+            assert (st.st_uid, st.st_gid) == (4321, 4321)
+
+    def test_a_full_disk_is_an_error_to_retry_and_loses_nothing(self, tmp_path: Path) -> None:
+        with tmpfs(tmp_path / "small", "64k") as folder:
+            path = folder / "IMG_1.jpg.xmp"
+            path.write_text(PERSONS)
+            before = path.read_bytes()
+            fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"x" * 4096):
+                    pass
+            os.close(fd)
+            with pytest.raises(XMPError) as caught:
+                xmp.update(path, answer("A cat.", "AI/cat"))
+            assert caught.value.retryable and "free some space" in caught.value.message
+            assert path.read_bytes() == before
+            assert leftovers(folder) == []
 
     @needs_exiftool
     def test_a_video_gets_one_too(self, tmp_path: Path) -> None:
