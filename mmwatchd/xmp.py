@@ -31,9 +31,9 @@ Usage, after the reply is in (the pipeline's side, see the README)::
 
     description, words = xmp.answer_from_reply(reply.data, reply.text, description="caption", keywords="tags")
     keywords, mapping = xmp.our_keywords(words, prefix="AI/", vocabulary=vocab, unknown="keep")
-    result = xmp.update(xmp.xmp_path(media, "name"), xmp.Answer(description=description, keywords=keywords,
-                        model=reply.model, rule=rule.name, fingerprint=fingerprint))
-    doc["xmp"] = result.describe()      # XMPError: doc["xmp"] = {"error": exc.kind, "message": exc.message}
+    answer = xmp.Answer(description=description, keywords=keywords, model=reply.model, rule=rule.name,
+                        fingerprint=fingerprint)
+    doc["xmp"] = xmp.write_sidecar(media, answer, naming="name")   # never raises for an XMP problem
 
 Issue 12.
 """
@@ -733,6 +733,17 @@ def update(
         f"{path}: another program saved the XMP sidecar each of the {max_attempts} times it was merged; "
         "it will be tried again"
     )
+
+
+def write_sidecar(media: Path, answer: Answer, *, naming: Naming = "name") -> dict[str, Any]:
+    """The one call the pipeline makes for a described file: write ``media``'s XMP sidecar and return what the JSON
+    sidecar records under ``"xmp"``. Never raises for an XMP problem: a refused or unwritable sidecar is returned as
+    ``{"path", "error", "message", "retryable"}``, so it can never stop the JSON sidecar from being written."""
+    path = xmp_path(media, naming)
+    try:
+        return update(path, answer).describe()
+    except XMPError as exc:
+        return {"path": str(path), "error": exc.kind, "message": exc.message, "retryable": exc.retryable}
 
 
 def _own_like(fd: int, path: Path) -> None:

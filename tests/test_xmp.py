@@ -21,6 +21,7 @@ from PIL import Image
 from mmwatchd import xmp
 from mmwatchd.errors import SidecarError, XMPError, XMPRefused
 from mmwatchd.sidecar import TEMP_MARK
+from mmwatchd.sidecar import write as write_json
 from mmwatchd.vocabulary import parse as parse_vocabulary
 from mounts import tmpfs
 
@@ -367,6 +368,24 @@ class TestMergingIntoAPersonsSidecar:
         assert namespaces(path)["XMP-xmp:Rating"] == 2
         assert path.read_text().count("<dc:subject>") == 1  # one set, not one per block
 
+    @needs_exiftool
+    def test_odd_text_and_a_file_that_uses_our_prefixes_for_something_else(self, tmp_path: Path) -> None:
+        path = tmp_path / "IMG_1.jpg.xmp"
+        path.write_text(
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            '<rdf:Description rdf:about="" xmlns:lr="http://example.com/not-lightroom/" lr:thing="kept"/>'
+            "</rdf:RDF></x:xmpmeta>"
+        )
+        xmp.update(path, answer("Ein Hund\x00 am Strand \U0001f415 <b>&amp;", "AI/Strand", "AI/\U0001f415"))
+        assert immich_sees(path) == {
+            "Description": "Ein Hund am Strand \U0001f415 <b>&amp;",
+            "Keywords": ["Strand", "\U0001f415"],
+            "TagsList": ["AI/Strand", "AI/\U0001f415"],
+        }
+        text = path.read_text()
+        assert 'xmlns:lr="http://example.com/not-lightroom/" ' in text and 'lr:thing="kept"' in text
+        assert 'xmlns:lr1="http://ns.adobe.com/lightroom/1.0/"' in text
+
     def test_rdf_without_xmpmeta_and_an_empty_file(self, tmp_path: Path) -> None:
         bare = tmp_path / "a.jpg.xmp"
         bare.write_text('<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"/>')
@@ -445,6 +464,22 @@ class TestHostileFiles:
         assert "root:" not in error.message  # /etc/passwd never read into anything
         assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
         assert leftovers(tmp_path) == []
+
+    def test_the_json_sidecar_is_written_all_the_same(self, tmp_path: Path) -> None:
+        """What the pipeline does: the XMP outcome, refused or not, becomes part of the JSON record."""
+        media = photo(tmp_path)
+        (tmp_path / "IMG_1.jpg.xmp").write_text(self.XXE)
+        recorded = xmp.write_sidecar(media, answer("A dog.", "AI/dog"))
+        doc = {"mmwatchd": {"version": "0", "schema": 1}, "status": "ok", "xmp": recorded}
+        json_path = tmp_path / "IMG_1.jpg.json"
+        write_json(json_path, doc)
+        assert json.loads(json_path.read_text())["xmp"] == {
+            "path": str(tmp_path / "IMG_1.jpg.xmp"), "error": "xmp_refused", "retryable": False,
+            "message": recorded["message"],
+        }  # fmt: skip
+        assert "DOCTYPE" in recorded["message"]
+        fine = photo(tmp_path, "IMG_2.jpg")
+        assert xmp.write_sidecar(fine, answer("A dog.", "AI/dog"))["keywords"] == ["AI/dog"]
 
     def test_gigabytes_are_refused_from_the_size_alone(self, tmp_path: Path) -> None:
         path = tmp_path / "IMG_1.jpg.xmp"
