@@ -436,8 +436,8 @@ class TestHostileFiles:
         "</rdf:Description></rdf:RDF></x:xmpmeta>"
     )
     LAUGHS = (
-        '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
-        + "".join(f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10 if i > 1 else "&lol;" * 10}">' for i in range(1, 10))
+        '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol1 "lol">'
+        + "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(2, 10))
         + ']>\n<x:xmpmeta xmlns:x="adobe:ns:meta/">&lol9;</x:xmpmeta>'
     )
 
@@ -449,12 +449,13 @@ class TestHostileFiles:
             ("<x:xmpmeta xmlns:x='adobe:ns:meta/'><unclosed>", "not well-formed XML"),
             ("<html><body>not xmp</body></html>", "not XMP"),
             ("\ufeffhello".encode("utf-16").decode("latin-1"), "not UTF-8"),
+            (XXE.replace('"1.0"?>', '"1.0" encoding="IBM037"?>', 1).encode("cp037").decode("latin-1"), "XML"),
         ],
-        ids=["external-entity", "billion-laughs", "broken-xml", "not-xmp", "utf16"],
+        ids=["external-entity", "billion-laughs", "broken-xml", "not-xmp", "utf16", "ebcdic-hides-the-doctype"],
     )
     def test_refused_untouched_and_never_expanded(self, tmp_path: Path, content: str, says: str) -> None:
         path = tmp_path / "IMG_1.jpg.xmp"
-        path.write_bytes(content.encode("latin-1") if says == "not UTF-8" else content.encode())
+        path.write_bytes(content.encode("latin-1") if says in ("not UTF-8", "XML") else content.encode())
         before = path.read_bytes(), os.stat(path).st_mtime_ns
         with pytest.raises(XMPRefused) as caught:
             xmp.update(path, answer("A dog.", "AI/dog"))
@@ -520,7 +521,9 @@ class TestPreview:
 class TestKeywordsFromTheAnswer:
     def test_schema_keys_or_the_whole_text(self) -> None:
         data = {"caption": " A dog. ", "tags": ["dog", "", 3, "beach"]}
-        assert xmp.answer_from_reply(data, "{...}", description="caption", keywords="tags") == ("A dog.", ["dog", "beach"])
+        assert xmp.answer_from_reply(data, "{...}", description="caption", keywords="tags") == (
+            "A dog.", ["dog", "beach"],
+        )  # fmt: skip
         assert xmp.answer_from_reply({"tags": "dog, beach"}, "", description="caption", keywords="tags") == (
             None, ["dog", " beach"],
         )  # fmt: skip
