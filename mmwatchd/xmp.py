@@ -194,7 +194,7 @@ def xmp_path(media: Path, naming: Naming = "name") -> Path:
     ``IMG_1.xmp`` exists (Lightroom's and exiftool's habit), which is then updated instead of adding a second one.
     ``stem``: ``IMG_1.xmp``. Videos the same way (``clip.mp4.xmp``).
     """
-    stem = media.with_name(media.stem + ".xmp") if media.stem else media.with_name(media.name + ".xmp")
+    stem = media.with_name(_fit(media.stem or media.name, ".xmp"))
     if naming == "stem":
         return stem
     full = media.with_name(_fit(media.name, ".xmp"))
@@ -227,8 +227,8 @@ def answer_from_reply(
 
 
 def clean_keyword(word: str) -> str:
-    """A model's keyword as one level: ``/`` and ``|`` (level separators in photo apps) and control characters
-    become spaces, whitespace is collapsed."""
+    """A model's keyword as one level: ``/`` and ``|`` (level separators in photo apps) become spaces, characters XML
+    cannot hold are dropped, whitespace is collapsed, and an essay is cut to MAX_KEYWORD characters."""
     word = _xml_text(word).replace("/", " ").replace("|", " ")
     return " ".join(word.split())[:MAX_KEYWORD].strip()
 
