@@ -13,7 +13,9 @@
     │   ├── VLMRejected           permanent: the server refused this request (4xx)
     │   └── VLMBadReply           the reply was unusable (invalid JSON after a retry)
     ├── SidecarError              the sidecar cannot be written
-    │   └── ForeignSidecar        a file we did not write sits at the sidecar path
+    │   ├── ForeignSidecar        a file we did not write sits at the sidecar path
+    │   └── XMPError              the XMP sidecar cannot be read or written (the JSON sidecar still is)
+    │       └── XMPRefused        the XMP file there is hostile or not XMP: left untouched, never expanded
     └── StateError                the state database cannot be opened or written
 
 Messages say what is wrong, with which file, and what to do. They never contain payloads or secrets.
@@ -117,6 +119,20 @@ class SidecarError(MmwatchdError):
 
 class ForeignSidecar(SidecarError):
     kind = "foreign_sidecar"
+    retryable = False
+
+
+class XMPError(SidecarError):
+    """The XMP sidecar for photo apps could not be written (disk full, read-only folder): worth another try."""
+
+    kind = "xmp"
+
+
+class XMPRefused(XMPError):
+    """The file at the XMP path is not one we will touch: a DOCTYPE or entities (XXE, expansion bombs), over the
+    size cap, not XML, or not XMP. It is left as it is; the JSON sidecar is still the record."""
+
+    kind = "xmp_refused"
     retryable = False
 
 
