@@ -61,6 +61,7 @@ from mmwatchd.log import get_logger
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
+from mmwatchd.progress import Snapshot
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
@@ -124,6 +125,8 @@ class RateLimiter:
         self.clock = clock
         self._starts: list[float] = []
         self._lock = threading.Lock()
+        #: Workers waiting for a slot right now (progress shows "rate-limited" meanwhile).
+        self.waiting = 0
 
     def acquire(self, stop: threading.Event) -> bool:
         """Wait for a slot; False when ``stop`` was set first."""
@@ -137,8 +140,13 @@ class RateLimiter:
                     self._starts.append(now)
                     return True
                 wait = self._starts[0] + 60.0 - now
-            if stop.wait(max(0.01, wait)):
-                return False
+                self.waiting += 1
+            try:
+                if stop.wait(max(0.01, wait)):
+                    return False
+            finally:
+                with self._lock:
+                    self.waiting -= 1
 
 
 class _MeteredClient:
@@ -320,6 +328,9 @@ class Daemon:
         )
         self._scan_wanted: bool | None = None  # a walk to start (its value: clean stale temp files first)
         self._walking = False
+        self.walks_finished = 0
+        self._walks = 0  # walks under way (the feeder's, or a one-shot command's on its own thread)
+        self._rate_limited_until = float("-inf")  # the last 429's Retry-After, on self.clock
         self._attempts: Counter[Path] = Counter()  # one-shot runs only; the service keeps them in the state db
         self._retries: list[tuple[float, Path]] = []
         self._busy: dict[str, float] = {}  # worker name → when its current job started
@@ -527,6 +538,16 @@ class Daemon:
         delete sidecar temp files left by a killed process (at startup; see :func:`_remove_stale` for how they are
         told from ones another process is still writing).
         """
+        with self._lock:
+            self._walks += 1
+        try:
+            yield from self._needing_work(clean=clean)
+        finally:
+            with self._lock:
+                self._walks -= 1
+                self.walks_finished += 1
+
+    def _needing_work(self, *, clean: bool) -> Iterator[Path]:
         cfg = self.config
         rows = self._store("read the done-index", self.state.done_index) if self.state is not None else None
         index = DoneIndex(cfg, rows or {})
@@ -735,6 +756,24 @@ class Daemon:
         )
         return line + ("; scanning" if walking else "")
 
+    def progress(self) -> Snapshot:
+        """The numbers a progress bar or line shows (see :mod:`mmwatchd.progress`). The total is every file
+        finished plus every one still pending, known once no walk is under way."""
+        with self._lock:
+            done = sum(self.counts.values())
+            failed = self.counts["error"] + self.counts["retry"]
+            total = None if self._walks or self._scan_wanted is not None else done + len(self._pending)
+            in_flight = len(self._busy)
+            endpoint = self._endpoint
+            rate_limited = self.clock() < self._rate_limited_until
+        if self.limiter.waiting or (rate_limited and endpoint == "up"):
+            endpoint = "rate-limited"
+        elif endpoint == "unreachable":
+            endpoint = "waiting for the endpoint"
+        elif endpoint.startswith("paused"):
+            endpoint = "paused"
+        return Snapshot(done=done, failed=failed, in_flight=in_flight, total=total, endpoint=endpoint)
+
     def _reload(self, watcher: Watcher) -> Watcher:
         """Apply a new config to files not yet started; an invalid one is logged and the old one stays."""
         if self._reload_config is None:
@@ -915,6 +954,9 @@ class Daemon:
             if not final:
                 backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
                 retry_in = max(backoff, outcome.retry_after or 0.0)
+                if isinstance(error, VLMUnavailable) and error.status == 429:
+                    with self._lock:
+                        self._rate_limited_until = max(self._rate_limited_until, self.clock() + retry_in)
                 if isinstance(error, VLMUnavailable) and error.status is None and outcome.retry_after is None:
                     retry_in = RETRY_BASE_S  # the gate holds work until the endpoint is back; no need to wait longer
                 if self.state is not None and counted and self.one_shot_attempts is None:
