@@ -45,6 +45,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from mmwatchd import search
+from mmwatchd import sidecar as sidecar_mod
 from mmwatchd.config import Config
 from mmwatchd.errors import (
     ConfigError,
@@ -331,6 +333,9 @@ class Daemon:
         self.walks_finished = 0
         self._walks = 0  # walks under way (the feeder's, or a one-shot command's on its own thread)
         self._rate_limited_until = float("-inf")  # the last 429's Retry-After, on self.clock
+        self._search: search.SearchIndex | None = None  # opened when the first sidecar is written
+        self._search_failed = False
+        self._search_lock = threading.Lock()
         self._attempts: Counter[Path] = Counter()  # one-shot runs only; the service keeps them in the state db
         self._retries: list[tuple[float, Path]] = []
         self._busy: dict[str, float] = {}  # worker name → when its current job started
@@ -427,8 +432,12 @@ class Daemon:
         self._threads.clear()
         with self._lock:
             retired, self._retired = list(self._retired.values()), {}
+        with self._search_lock:
+            index, self._search = self._search, None
         for client in retired:
             _close(client)
+        if index is not None:
+            index.close()
         if dropped:
             log.info("daemon.dropped_queue", files=dropped, note="they are picked up again by the next scan")
         if stuck:
@@ -981,6 +990,8 @@ class Daemon:
                 self._store("index a finished file", self.state.mark_done, path, size=size, mtime_ns=mtime_ns,
                             ino=ino, ctime_ns=ctime_ns, kind=outcome.kind, fingerprint=outcome.fingerprint,
                             status=outcome.answer)  # fmt: skip
+        if self.state is not None and outcome.status in ("ok", "error"):
+            self._index_for_search(outcome)  # after the state store: what `status` reads is there first
         self._log(outcome, retry_in)
         with self._lock:
             if final:
@@ -1002,6 +1013,35 @@ class Daemon:
             self._idle.notify_all()
         if self._paused is not None and self.one_shot_attempts is None:
             self._probe_now.set()  # while paused, each finished trial schedules the next one
+
+    def _index_for_search(self, outcome: Outcome) -> None:
+        """Put the sidecar just written into the search index (``<state dir>/search.sqlite3``), so ``mmwatchd
+        search`` finds it without a refresh. The index is a cache of the sidecars: when it cannot be written, a
+        warning says so once and the next search reads the sidecars it missed."""
+        if self._search_failed or self.state is None:
+            return
+        cfg = self.config
+        media = outcome.moved_to or outcome.path  # an action may have moved the file, and its sidecar with it
+        side = sidecar_mod.locate(media, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir,
+                                  roots=[r.path for r in cfg.watch])  # fmt: skip
+        try:
+            doc = sidecar_mod.read(side)
+        except (SidecarError, OSError):
+            return  # replaced or made unreadable meanwhile: the next search looks at it as it is then
+        if doc is None:
+            return  # moved or removed by an action, or by someone else, in the meantime
+        try:
+            with self._search_lock:
+                if self._search is None:
+                    self._search = search.SearchIndex(self.state.path.parent / search.FILENAME)
+                index = self._search
+            index.index_sidecar(side, doc, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir)
+        except FileNotFoundError:
+            return  # the sidecar went between the read and the stat
+        except StateError as exc:
+            self._search_failed = True
+            log.warning("search.index_failed", reason=exc.message,
+                        note="the search index is not kept up to date by this run; the next search reads the sidecars")  # fmt: skip
 
     def _log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
         first = self._first((path, reason))

@@ -301,6 +301,40 @@ class TestEndpointState:
             fake_vlm.resume()
 
 
+# -- the search index ------------------------------------------------------------------------------------------
+
+
+class TestSearchIndex:
+    def test_every_sidecar_a_scan_writes_is_in_the_index_without_a_refresh(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        photos = old_jpegs(tmp_path / "inbox", 4)
+        make_named_text(tmp_path / "inbox" / "broken.jpg", "not a photo at all\n")
+        assert main(["scan", "-c", str(cfg)]) == 1  # the broken one failed, with an error sidecar
+        db = sqlite3.connect(tmp_path / "state" / "search.sqlite3")
+        try:
+            rows = dict(db.execute("SELECT media, status FROM docs").fetchall())
+            matched = db.execute("SELECT count(*) FROM fts WHERE fts MATCH 'images'").fetchone()[0]
+        finally:
+            db.close()
+        assert {os.fsdecode(k): v for k, v in rows.items()} == {
+            **{str(p): "ok" for p in photos}, str(tmp_path / "inbox" / "broken.jpg"): "error"
+        }
+        assert matched == 4  # the fake's captions ("saw 1 images ...") are searchable at once
+
+    def test_an_index_that_cannot_be_written_is_a_single_warning(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        photos = old_jpegs(tmp_path / "inbox", 3)
+        (tmp_path / "state" / "search.sqlite3").mkdir(parents=True)  # not a database file
+        assert main(["scan", "-c", str(cfg), "--log-format", "json"]) == 0
+        assert all(p.with_name(p.name + ".json").exists() for p in photos)
+        warnings = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "search.index_failed" in line]
+        assert len(warnings) == 1 and "search.sqlite3" in warnings[0]["reason"]
+
+
 class TestRunLogLines:
     def test_run_logs_the_startup_backlog_then_says_it_is_through(self, tmp_path: Path) -> None:
         with FakeVLM(latency_s=0.1) as fake:
