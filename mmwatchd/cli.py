@@ -284,7 +284,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     todo = [Path(os.path.abspath(p)) for p in paths if p not in missing]
     try:
         with _progress(cfg, daemon, "once") if len(todo) > 1 else contextlib.nullcontext():
-            daemon.submit_all(todo, explicit=True, force=args.force)
+            with daemon.finding():
+                daemon.submit_all(todo, explicit=True, force=args.force)
             daemon.wait_idle()
     finally:
         daemon.close()

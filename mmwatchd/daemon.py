@@ -547,10 +547,17 @@ class Daemon:
         delete sidecar temp files left by a killed process (at startup; see :func:`_remove_stale` for how they are
         told from ones another process is still writing).
         """
+        with self.finding():
+            yield from self._needing_work(clean=clean)
+
+    @contextlib.contextmanager
+    def finding(self) -> Iterator[None]:
+        """While files are still being found and submitted (a walk, or ``once``'s list going into the bounded
+        queue), the total of :meth:`progress` is unknown."""
         with self._lock:
             self._walks += 1
         try:
-            yield from self._needing_work(clean=clean)
+            yield
         finally:
             with self._lock:
                 self._walks -= 1
@@ -1040,8 +1047,10 @@ class Daemon:
             return  # the sidecar went between the read and the stat
         except StateError as exc:
             self._search_failed = True
-            log.warning("search.index_failed", reason=exc.message,
-                        note="the search index is not kept up to date by this run; the next search reads the sidecars")  # fmt: skip
+            log.warning(
+                "search.index_failed", reason=exc.message,
+                note="the search index is not kept up to date by this run; the next search reads the sidecars",
+            )  # fmt: skip
 
     def _log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
         first = self._first((path, reason))

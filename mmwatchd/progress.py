@@ -51,16 +51,16 @@ class Rate:
         self.clock = clock
         self._seen: deque[tuple[float, int]] = deque()
 
-    def add(self, done: int) -> tuple[float | None, float | None]:
-        """Record ``done`` now; return (files per second, None until two samples differ in time)."""
+    def add(self, done: int) -> float | None:
+        """Record ``done`` now; return files per second (None until two samples differ in time)."""
         now = self.clock()
         self._seen.append((now, done))
         while len(self._seen) > 2 and self._seen[1][0] <= now - RATE_WINDOW_S:
             self._seen.popleft()
         t0, d0 = self._seen[0]
         if now <= t0:
-            return None, None
-        return (done - d0) / (now - t0), now - t0
+            return None
+        return (done - d0) / (now - t0)
 
     @staticmethod
     def eta(snap: Snapshot, rate: float | None) -> float | None:
@@ -129,8 +129,7 @@ class Reporter:
         self.until = until
         self.lines = 0  # progress log lines written
         self._rate = Rate(clock)
-        self._started = clock()
-        self._last_line = self._started
+        self._last_line = clock()  # the first line comes one interval after the start, or never
         self._stop = threading.Event()
         self._bar: Any = None
         self._lock = threading.Lock()
@@ -158,7 +157,7 @@ class Reporter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._finish(final=True)
+        self._finish()
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -169,7 +168,7 @@ class Reporter:
         """Sample once: redraw the bar, or write a log line when ``interval_s`` has passed since the last.
         True once ``until`` says the reporting is over."""
         snap = self.snapshot()
-        rate, _span = self._rate.add(snap.done)
+        rate = self._rate.add(snap.done)
         eta = Rate.eta(snap, rate)
         if self._bar is not None:
             with self._lock:
@@ -183,11 +182,11 @@ class Reporter:
             if self._bar is None and self.interval_s > 0 and self.lines:
                 # The lines stop here: say that it is because the work is through, not because something hangs.
                 log.info("progress.done", what=self.label, **fields(snap, rate, eta))
-            self._finish(final=True)
+            self._finish()
             return True
         return False
 
-    def _finish(self, *, final: bool) -> None:
+    def _finish(self) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -196,7 +195,7 @@ class Reporter:
         if bar is None:
             return
         snap = self.snapshot()
-        rate, _span = self._rate.add(snap.done)
+        rate = self._rate.add(snap.done)
         if snap.total is None:
             snap = Snapshot(done=snap.done, failed=snap.failed, in_flight=snap.in_flight, total=snap.done,
                             endpoint=snap.endpoint)  # fmt: skip
