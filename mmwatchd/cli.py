@@ -24,6 +24,7 @@ from mmwatchd.errors import ConfigError, MmwatchdError, StateError
 from mmwatchd.pipeline import Outcome, Processor
 
 if TYPE_CHECKING:
+    from mmwatchd.progress import Reporter, Snapshot
     from mmwatchd.state import State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -281,9 +282,12 @@ def cmd_once(args: argparse.Namespace) -> int:
         why = "not a regular file (a folder, pipe or device): nothing to describe" if p.exists() else "no such file"
         print(f"mmwatchd: {p}: {why}", file=sys.stderr)
     daemon = _one_shot_daemon(cfg)
+    todo = [Path(os.path.abspath(p)) for p in paths if p not in missing]
     try:
-        daemon.submit_all((Path(os.path.abspath(p)) for p in paths if p not in missing), explicit=True, force=args.force)
-        daemon.wait_idle()
+        with _progress(cfg, daemon, "once") if len(todo) > 1 else contextlib.nullcontext():
+            with daemon.finding():
+                daemon.submit_all(todo, explicit=True, force=args.force)
+            daemon.wait_idle()
     finally:
         daemon.close()
     _print_outcomes(daemon.outcomes, cfg)
@@ -301,10 +305,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         todo = daemon.needing_work()
         first = next(todo, None)
         if first is not None:  # the endpoint is needed (and its client made) only once there is something to send
-            _start_one_shot(daemon)
-            daemon.submit(first, scanned=True)
-            daemon.submit_all(todo, scanned=True)
-            daemon.wait_idle()
+            with _progress(cfg, daemon, "scan"):
+                _start_one_shot(daemon)
+                daemon.submit(first, scanned=True)
+                daemon.submit_all(todo, scanned=True)
+                daemon.wait_idle()
     finally:
         daemon.close()
     _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
@@ -353,7 +358,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             log_mod.get_logger().info("daemon.reloading", signal="SIGHUP", config=str(path))
             daemon.reload_requested.set()
 
-        with SignalRelay({signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}):
+        # The startup backlog shows like a scan's; once it is through, the log and STATUS= say how things go.
+        def backlog_done(snap: Snapshot) -> bool:
+            return daemon.walks_finished > 0 and snap.total is not None and snap.done >= snap.total
+
+        with SignalRelay({signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}), \
+                _progress(cfg, daemon, "startup scan", until=backlog_done):  # fmt: skip
             daemon.run(stop)
         log_mod.get_logger().info("daemon.stopped", **dict(daemon.counts))
     return EXIT_OK
@@ -436,6 +446,13 @@ def cmd_gallery(args: argparse.Namespace) -> int:
         print(f"mmwatchd: {line}", file=sys.stderr)
     print(summary.line())
     return EXIT_OK
+
+
+def _progress(cfg: Config, daemon, label: str, *, until=None) -> Reporter:  # type: ignore[no-untyped-def]
+    """A bar on stderr when it is a terminal, else a ``progress`` log line every ``progress_interval_s``."""
+    from mmwatchd.progress import Reporter
+
+    return Reporter(daemon.progress, clock=daemon.clock, interval_s=cfg.progress_interval_s, label=label, until=until)
 
 
 def _state_path(cfg: Config, env: Mapping[str, str] = os.environ) -> Path:

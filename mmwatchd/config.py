@@ -111,6 +111,9 @@ class Config:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: Full rescan of every watched folder this often, as a safety net for missed events (0: never).
     rescan_interval_s: Annotated[float, Field(ge=0)] = 600.0
+    #: Where no terminal shows a progress bar (journald, CI, a pipe): a progress log line this often during a scan,
+    #: ``once`` with several files, and the service's startup backlog (0: none).
+    progress_interval_s: Annotated[float, Field(ge=0)] = 30.0
     #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
     state_dir: Path | None = None
     #: Where the config came from, and where each key sits in it (for messages about values found later).

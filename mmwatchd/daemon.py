@@ -45,6 +45,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from mmwatchd import search
+from mmwatchd import sidecar as sidecar_mod
 from mmwatchd.config import Config
 from mmwatchd.errors import (
     ConfigError,
@@ -61,6 +63,7 @@ from mmwatchd.log import get_logger
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
+from mmwatchd.progress import Snapshot
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
@@ -124,6 +127,8 @@ class RateLimiter:
         self.clock = clock
         self._starts: list[float] = []
         self._lock = threading.Lock()
+        #: Workers waiting for a slot right now (progress shows "rate-limited" meanwhile).
+        self.waiting = 0
 
     def acquire(self, stop: threading.Event) -> bool:
         """Wait for a slot; False when ``stop`` was set first."""
@@ -137,8 +142,13 @@ class RateLimiter:
                     self._starts.append(now)
                     return True
                 wait = self._starts[0] + 60.0 - now
-            if stop.wait(max(0.01, wait)):
-                return False
+                self.waiting += 1
+            try:
+                if stop.wait(max(0.01, wait)):
+                    return False
+            finally:
+                with self._lock:
+                    self.waiting -= 1
 
 
 class _MeteredClient:
@@ -320,6 +330,12 @@ class Daemon:
         )
         self._scan_wanted: bool | None = None  # a walk to start (its value: clean stale temp files first)
         self._walking = False
+        self.walks_finished = 0
+        self._walks = 0  # walks under way (the feeder's, or a one-shot command's on its own thread)
+        self._rate_limited_until = float("-inf")  # the last 429's Retry-After, on self.clock
+        self._search: search.SearchIndex | None = None  # opened when the first sidecar is written
+        self._search_failed = False
+        self._search_lock = threading.Lock()
         self._attempts: Counter[Path] = Counter()  # one-shot runs only; the service keeps them in the state db
         self._retries: list[tuple[float, Path]] = []
         self._busy: dict[str, float] = {}  # worker name → when its current job started
@@ -416,8 +432,12 @@ class Daemon:
         self._threads.clear()
         with self._lock:
             retired, self._retired = list(self._retired.values()), {}
+        with self._search_lock:
+            index, self._search = self._search, None
         for client in retired:
             _close(client)
+        if index is not None:
+            index.close()
         if dropped:
             log.info("daemon.dropped_queue", files=dropped, note="they are picked up again by the next scan")
         if stuck:
@@ -527,6 +547,23 @@ class Daemon:
         delete sidecar temp files left by a killed process (at startup; see :func:`_remove_stale` for how they are
         told from ones another process is still writing).
         """
+        with self.finding():
+            yield from self._needing_work(clean=clean)
+
+    @contextlib.contextmanager
+    def finding(self) -> Iterator[None]:
+        """While files are still being found and submitted (a walk, or ``once``'s list going into the bounded
+        queue), the total of :meth:`progress` is unknown."""
+        with self._lock:
+            self._walks += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._walks -= 1
+                self.walks_finished += 1
+
+    def _needing_work(self, *, clean: bool) -> Iterator[Path]:
         cfg = self.config
         rows = self._store("read the done-index", self.state.done_index) if self.state is not None else None
         index = DoneIndex(cfg, rows or {})
@@ -735,6 +772,24 @@ class Daemon:
         )
         return line + ("; scanning" if walking else "")
 
+    def progress(self) -> Snapshot:
+        """The numbers a progress bar or line shows (see :mod:`mmwatchd.progress`). The total is every file
+        finished plus every one still pending, known once no walk is under way."""
+        with self._lock:
+            done = sum(self.counts.values())
+            failed = self.counts["error"] + self.counts["retry"]
+            total = None if self._walks or self._scan_wanted is not None else done + len(self._pending)
+            in_flight = len(self._busy)
+            endpoint = self._endpoint
+            rate_limited = self.clock() < self._rate_limited_until
+        if self.limiter.waiting or (rate_limited and endpoint == "up"):
+            endpoint = "rate-limited"
+        elif endpoint == "unreachable":
+            endpoint = "waiting for the endpoint"
+        elif endpoint.startswith("paused"):
+            endpoint = "paused"
+        return Snapshot(done=done, failed=failed, in_flight=in_flight, total=total, endpoint=endpoint)
+
     def _reload(self, watcher: Watcher) -> Watcher:
         """Apply a new config to files not yet started; an invalid one is logged and the old one stays."""
         if self._reload_config is None:
@@ -915,6 +970,9 @@ class Daemon:
             if not final:
                 backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
                 retry_in = max(backoff, outcome.retry_after or 0.0)
+                if isinstance(error, VLMUnavailable) and error.status == 429:
+                    with self._lock:
+                        self._rate_limited_until = max(self._rate_limited_until, self.clock() + retry_in)
                 if isinstance(error, VLMUnavailable) and error.status is None and outcome.retry_after is None:
                     retry_in = RETRY_BASE_S  # the gate holds work until the endpoint is back; no need to wait longer
                 if self.state is not None and counted and self.one_shot_attempts is None:
@@ -939,6 +997,8 @@ class Daemon:
                 self._store("index a finished file", self.state.mark_done, path, size=size, mtime_ns=mtime_ns,
                             ino=ino, ctime_ns=ctime_ns, kind=outcome.kind, fingerprint=outcome.fingerprint,
                             status=outcome.answer)  # fmt: skip
+        if self.state is not None and outcome.status in ("ok", "error"):
+            self._index_for_search(outcome)  # after the state store: what `status` reads is there first
         self._log(outcome, retry_in)
         with self._lock:
             if final:
@@ -960,6 +1020,37 @@ class Daemon:
             self._idle.notify_all()
         if self._paused is not None and self.one_shot_attempts is None:
             self._probe_now.set()  # while paused, each finished trial schedules the next one
+
+    def _index_for_search(self, outcome: Outcome) -> None:
+        """Put the sidecar just written into the search index (``<state dir>/search.sqlite3``), so ``mmwatchd
+        search`` finds it without a refresh. The index is a cache of the sidecars: when it cannot be written, a
+        warning says so once and the next search reads the sidecars it missed."""
+        if self._search_failed or self.state is None:
+            return
+        cfg = self.config
+        media = outcome.moved_to or outcome.path  # an action may have moved the file, and its sidecar with it
+        side = sidecar_mod.locate(media, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir,
+                                  roots=[r.path for r in cfg.watch])  # fmt: skip
+        try:
+            doc = sidecar_mod.read(side)
+        except (SidecarError, OSError):
+            return  # replaced or made unreadable meanwhile: the next search looks at it as it is then
+        if doc is None:
+            return  # moved or removed by an action, or by someone else, in the meantime
+        try:
+            with self._search_lock:
+                if self._search is None:
+                    self._search = search.SearchIndex(self.state.path.parent / search.FILENAME)
+                index = self._search
+            index.index_sidecar(side, doc, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir)
+        except FileNotFoundError:
+            return  # the sidecar went between the read and the stat
+        except StateError as exc:
+            self._search_failed = True
+            log.warning(
+                "search.index_failed", reason=exc.message,
+                note="the search index is not kept up to date by this run; the next search reads the sidecars",
+            )  # fmt: skip
 
     def _log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
         first = self._first((path, reason))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections.abc import Callable
 from typing import IO, Literal
 
 import structlog
@@ -27,9 +29,41 @@ def setup(level: str = "info", *, fmt: Format = "auto", stream: IO[str] | None =
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(_Sink(out)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
+
+
+class _Sink:
+    """The log's stream, or while a progress bar is drawn on it, the bar's way of writing a line above itself.
+
+    structlog's WriteLogger hands over each line whole (message and newline in one write), so a line is never
+    split around a redraw of the bar.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+
+    def write(self, text: str) -> None:
+        through = _route
+        if through is None:
+            self.out.write(text)
+        else:
+            through(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+_route: Callable[[str], None] | None = None
+_route_lock = threading.Lock()
+
+
+def route(writer: Callable[[str], None] | None) -> None:
+    """Send every log line to ``writer`` (a progress bar's), or with None, to the log's stream again."""
+    global _route
+    with _route_lock:
+        _route = writer
 
 
 def get_logger(**initial: object) -> structlog.typing.FilteringBoundLogger:

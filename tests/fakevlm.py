@@ -137,7 +137,10 @@ class FakeVLM:
         reply_json: Any = None,
         max_body_bytes: int | None = None,
         shape: Shape = "generic",
+        latency_s: float = 0.0,
     ) -> None:
+        #: Every chat answer not scripted takes this long, like a model at work (a long scan, a progress bar).
+        self.latency_s = latency_s
         #: Listed by GET /v1/models; a chat request for another model gets Ollama's 404 (an empty list accepts any).
         self.models = list(models)
         #: Answer to every json_schema request while no scripted response is queued (None: derived from the schema).
@@ -326,7 +329,7 @@ class FakeVLM:
             content = json.dumps(data)
         else:
             content = summary
-        return Scripted(json=chat_completion(content, model=str(model), usage=usage))
+        return Scripted(json=chat_completion(content, model=str(model), usage=usage), delay_s=self.latency_s)
 
 
 class _Server(ThreadingHTTPServer):
