@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, Valida
 from mmwatchd import rules
 from mmwatchd.errors import ConfigError
 from mmwatchd.model import _STRICT, ActionSpec, EndpointConfig, ImageSpec, Limits, VideoSpec, WatchRoot
+from mmwatchd.xmpspec import KeywordsSpec, XmpSpec
 
 KeyPath = tuple[str | int, ...]
 
@@ -83,6 +84,8 @@ class Rule:
     #: What to do with the file and its sidecar once described, or once it failed for good.
     on_success: ActionSpec | None = None
     on_error: ActionSpec | None = None
+    #: Map the model's keywords onto a person's own tags (and offer them through {vocabulary}).
+    keywords: KeywordsSpec | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +98,8 @@ class SidecarConfig:
     #: read-only photo folders): /srv/photos/a.jpg → <dir>/srv/photos/a.jpg.json. Files outside every watched
     #: folder go to its top level.
     dir: Path | None = None
+    #: Also write an XMP sidecar beside the media, for photo apps (off unless set; ``xmp: {}`` for the defaults).
+    xmp: XmpSpec | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,6 +222,9 @@ def loads(text: str, *, source: Path | None = None) -> Config:
         refs = rule.get("reference_images")
         if isinstance(refs, list):
             rule["reference_images"] = [str(_resolve(r, base)) if isinstance(r, str) else r for r in refs]
+        keywords = rule.get("keywords")
+        if isinstance(keywords, dict) and isinstance(keywords.get("vocabulary"), str):
+            keywords["vocabulary"] = str(_resolve(keywords["vocabulary"], base))
         for key in ("on_success", "on_error"):
             action = rule.get(key)
             if isinstance(action, dict) and isinstance(action.get("move_to"), str):
@@ -412,6 +420,13 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
                 except ValueError as exc:
                     problems.append(f"{_locate(source, positions, ('watch', i, key, j))}: {exc}")
     for i, rule in enumerate(cfg.rules):
+        for key in ("prompt", "system"):
+            text = getattr(rule, key)
+            if rule.keywords is None and text and "vocabulary" in rules.template_fields(text):
+                problems.append(
+                    f"{_locate(source, positions, ('rules', i, key))}: {{vocabulary}} needs a vocabulary: set "
+                    f"rules[{i}].keywords.vocabulary to a keyword file, or remove the placeholder"
+                )
         for key in ("on_success", "on_error"):
             action: ActionSpec | None = getattr(rule, key)
             for j, arg in enumerate(action.exec or () if action else ()):

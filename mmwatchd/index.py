@@ -54,6 +54,12 @@ class DoneIndex:
         for path in walk:
             yield path, self._done(root.path, path, path[prefix:], sidecars)
 
+    def _has_xmp(self, path: str) -> bool:
+        from mmwatchd.xmp import xmp_path  # only with sidecar.xmp set: lxml stays out of the daemon otherwise
+
+        spec = self.config.sidecar.xmp
+        return spec is not None and os.path.lexists(xmp_path(Path(path), spec.naming))
+
     def _done(self, root: Path, path: str, rel: str, sidecars: set[str]) -> DoneRow | None:
         """The entry for ``path`` when it proves the file done, else None.
 
@@ -90,6 +96,8 @@ class DoneIndex:
             self._fingerprints[key] = fingerprint(rule, cfg.endpoint, row.kind)
         if self._fingerprints[key] != row.fingerprint:
             return None
+        if cfg.sidecar.xmp is not None and row.status != "error" and not self._has_xmp(path):
+            return None  # XMP turned on since, or its write failed: the pipeline writes it from the answer on record
         if adopt:
             self.adopted[path] = (st.st_ino, st.st_ctime_ns)
         return row

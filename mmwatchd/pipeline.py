@@ -50,6 +50,7 @@ from mmwatchd.wire import build_body, request_bytes
 
 if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with nothing to send never needs
     from mmwatchd.vlm import VLMClient
+    from mmwatchd.vocabulary import Vocabulary
 
 # The decoders, named rather than imported: the daemon hands them to its decoder processes and never loads Pillow,
 # PyAV or libheif itself (about 35 MB and 0.1 s of start-up it does not need).
@@ -159,6 +160,7 @@ class Processor:
         self.clock = clock
         self.isolator = isolator
         self._roots = [r.path for r in config.watch]
+        self._vocabularies = _vocabularies(config)
 
     # -- the job ---------------------------------------------------------------------------------------------
 
@@ -230,6 +232,8 @@ class Processor:
             if rule is None:
                 return Outcome(path=path, status="skipped", reason=f"no rule matches this {kind}")
             fingerprint = rules.fingerprint(rule, self.config.endpoint, kind)
+            vocabulary = self._vocabularies.get(rule.name)
+            values["vocabulary"] = vocabulary.render() if vocabulary is not None else ""
             if dry_run:
                 if problem is not None:
                     raise problem
@@ -244,6 +248,8 @@ class Processor:
                 )
             existing = sidecar.read(side)  # a foreign file there is never replaced, forced or not
             if not force and self._fresh(path, existing, before, fingerprint):
+                if existing is not None and self._xmp_missing(existing):
+                    return self._xmp_for_described(path, side, existing, before, rule, kind, fingerprint)
                 sidecar.clear_leftover_lock(side)
                 return self._up_to_date(path, existing, before, rule, kind, fingerprint)
             claim = sidecar.claim(side)
@@ -269,6 +275,7 @@ class Processor:
             if after != before:
                 return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
             doc = self._ok_doc(path, planned, before, sha, reply, elapsed=self.clock() - started)
+            self._xmp(path, doc)
             reservation.commit(doc)
             outcome = Outcome(
                 path=path,
@@ -347,6 +354,63 @@ class Processor:
         """Bytes to set aside for the sidecar before paying: the document without the reply is a few KB; the reply
         is at most ``max_tokens`` tokens, a few bytes each (more when JSON escapes them)."""
         return SIDECAR_ROOM_BYTES + 8 * (rule.max_tokens or self.config.endpoint.max_tokens)
+
+    # -- XMP for photo apps -------------------------------------------------------------------------------------
+
+    def _xmp(self, path: Path, doc: dict[str, Any]) -> None:
+        """Write (merge) the XMP sidecar photo apps read, from the answer in ``doc``, and record in ``doc`` what was
+        done. Called before the JSON sidecar is written, so one write records the outcome; an XMP problem never
+        stops the JSON sidecar (it is recorded under ``"xmp"``, and a retryable one is tried again on a later scan).
+        """
+        spec = self.config.sidecar.xmp
+        if spec is None or doc.get("status") != "ok":
+            return
+        from mmwatchd import xmp
+
+        rule = next((r for r in self.config.rules if r.name == doc.get("rule")), None)
+        response = doc.get("response") or {}
+        description, words = xmp.answer_from_reply(
+            response.get("data"), response.get("text") or "", description=spec.description, keywords=spec.keywords
+        )
+        keywords = rule.keywords if rule is not None else None
+        ours, mapping = xmp.our_keywords(
+            words, prefix=spec.prefix, vocabulary=self._vocabularies.get(rule.name) if rule else None,
+            unknown=keywords.unknown if keywords else "keep",
+        )  # fmt: skip
+        answer = xmp.Answer(
+            description=description, keywords=ours, model=str(doc.get("model") or ""), rule=str(doc.get("rule")),
+            fingerprint=str(doc.get("fingerprint") or ""),
+        )  # fmt: skip
+        doc["xmp"] = xmp.write_sidecar(path, answer, naming=spec.naming)
+        if mapping is not None:
+            doc["keywords"] = mapping.describe()
+        if "error" in doc["xmp"]:
+            log.warning("xmp.failed", path=str(path), xmp=doc["xmp"]["path"], reason=doc["xmp"]["message"])
+
+    def _xmp_missing(self, doc: dict[str, Any]) -> bool:
+        """An up-to-date description without its XMP sidecar (XMP turned on later, or a retryable failure)."""
+        if self.config.sidecar.xmp is None or doc.get("status") != "ok":
+            return False
+        done = doc.get("xmp")
+        return not isinstance(done, dict) or bool(done.get("retryable"))
+
+    def _xmp_for_described(
+        self, path: Path, side: Path, existing: dict[str, Any], st: _Stat, rule: Rule, kind: str, fingerprint: str
+    ) -> Outcome:
+        """Give a file already described its XMP sidecar from the answer on record: no request is sent."""
+        claim = sidecar.claim(side)
+        if claim is None:
+            return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
+        try:
+            doc = sidecar.read(side)
+            if doc is None or doc != existing:  # rewritten meanwhile: the next look decides again
+                return self._up_to_date(path, doc, st, rule, kind, fingerprint)
+            doc = dict(doc)
+            self._xmp(path, doc)
+            sidecar.write(side, doc)
+        finally:
+            claim.release()
+        return self._up_to_date(path, doc, st, rule, kind, fingerprint)
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -680,7 +744,18 @@ class Processor:
             "prompt": planned.request.prompt,
             "media": self._media_doc(planned),
             "request": _body_shape(planned.request),
+            **self._xmp_plan(path),
         }
+
+    def _xmp_plan(self, path: Path) -> dict[str, Any]:
+        """What ``once --dry-run`` shows of the XMP sidecar: where, what is in it now, which properties it sets."""
+        spec = self.config.sidecar.xmp
+        if spec is None:
+            return {}
+        from mmwatchd import xmp
+
+        return {"xmp": {**xmp.preview(xmp.xmp_path(path, spec.naming)), "description_from": spec.description,
+                        "keywords_from": spec.keywords, "prefix": spec.prefix}}  # fmt: skip
 
     def _header(self, path: Path, st: _Stat, sha256: str | None) -> dict[str, Any]:
         return {
@@ -777,7 +852,10 @@ class Processor:
         result = run_actions(
             spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status, sidecar_for=mirrored
         )
-        return replace(outcome, moved_to=result.path if result.moved else None, action_problems=result.problems)
+        problems = result.problems
+        if result.moved and self.config.sidecar.xmp is not None:
+            problems = (*problems, *_move_xmp(outcome.path, result.path, self.config.sidecar.xmp.naming))
+        return replace(outcome, moved_to=result.path if result.moved else None, action_problems=problems)
 
 
 #: Prompt values an image's facts can take, at their longest (pixel counts are capped by limits.max_pixels).
@@ -788,6 +866,34 @@ def _short(said: str) -> str:
     """A server's words as a sidecar records them: one line, at most 120 characters."""
     said = " ".join(said.split())
     return said if len(said) <= 120 else said[:119] + "…"
+
+
+def _move_xmp(old: Path, new: Path, naming: Literal["name", "stem"]) -> tuple[str, ...]:
+    """An XMP sidecar follows its file when ``move_to`` moves it (photo apps look for it beside the file)."""
+    from mmwatchd.xmp import xmp_path
+
+    source = xmp_path(old, naming)
+    if not os.path.lexists(source):
+        return ()
+    target = new.with_name(new.name + ".xmp") if naming == "name" else new.with_name(new.stem + ".xmp")
+    if source.name == old.stem + ".xmp" and naming == "name":
+        target = new.with_name(new.stem + ".xmp")  # Lightroom's name stays Lightroom's name
+    if os.path.lexists(target):
+        return (f"move_to: {target} already exists; the XMP sidecar stays at {source}",)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        return (f"move_to: cannot move the XMP sidecar {source}: {exc.strerror or exc}",)
+    return ()
+
+
+def _vocabularies(config: Config) -> dict[str, Vocabulary]:
+    """Each rule's keyword vocabulary, loaded once per config (the config check has already parsed each file)."""
+    if not any(r.keywords for r in config.rules):
+        return {}
+    from mmwatchd.vocabulary import load
+
+    return {r.name: load(r.keywords.vocabulary) for r in config.rules if r.keywords is not None}
 
 
 def _quoted(text: str) -> str:

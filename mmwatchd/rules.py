@@ -38,6 +38,7 @@ PLACEHOLDERS: Mapping[str, str] = {
     "duration_s": "video length in seconds (empty for images)",
     "fps": "video frame rate (empty for images)",
     "frames": "number of video frames sent (empty for images)",
+    "vocabulary": "the rule's keyword vocabulary (rules[].keywords), compact, for the model to choose from",
 }
 
 _FORMATTER = string.Formatter()
@@ -139,6 +140,8 @@ def fingerprint(rule: Rule, endpoint: EndpointConfig, kind: str = "image") -> st
         **({"max_video_frames": cap} if video and cap is not None and video.frames > cap else {}),
         # A reference image that is edited or replaced changes the answer too.
         "references": [_file_identity(p) for p in rule.reference_images],
+        # Only rules that map keywords: an edited vocabulary changes what the model is offered and what is kept.
+        **({"keywords": [_file_identity(rule.keywords.vocabulary), rule.keywords.unknown]} if rule.keywords else {}),
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]

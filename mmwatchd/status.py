@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from mmwatchd import rules, sidecar
@@ -27,11 +28,16 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
     index = DoneIndex(cfg, state.done_index())
     answers: dict[str, Literal["ok", "error"]] = {}  # for entries that predate the answer column
     roots: dict[str, dict[str, int]] = {}
+    has_xmp = _xmp_counter(cfg)
     for root in cfg.watch:
         counts = {"done": 0, "failed": 0, "pending": 0, "retrying": 0, "foreign": 0}
+        if has_xmp is not None:
+            counts["xmp"] = 0
         for name, row in index.walk(root):
             if row is not None and row.status is not None:
                 counts["failed" if row.status == "error" else "done"] += 1
+                if has_xmp is not None and row.status != "error":
+                    counts["xmp"] += has_xmp(name)
                 continue
             path = Path(name)
             where = _classify(cfg, root.path, path)
@@ -42,6 +48,8 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
             elif row is not None and where in ("done", "failed"):
                 answers[name] = "ok" if where == "done" else "error"  # so the next status counts it from the index
             counts[where] += 1
+            if has_xmp is not None and where == "done":
+                counts["xmp"] += has_xmp(name)
         roots[str(root.path)] = counts
     if answers:
         state.set_answers(answers)
@@ -95,6 +103,16 @@ def _classify(cfg: Config, root: Path, path: Path) -> str | None:
     return "failed" if doc.get("status") == "error" else "done"
 
 
+def _xmp_counter(cfg: Config) -> Callable[[str], bool] | None:
+    """With ``sidecar.xmp`` on: whether a described file has its XMP sidecar (a look at the folder, nothing read)."""
+    spec = cfg.sidecar.xmp
+    if spec is None:
+        return None
+    from mmwatchd.xmp import xmp_path
+
+    return lambda name: os.path.lexists(xmp_path(Path(name), spec.naming))
+
+
 def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
@@ -103,7 +121,8 @@ def render(report: dict[str, Any]) -> str:
     """The report for a person."""
     lines = []
     for root, c in report["roots"].items():
-        extra = f", {c['foreign']} blocked by a foreign file" if c["foreign"] else ""
+        extra = f", {c['xmp']} with an XMP sidecar" if "xmp" in c else ""
+        extra += f", {c['foreign']} blocked by a foreign file" if c["foreign"] else ""
         lines.append(
             f"{root}: {c['done']} done, {c['failed']} failed, {c['pending']} pending, {c['retrying']} retrying{extra}"
         )

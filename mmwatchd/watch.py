@@ -119,14 +119,16 @@ def _ignored_name(name: str) -> bool:
 
 
 def _is_sidecar(name: str, sidecar_suffix: str) -> bool:
-    return bool(sidecar_suffix) and name.casefold().endswith(sidecar_suffix.casefold())
+    # XMP sidecars (ours, and those photo apps write) are never media: no need to sniff them to know it.
+    folded = name.casefold()
+    return (bool(sidecar_suffix) and folded.endswith(sidecar_suffix.casefold())) or folded.endswith(".xmp")
 
 
 def is_ignored(rel_path: str, *, sidecar_suffix: str) -> bool:
     """True when ``rel_path`` (relative to its root, ``/``-separated) is never processed.
 
-    That is: any hidden component, temp and partial-download names, NAS/macOS/Windows junk, and our own sidecars
-    (a name ending in ``sidecar_suffix``) and temp files. Folder names count too: nothing below ``@eaDir/`` or a
+    That is: any hidden component, temp and partial-download names, NAS/macOS/Windows junk, XMP sidecars, and our
+    own sidecars (a name ending in ``sidecar_suffix``) and temp files. Folder names count too: nothing below ``@eaDir/`` or a
     ``photos.tmp/`` being assembled is wanted (once such a folder is renamed, its files arrive as moved events).
     """
     parts = [p for p in rel_path.replace("\\", "/").split("/") if p]
