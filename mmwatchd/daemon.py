@@ -45,7 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from mmwatchd.config import Config
+from mmwatchd.model import Config
 from mmwatchd.errors import (
     ConfigError,
     SidecarError,

@@ -18,8 +18,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmwatchd.config import Config
-from mmwatchd.model import WatchRoot
+from mmwatchd.model import Config, WatchRoot
 from mmwatchd.rules import fingerprint
 from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate

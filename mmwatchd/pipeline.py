@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mmwatchd import __version__, rules, sidecar
 from mmwatchd.actions import run_actions
-from mmwatchd.config import Config, Rule
+from mmwatchd.model import Config, Rule
 from mmwatchd.errors import (
     BudgetExceeded,
     DecodeError,
