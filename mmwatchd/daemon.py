@@ -64,7 +64,9 @@ from mmwatchd.pipeline import Outcome, Processor
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
-from mmwatchd.watch import StabilityTracker, Watcher, log_scan_error, wanted
+from mmwatchd.settle import StabilityTracker
+from mmwatchd.walk import log_scan_error, wanted
+from mmwatchd.watch import Watcher
 
 if TYPE_CHECKING:
     from mmwatchd.vlm import VLMClient

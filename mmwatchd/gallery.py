@@ -36,7 +36,7 @@ from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import media_suffix_kind, sniff
 from mmwatchd.model import Config, ImageSpec, LinearBudget, VideoSpec, WatchRoot
 from mmwatchd.search import caption_and_tags
-from mmwatchd.watch import ScanErrorCallback, scan_paths
+from mmwatchd.walk import ScanErrorCallback, scan_paths
 
 #: Thumbnails: one JPEG of at most this many pixels a side; a video gets a strip of a few smaller frames.
 THUMB_SPEC = ImageSpec(max_side=320, format="jpeg", quality=75, min_quality=40, passthrough=False)

@@ -45,7 +45,7 @@ from mmwatchd.servers import (
     is_video_format_refusal,
     server_from_url,
 )
-from mmwatchd.watch import link_allowed
+from mmwatchd.walk import link_allowed
 from mmwatchd.wire import build_body, request_bytes
 
 if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with nothing to send never needs

@@ -41,6 +41,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "mmwatchd.sidecar",
         "mmwatchd.state",
+        "mmwatchd.walk",
+        "mmwatchd.settle",
         "mmwatchd.watch",
         "mmwatchd.index",
         "mmwatchd.actions",
@@ -136,3 +138,20 @@ def test_no_import_cycle() -> None:
     for m in MODULES:
         if m not in state:
             visit(m, [m])
+
+
+@pytest.mark.parametrize(
+    "module", ["mmwatchd.walk", "mmwatchd.settle", "mmwatchd.index", "mmwatchd.gallery", "mmwatchd.search", "mmwatchd.pipeline"]
+)
+def test_walking_folders_does_not_load_watchdog(module: str) -> None:
+    """The pipeline, the done-index, the gallery and search walk folders and filter names; only the live watch
+    needs watchdog (and its threads)."""
+    code = f"import importlib, sys; importlib.import_module({module!r}); print('watchdog' in sys.modules)"
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "False"), run.stderr

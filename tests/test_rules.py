@@ -10,7 +10,7 @@ from mmwatchd import config, rules, templates
 from mmwatchd.cli import main
 from mmwatchd.model import MatchSpec, Rule
 from mmwatchd.globs import compile_glob, glob_match
-from mmwatchd.watch import scan, wanted
+from mmwatchd.walk import scan, wanted
 from mmwatchd.model import EndpointConfig, ImageSpec
 
 
