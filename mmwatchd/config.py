@@ -19,7 +19,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from mmwatchd.errors import ConfigError
-from mmwatchd.model import ActionSpec, Config, KeyPath, _valid_globs, dotted, locate
+from mmwatchd.model import ActionSpec, Config, KeyPath, check_globs, dotted, locate
 from mmwatchd.templates import check_template
 
 _ADAPTER = TypeAdapter(Config)
@@ -289,7 +289,7 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
         for key in ("include", "exclude"):
             for j, pattern in enumerate(getattr(root, key)):
                 try:
-                    _valid_globs((pattern,))
+                    check_globs((pattern,))
                 except ValueError as exc:
                     problems.append(f"{locate(source, positions, ('watch', i, key, j))}: {exc}")
     for i, rule in enumerate(cfg.rules):

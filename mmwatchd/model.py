@@ -377,7 +377,7 @@ def _as_tuple(value: object) -> object:
     return (value,) if isinstance(value, str) else value
 
 
-def _valid_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
+def check_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
     for p in patterns:
         compile_glob(p)  # ValueError becomes a config error at this key
     return patterns
@@ -394,7 +394,7 @@ def _valid_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-Globs = Annotated[tuple[str, ...], _Before(_as_tuple), _After(_valid_globs)]
+Globs = Annotated[tuple[str, ...], _Before(_as_tuple), _After(check_globs)]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

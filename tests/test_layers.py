@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.media",
         "mmwatchd.isolate",
         "mmwatchd.encode",
+        "mmwatchd.encode.budget",
         "mmwatchd.encode.strip",
         "mmwatchd.encode.raw",
         "mmwatchd.encode.image",
@@ -119,6 +120,19 @@ def _top_level_imports(module: str) -> set[str]:
             out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)
     return {m for m in out if m in LAYER_OF and m != module}
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A name one module shares with another is public: a private import (the video encoder once borrowed the image
+    encoder's tuning constants) hides a dependency that belongs in a module of its own."""
+    found = []
+    for module in MODULES:
+        path = PACKAGE.parent.joinpath(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("mmwatchd")):
+                found += [f"{module}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+    assert not found
 
 
 def test_no_import_cycle() -> None:
