@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mmwatchd"
 #: Bottom first. A module may import modules of its own layer and of the layers below it, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # Plain building blocks: no mmwatchd imports of their own.
-    ("mmwatchd", "mmwatchd.errors", "mmwatchd.log", "mmwatchd.globs", "mmwatchd.templates"),
+    ("mmwatchd", "mmwatchd.errors", "mmwatchd.log", "mmwatchd.globs", "mmwatchd.templates", "mmwatchd.isobmff"),
     # Every frozen value: the config specs and what passes between stages.
     ("mmwatchd.model",),
     # Reading and encoding media, in isolated decoder processes.

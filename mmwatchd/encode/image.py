@@ -42,6 +42,7 @@ from PIL import Image, ImageMath, UnidentifiedImageError
 from mmwatchd.encode.budget import GOOD_ENOUGH, QUALITY_SLOPE, SCALE_EXPONENT, max_payload
 from mmwatchd.encode.raw import open_raw
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.media import RAW_FORMATS, Sniffed, read_head
 from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len
 
@@ -210,19 +211,14 @@ def _scan_isobmff(fp: BinaryIO, size: int) -> str:
     pos = 0
     while pos < size:
         fp.seek(pos)
-        header = fp.read(16)
-        if len(header) < 8:
+        box = read_header(fp.read(HEADER_MAX), pos)
+        if box is None:
             return "truncated"
-        box, btype = struct.unpack(">I4s", header[:8])
-        if box == 1:
-            if len(header) < 16:
-                return "truncated"
-            box = struct.unpack(">Q", header[8:16])[0]
-        elif box == 0:  # "extends to the end of the file"
+        if box.size is None:  # "extends to the end of the file"
             return ""
-        if box < 8 or not all(32 <= c < 127 or c == 0xA9 for c in btype):
+        if box.size < 8 or not all(32 <= c < 127 or c == 0xA9 for c in box.kind):
             return "damaged"
-        pos += box
+        pos += box.size
     return "" if pos == size else "truncated"
 
 

@@ -43,6 +43,7 @@ from PIL import Image
 from mmwatchd.encode.budget import QUALITY_SLOPE, SCALE_EXPONENT, Budget, FrameRoom, search
 from mmwatchd.encode.image import fit_size, save_image, translate_pillow
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.media import Sniffed, read_head
 from mmwatchd.model import (
     EncodedVideo,
@@ -186,20 +187,13 @@ def _boxes(fp: BinaryIO, start: int, end: int) -> Iterator[tuple[bytes, int, int
     pos = start
     while pos + 8 <= end:
         fp.seek(pos)
-        header = fp.read(16)
-        if len(header) < 8:
+        box = read_header(fp.read(HEADER_MAX), pos)
+        if box is None:
             return
-        size, kind = struct.unpack(">I4s", header[:8])
-        payload = pos + 8
-        if size == 1:
-            if len(header) < 16:
-                return
-            size, payload = struct.unpack(">Q", header[8:16])[0], pos + 16
-        elif size == 0:
-            size = end - pos
-        if size < payload - pos or pos + size > end:
+        size = end - pos if box.size is None else box.size
+        if size < box.payload - pos or pos + size > end:
             return
-        yield kind, payload, pos + size
+        yield box.kind, box.payload, pos + size
         pos += size
 
 
