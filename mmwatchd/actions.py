@@ -21,7 +21,7 @@ wrong, in one line each, for the log. Whatever fails, the media file and its sid
 - **Containment:** the target is ``move_to`` plus the file's folder relative to its watch root. A relative path with
   ``..``, or a target folder that resolves (through symlinks) outside ``move_to``, is refused.
 
-The hook runs after the move, without a shell, with the placeholders of prompts (``rules.PLACEHOLDERS``) plus
+The hook runs after the move, without a shell, with the placeholders of prompts (``templates.PLACEHOLDERS``) plus
 ``{sidecar}`` and ``{status}``; ``{path}``, ``{name}``, ``{stem}`` and ``{folder}`` describe where the file is *now*
 (``{relpath}`` stays relative to the watch root). Each argument gets the values as they are: prompts quote file names
 (they are data there), but in an argv the argument boundary already does that, and quotes would become part of the
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmwatchd.model import ActionSpec
-from mmwatchd.rules import render
+from mmwatchd.templates import render
 from mmwatchd.sidecar import TEMP_MARK, fsync_dir
 
 #: Highest clash number tried before the move is given up.

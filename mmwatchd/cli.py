@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from pathlib import Path
 
 from mmwatchd import __version__, config as config_mod, log as log_mod, sidecar
-from mmwatchd.config import Config
+from mmwatchd.model import Config
 from mmwatchd.errors import ConfigError, MmwatchdError, StateError
 from mmwatchd.pipeline import Outcome, Processor
 

@@ -1,6 +1,6 @@
 """YAML → frozen, typed config. Every problem is reported with ``file:line:col`` and its key path.
 
-Validation is pydantic's, run straight on the dataclasses (here and in model.py), so each constraint is stated once.
+Validation is pydantic's, run straight on the dataclasses in model.py, so each constraint is stated once.
 Unknown keys and duplicate keys are errors: a typo must never be silently ignored.
 """
 
@@ -11,124 +11,16 @@ import os
 import re
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import jsonschema
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from mmwatchd import rules
 from mmwatchd.errors import ConfigError
-from mmwatchd.model import _STRICT, ActionSpec, EndpointConfig, ImageSpec, Limits, VideoSpec, WatchRoot
-from mmwatchd.xmpspec import KeywordsSpec, XmpSpec
-
-KeyPath = tuple[str | int, ...]
-
-
-def _as_tuple(value: object) -> object:
-    return (value,) if isinstance(value, str) else value
-
-
-def _valid_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
-    from mmwatchd.globs import compile_glob
-
-    for p in patterns:
-        compile_glob(p)  # ValueError becomes a config error at this key
-    return patterns
-
-
-def _valid_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-    except jsonschema.exceptions.SchemaError as exc:
-        raise ValueError(f"not a valid JSON schema: at {exc.json_path}: {exc.message}") from None
-    return schema
-
-
-Globs = Annotated[tuple[str, ...], BeforeValidator(_as_tuple), AfterValidator(_valid_globs)]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MatchSpec:
-    __pydantic_config__ = _STRICT
-
-    kind: Literal["image", "video", "any"] = "any"
-    #: Patterns relative to the watch root (see globs.py); a file outside every root is matched by its name.
-    glob: Globs = ("**/*",)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Rule:
-    """What to ask about the files a rule matches; the first matching rule wins."""
-
-    __pydantic_config__ = _STRICT
-
-    name: Annotated[str, Field(min_length=1, pattern=r"^[\w.-]+$")]
-    prompt: Annotated[str, Field(min_length=1), AfterValidator(rules.check_template)]
-    match: MatchSpec = MatchSpec()
-    system: Annotated[str, AfterValidator(rules.check_template)] | None = None
-    #: JSON schema the reply must follow; sent as ``response_format`` (json_schema).
-    schema: Annotated[dict[str, Any], AfterValidator(_valid_schema)] | None = None
-    #: Overrides of the endpoint's defaults for this rule.
-    model: Annotated[str, Field(min_length=1)] | None = None
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    image: ImageSpec = ImageSpec()
-    #: How videos are sampled and sent. Animated GIF/WebP are sent as videos only when a rule sets this.
-    video: VideoSpec | None = None
-    #: Images sent before the file's own parts, in this order, with every request of this rule.
-    reference_images: tuple[Path, ...] = ()
-    #: What to do with the file and its sidecar once described, or once it failed for good.
-    on_success: ActionSpec | None = None
-    on_error: ActionSpec | None = None
-    #: Map the model's keywords onto a person's own tags (and offer them through {vocabulary}).
-    keywords: KeywordsSpec | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SidecarConfig:
-    __pydantic_config__ = _STRICT
-
-    #: Appended to the media file's full name: IMG_1.jpg → IMG_1.jpg.json
-    suffix: Annotated[str, Field(pattern=r"^\.[A-Za-z0-9._-]+$")] = ".json"
-    #: Write sidecars into this folder, under each media file's full path, instead of beside the media (for
-    #: read-only photo folders): /srv/photos/a.jpg → <dir>/srv/photos/a.jpg.json. Files outside every watched
-    #: folder go to its top level.
-    dir: Path | None = None
-    #: Also write an XMP sidecar beside the media, for photo apps (off unless set; ``xmp: {}`` for the defaults).
-    xmp: XmpSpec | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    __pydantic_config__ = _STRICT
-
-    endpoint: EndpointConfig = EndpointConfig()
-    watch: tuple[WatchRoot, ...] = ()
-    #: Quiet time before a file counts as complete.
-    settle_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
-    rules: Annotated[tuple[Rule, ...], Field(min_length=1)]
-    sidecar: SidecarConfig = SidecarConfig()
-    limits: Limits = Limits()
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    #: Full rescan of every watched folder this often, as a safety net for missed events (0: never).
-    rescan_interval_s: Annotated[float, Field(ge=0)] = 600.0
-    #: Where no terminal shows a progress bar (journald, CI, a pipe): a progress log line this often during a scan,
-    #: ``once`` with several files, and the service's startup backlog (0: none).
-    progress_interval_s: Annotated[float, Field(ge=0)] = 30.0
-    #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
-    state_dir: Path | None = None
-    #: Where the config came from, and where each key sits in it (for messages about values found later).
-    source: Path | None = field(default=None, compare=False)
-    positions: Mapping[KeyPath, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
-
-    def where(self, path: KeyPath) -> str:
-        """``file:line:col: key.path`` for a key, as config errors print it."""
-        return _locate(self.source, self.positions, path)
-
+from mmwatchd.model import ActionSpec, Config, KeyPath, check_globs, dotted, locate
+from mmwatchd.templates import check_template, template_fields
 
 _ADAPTER = TypeAdapter(Config)
 _UNSET_IN_YAML = {"source", "positions"}
@@ -202,7 +94,7 @@ def loads(text: str, *, source: Path | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}:1:1: the top level must be a mapping of keys (endpoint:, watch:, rules:, ...)")
     for k in _UNSET_IN_YAML & data.keys():
-        problems.append(f"{_locate(source, key_positions, (k,))}: unknown key")
+        problems.append(f"{locate(source, key_positions, (k,))}: unknown key")
         del data[k]
     base = source.parent if source else Path.cwd()
     for root in data.get("watch") or []:
@@ -278,29 +170,13 @@ class _Reader:
             if key in out:
                 first = self.key_positions[(*path, key)]
                 self.problems.append(
-                    f"{self.name}:{kpos[0]}:{kpos[1]}: {_dotted((*path, key))}: duplicate key "
+                    f"{self.name}:{kpos[0]}:{kpos[1]}: {dotted((*path, key))}: duplicate key "
                     f"(first at line {first[0]}); only one may stay"
                 )
                 continue
             self.key_positions[(*path, key)] = kpos
             out[key] = self.read(value_node, (*path, key))
         return out
-
-
-def _dotted(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _locate(source: Path | None, positions: Mapping[KeyPath, tuple[int, int]], path: KeyPath) -> str:
-    name = str(source) if source else "<config>"
-    for n in range(len(path), -1, -1):
-        if path[:n] in positions:
-            line, col = positions[path[:n]]
-            return f"{name}:{line}:{col}: {_dotted(path)}"
-    return f"{name}: {_dotted(path)}"
 
 
 def _data_path(loc: tuple[Any, ...], data: Any) -> KeyPath:
@@ -367,11 +243,11 @@ def _explain(
             msg = "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             if known and not hint:
                 msg += f"; allowed here: {', '.join(known)}"
-            line = f"{_locate(source, key_positions, path)}: {msg}"
+            line = f"{locate(source, key_positions, path)}: {msg}"
         elif kind == "missing" or kind == "missing_keyword_argument":
-            line = f"{_locate(source, positions, path)}: required key is missing"
+            line = f"{locate(source, positions, path)}: required key is missing"
         else:
-            line = f"{_locate(source, positions, path)}: {_message(err)}"
+            line = f"{locate(source, positions, path)}: {_message(err)}"
         if line not in seen:
             seen.add(line)
             out.append(line)
@@ -408,7 +284,7 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
         for i, value in enumerate(values):
             if value in first:
                 problems.append(
-                    f"{_locate(source, positions, (section, i, key))}: {str(value)!r} is already used by "
+                    f"{locate(source, positions, (section, i, key))}: {str(value)!r} is already used by "
                     f"{section}[{first[value]}]; each {key} may appear once"
                 )
             first.setdefault(value, i)
@@ -416,32 +292,32 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
         for key in ("include", "exclude"):
             for j, pattern in enumerate(getattr(root, key)):
                 try:
-                    _valid_globs((pattern,))
+                    check_globs((pattern,))
                 except ValueError as exc:
-                    problems.append(f"{_locate(source, positions, ('watch', i, key, j))}: {exc}")
+                    problems.append(f"{locate(source, positions, ('watch', i, key, j))}: {exc}")
     for i, rule in enumerate(cfg.rules):
         for key in ("prompt", "system"):
             text = getattr(rule, key)
-            if rule.keywords is None and text and "vocabulary" in rules.template_fields(text):
+            if rule.keywords is None and text and "vocabulary" in template_fields(text):
                 problems.append(
-                    f"{_locate(source, positions, ('rules', i, key))}: {{vocabulary}} needs a vocabulary: set "
+                    f"{locate(source, positions, ('rules', i, key))}: {{vocabulary}} needs a vocabulary: set "
                     f"rules[{i}].keywords.vocabulary to a keyword file, or remove the placeholder"
                 )
         for key in ("on_success", "on_error"):
             action: ActionSpec | None = getattr(rule, key)
             for j, arg in enumerate(action.exec or () if action else ()):
                 try:
-                    rules.check_template(arg, extra=("sidecar", "status"))
+                    check_template(arg, extra=("sidecar", "status"))
                 except ValueError as exc:
-                    problems.append(f"{_locate(source, positions, ('rules', i, key, 'exec', j))}: {exc}")
+                    problems.append(f"{locate(source, positions, ('rules', i, key, 'exec', j))}: {exc}")
         for j, ref in enumerate(rule.reference_images):
             if not ref.is_file():
                 problems.append(
-                    f"{_locate(source, positions, ('rules', i, 'reference_images', j))}: {ref} is not a readable file"
+                    f"{locate(source, positions, ('rules', i, 'reference_images', j))}: {ref} is not a readable file"
                 )
     if cfg.endpoint.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.endpoint.api_key_env):
         problems.append(
-            f"{_locate(source, positions, ('endpoint', 'api_key_env'))}: must be the NAME of an environment "
+            f"{locate(source, positions, ('endpoint', 'api_key_env'))}: must be the NAME of an environment "
             "variable (like OPENAI_API_KEY), not the key itself"
         )
     return problems

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmwatchd import search
 from mmwatchd import sidecar as sidecar_mod
-from mmwatchd.config import Config
+from mmwatchd.model import Config
 from mmwatchd.errors import (
     ConfigError,
     SidecarError,
@@ -67,7 +67,9 @@ from mmwatchd.progress import Snapshot
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
-from mmwatchd.watch import StabilityTracker, Watcher, log_scan_error, wanted
+from mmwatchd.settle import StabilityTracker
+from mmwatchd.walk import log_scan_error, wanted
+from mmwatchd.watch import Watcher
 
 if TYPE_CHECKING:
     from mmwatchd.vlm import VLMClient

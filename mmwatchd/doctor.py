@@ -24,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mmwatchd.config import Config
 from mmwatchd.errors import VLMBadReply, VLMError, VLMRejected
-from mmwatchd.model import Part, VLMRequest, data_url_len
+from mmwatchd.model import Config, Part, VLMRequest, data_url_len
 from mmwatchd.servers import Capabilities, is_video_format_refusal, server_from_url
 from mmwatchd.wire import request_bytes
 

@@ -31,13 +31,12 @@ from typing import Any
 from urllib.parse import quote
 
 from mmwatchd import rules, sidecar
-from mmwatchd.config import Config
 from mmwatchd.errors import ForeignSidecar, MmwatchdError, SidecarError
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import media_suffix_kind, sniff
-from mmwatchd.model import ImageSpec, LinearBudget, VideoSpec, WatchRoot
+from mmwatchd.model import Config, ImageSpec, LinearBudget, VideoSpec, WatchRoot
 from mmwatchd.search import caption_and_tags
-from mmwatchd.watch import ScanErrorCallback, scan_paths
+from mmwatchd.walk import ScanErrorCallback, scan_paths
 
 #: Thumbnails: one JPEG of at most this many pixels a side; a video gets a strip of a few smaller frames.
 THUMB_SPEC = ImageSpec(max_side=320, format="jpeg", quality=75, min_quality=40, passthrough=False)

@@ -18,14 +18,13 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mmwatchd.config import Config
-from mmwatchd.model import WatchRoot
+from mmwatchd.model import Config, WatchRoot
 from mmwatchd.rules import fingerprint
 from mmwatchd.rules import match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate
 from mmwatchd.sidecar import sidecar_path
 from mmwatchd.state import DoneRow
-from mmwatchd.watch import ScanErrorCallback, scan_paths
+from mmwatchd.walk import ScanErrorCallback, scan_paths
 
 
 class DoneIndex:
@@ -45,7 +44,7 @@ class DoneIndex:
         on_error: ScanErrorCallback | None = None,
         on_temp: Callable[[Path], None] | None = None,
     ) -> Iterator[tuple[str, DoneRow | None]]:
-        """Every wanted file under ``root`` (:func:`mmwatchd.watch.scan_paths`, which takes ``on_error`` and
+        """Every wanted file under ``root`` (:func:`mmwatchd.walk.scan_paths`, which takes ``on_error`` and
         ``on_temp``), with its entry when the index proves it done, else None."""
         sidecars: set[str] = set()
         prefix = len(os.path.join(root.path, ""))

@@ -1,14 +1,20 @@
-"""Frozen values passed between stages. Payload bytes never appear in a repr."""
+"""Frozen values: the whole config (every spec the YAML fills in) and what passes between stages.
+
+Payload bytes never appear in a repr. config.py reads the YAML into these classes and reports what is wrong with it.
+"""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, MinLen
+
+from mmwatchd.globs import compile_glob
+from mmwatchd.templates import check_template
 
 MediaKind = Literal["image", "video"]
 ImageFormat = Literal["jpeg", "png", "webp"]
@@ -21,6 +27,44 @@ Positive = Annotated[int, Gt(0)]
 PositiveFloat = Annotated[float, Gt(0)]
 Byte = Annotated[int, Ge(0), Le(255)]
 
+
+@dataclass(frozen=True, slots=True)
+class _Before:
+    """``Annotated`` marker: pydantic runs ``fn`` on the raw value before its own validation (pydantic's
+    ``BeforeValidator``, without importing pydantic here)."""
+
+    fn: Callable[[Any], Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_before_validator_function(self.fn, handler(source))
+
+
+@dataclass(frozen=True, slots=True)
+class _After:
+    """``Annotated`` marker: pydantic runs ``fn`` on the validated value; a ValueError is reported at the key
+    (pydantic's ``AfterValidator``, without importing pydantic here)."""
+
+    fn: Callable[[Any], Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.fn, handler(source))
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """``Annotated[str, _Pattern(regex)]``: the whole string must match (pydantic's ``Field(pattern=...)``)."""
+
+    regex: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        schema = handler(source)
+        if schema.get("type") != "str":
+            raise TypeError(f"_Pattern applies to str fields, not {schema.get('type')}")
+        return {**schema, "pattern": self.regex}
 
 
 def _http_url(value: str) -> str:
@@ -323,3 +367,185 @@ class LinearBudget:
 
     def __call__(self, n: int) -> int:
         return self.first - self.per_part * (n - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rules and the whole config
+
+
+def _as_tuple(value: object) -> object:
+    return (value,) if isinstance(value, str) else value
+
+
+def check_globs(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    for p in patterns:
+        compile_glob(p)  # ValueError becomes a config error at this key
+    return patterns
+
+
+def _valid_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    import jsonschema  # only the config loader validates schemas; decoder processes never need it
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        raise ValueError(f"not a valid JSON schema: at {exc.json_path}: {exc.message}") from None
+    return schema
+
+
+Globs = Annotated[tuple[str, ...], _Before(_as_tuple), _After(check_globs)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MatchSpec:
+    __pydantic_config__ = _STRICT
+
+    kind: Literal["image", "video", "any"] = "any"
+    #: Patterns relative to the watch root (see globs.py); a file outside every root is matched by its name.
+    glob: Globs = ("**/*",)
+
+
+
+def _xmp_prefix(value: str) -> str:
+    from mmwatchd.vocabulary import split_prefix
+
+    levels = split_prefix(value)  # ValueError: reported at the key
+    return "/".join(levels) + "/" if levels else ""
+
+
+def _vocabulary_file(value: Path) -> Path:
+    """The file must parse: its problems are config problems, reported when the config is checked, not per photo."""
+    from mmwatchd.errors import ConfigError
+    from mmwatchd.vocabulary import load
+
+    try:
+        load(value)
+    except ConfigError as exc:
+        raise ValueError("; ".join(exc.problems)) from None
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class XmpSpec:
+    """``sidecar.xmp``: also write an XMP sidecar that photo apps read (the JSON sidecar stays the record)."""
+
+    __pydantic_config__ = _STRICT
+
+    #: Key of the reply object that holds the caption (rules with a schema); a rule without a schema gives its whole
+    #: reply text. None: never write a description.
+    description: Annotated[str, MinLen(1)] | None = "caption"
+    #: Key of the reply object that holds the keywords: a list of strings, or one comma-separated string. None: no
+    #: keywords.
+    keywords: Annotated[str, MinLen(1)] | None = "tags"
+    #: Put the model's own keywords under this hierarchy ("AI/" → AI|dog, AI/dog), to tell them from a person's.
+    #: Keywords found in a rule's vocabulary keep the vocabulary's hierarchy instead.
+    prefix: Annotated[str, _After(_xmp_prefix)] = ""
+    #: "name": IMG_1.jpg.xmp (Immich, digiKam, darktable), or IMG_1.xmp when only that one exists (Lightroom);
+    #: "stem": always IMG_1.xmp.
+    naming: Literal["name", "stem"] = "name"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeywordsSpec:
+    """``rules[].keywords``: map the model's keywords onto the tags a person already uses."""
+
+    __pydantic_config__ = _STRICT
+
+    #: Text file, one keyword a line, hierarchy with '/', synonyms after ';' (Animals/Dog; dog, dogs, puppy).
+    #: Offered to the model through the {vocabulary} prompt placeholder.
+    vocabulary: Annotated[Path, _After(_vocabulary_file)]
+    #: What becomes of keywords the vocabulary does not have: kept (under sidecar.xmp.prefix) or dropped.
+    unknown: Literal["keep", "drop"] = "keep"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """What to ask about the files a rule matches; the first matching rule wins."""
+
+    __pydantic_config__ = _STRICT
+
+    name: Annotated[str, MinLen(1), _Pattern(r"^[\w.-]+$")]
+    prompt: Annotated[str, MinLen(1), _After(check_template)]
+    match: MatchSpec = MatchSpec()
+    system: Annotated[str, _After(check_template)] | None = None
+    #: JSON schema the reply must follow; sent as ``response_format`` (json_schema).
+    schema: Annotated[dict[str, Any], _After(_valid_schema)] | None = None
+    #: Overrides of the endpoint's defaults for this rule.
+    model: Annotated[str, MinLen(1)] | None = None
+    max_tokens: Annotated[int, Gt(0)] | None = None
+    temperature: Annotated[float, Ge(0), Le(2)] | None = None
+    image: ImageSpec = ImageSpec()
+    #: How videos are sampled and sent. Animated GIF/WebP are sent as videos only when a rule sets this.
+    video: VideoSpec | None = None
+    #: Images sent before the file's own parts, in this order, with every request of this rule.
+    reference_images: tuple[Path, ...] = ()
+    #: What to do with the file and its sidecar once described, or once it failed for good.
+    on_success: ActionSpec | None = None
+    on_error: ActionSpec | None = None
+    #: Map the model's keywords onto a person's own tags (and offer them through {vocabulary}).
+    keywords: KeywordsSpec | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SidecarConfig:
+    __pydantic_config__ = _STRICT
+
+    #: Appended to the media file's full name: IMG_1.jpg → IMG_1.jpg.json
+    suffix: Annotated[str, _Pattern(r"^\.[A-Za-z0-9._-]+$")] = ".json"
+    #: Write sidecars into this folder, under each media file's full path, instead of beside the media (for
+    #: read-only photo folders): /srv/photos/a.jpg → <dir>/srv/photos/a.jpg.json. Files outside every watched
+    #: folder go to its top level.
+    dir: Path | None = None
+    #: Also write an XMP sidecar beside the media, for photo apps (off unless set; ``xmp: {}`` for the defaults).
+    xmp: XmpSpec | None = None
+
+
+#: Where a value sits in the config: keys and list indexes from the top.
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    __pydantic_config__ = _STRICT
+
+    endpoint: EndpointConfig = EndpointConfig()
+    watch: tuple[WatchRoot, ...] = ()
+    #: Quiet time before a file counts as complete.
+    settle_s: Annotated[float, Ge(0), Le(3600)] = 2.0
+    rules: Annotated[tuple[Rule, ...], MinLen(1)]
+    sidecar: SidecarConfig = SidecarConfig()
+    limits: Limits = Limits()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Full rescan of every watched folder this often, as a safety net for missed events (0: never).
+    rescan_interval_s: Annotated[float, Ge(0)] = 600.0
+    #: Where no terminal shows a progress bar (journald, CI, a pipe): a progress log line this often during a scan,
+    #: ``once`` with several files, and the service's startup backlog (0: none).
+    progress_interval_s: Annotated[float, Ge(0)] = 30.0
+    #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
+    state_dir: Path | None = None
+    #: Where the config came from, and where each key sits in it (for messages about values found later).
+    source: Path | None = field(default=None, compare=False)
+    positions: Mapping[KeyPath, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, path: KeyPath) -> str:
+        """``file:line:col: key.path`` for a key, as config errors print it."""
+        return locate(self.source, self.positions, path)
+
+
+def dotted(path: KeyPath) -> str:
+    """``rules[0].prompt`` for ``("rules", 0, "prompt")``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def locate(source: Path | None, positions: Mapping[KeyPath, tuple[int, int]], path: KeyPath) -> str:
+    """``file:line:col: key.path``, at the nearest enclosing key whose position is known."""
+    name = str(source) if source else "<config>"
+    for n in range(len(path), -1, -1):
+        if path[:n] in positions:
+            line, col = positions[path[:n]]
+            return f"{name}:{line}:{col}: {dotted(path)}"
+    return f"{name}: {dotted(path)}"

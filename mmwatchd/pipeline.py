@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mmwatchd import __version__, rules, sidecar
 from mmwatchd.actions import run_actions
-from mmwatchd.config import Config, Rule
+from mmwatchd.model import Config, Rule
 from mmwatchd.errors import (
     BudgetExceeded,
     DecodeError,
@@ -45,7 +45,7 @@ from mmwatchd.servers import (
     is_video_format_refusal,
     server_from_url,
 )
-from mmwatchd.watch import link_allowed
+from mmwatchd.walk import link_allowed
 from mmwatchd.wire import build_body, request_bytes
 
 if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with nothing to send never needs

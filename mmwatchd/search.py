@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmwatchd.config import Config
 from mmwatchd.errors import StateError
+from mmwatchd.model import Config
 from mmwatchd.sidecar import TEMP_MARK, is_ours
 
 FILENAME = "search.sqlite3"

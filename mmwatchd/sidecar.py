@@ -34,7 +34,7 @@ NAME_MAX = 255
 def sidecar_path(media: Path, suffix: str) -> Path:
     """``<name><suffix>`` beside the file; for a name too long to take the suffix, a shortened name that ends in a
     hash of the full one (still deterministic, and the sidecar records the full name in ``source.name``)."""
-    return media.with_name(_fit(media.name, suffix))
+    return media.with_name(fit_name(media.name, suffix))
 
 
 def locate(media: Path, *, suffix: str, mirror: Path | None, roots: Sequence[Path]) -> Path:
@@ -55,7 +55,7 @@ def locate(media: Path, *, suffix: str, mirror: Path | None, roots: Sequence[Pat
     return sidecar_path(mirror / media.relative_to(media.anchor), suffix)
 
 
-def _fit(name: str, tail: str, *, head: str = "") -> str:
+def fit_name(name: str, tail: str, *, head: str = "") -> str:
     """``head + name + tail``, with ``name`` shortened (keeping a hash of it) when the whole exceeds NAME_MAX bytes."""
     raw = os.fsencode(name)
     room = NAME_MAX - len(os.fsencode(head + tail))
@@ -118,7 +118,7 @@ def _encode(doc: Mapping[str, Any]) -> bytes:
 def temp_path(path: Path) -> Path:
     """A fresh temp name for ``path``'s sidecar: hidden, in the same folder, naming this process (see
     :func:`temp_writer`), so start-up cleanup can tell a killed writer's leftover from a live one."""
-    return path.with_name(_fit(path.name, f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}", head="."))
+    return path.with_name(fit_name(path.name, f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}", head="."))
 
 
 class Reservation:
@@ -169,7 +169,7 @@ class Reservation:
             raise
         except OSError as exc:
             _unlink_quietly(self.tmp)
-            raise SidecarError(f"{self.path}: cannot write sidecar: {_why(exc)}") from exc
+            raise SidecarError(f"{self.path}: cannot write sidecar: {os_reason(exc)}") from exc
         except BaseException:
             _unlink_quietly(self.tmp)
             raise
@@ -218,14 +218,14 @@ def reserve(path: Path, *, size: int) -> Reservation:
         if not path.parent.is_dir():  # a sidecar.dir mirror grows with the watched trees
             path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        _own_like_folder(fd, path.parent)
+        own_like_folder(fd, path.parent)
         _set_aside(fd, size)
     except OSError as exc:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
             _unlink_quietly(tmp)
-        raise SidecarError(f"{path.parent}: cannot write sidecars into this folder: {_why(exc)}") from exc
+        raise SidecarError(f"{path.parent}: cannot write sidecars into this folder: {os_reason(exc)}") from exc
     return Reservation(path, tmp, fd)
 
 
@@ -282,7 +282,7 @@ class Claim:
 
 
 def lock_path(sidecar: Path) -> Path:
-    return sidecar.with_name(_fit(sidecar.name, LOCK_MARK, head="."))
+    return sidecar.with_name(fit_name(sidecar.name, LOCK_MARK, head="."))
 
 
 def claim(sidecar: Path) -> Claim | None:
@@ -297,16 +297,16 @@ def claim(sidecar: Path) -> Claim | None:
                 path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
-            raise SidecarError(f"{path.parent}: cannot write sidecars into this folder: {_why(exc)}") from exc
+            raise SidecarError(f"{path.parent}: cannot write sidecars into this folder: {os_reason(exc)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _own_like_folder(fd, path.parent)  # like the sidecar: a root service leaves no root-owned leftover
+            own_like_folder(fd, path.parent)  # like the sidecar: a root service leaves no root-owned leftover
         except BlockingIOError:
             os.close(fd)
             return None
         except OSError as exc:
             os.close(fd)
-            raise SidecarError(f"{path}: cannot lock: {_why(exc)}") from exc
+            raise SidecarError(f"{path}: cannot lock: {os_reason(exc)}") from exc
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
         except FileNotFoundError:
@@ -331,7 +331,7 @@ def clear_leftover_lock(sidecar: Path) -> None:
                 c.release()
 
 
-def _own_like_folder(fd: int, folder: Path) -> None:
+def own_like_folder(fd: int, folder: Path) -> None:
     """A sidecar belongs to whoever owns its folder (a service running as root writing into a user's photos must
     not leave root-owned files there); the group follows the folder where we are allowed to set it."""
     try:
@@ -344,7 +344,7 @@ def _own_like_folder(fd: int, folder: Path) -> None:
         pass  # not allowed to change it: the file keeps our own user and group, which is still correct
 
 
-def _why(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     reason = exc.strerror or str(exc)
     then = "its files are tried again, and nothing is sent for them until their sidecars can be written"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

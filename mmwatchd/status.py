@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from mmwatchd import rules, sidecar
-from mmwatchd.config import Config
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
 from mmwatchd.media import media_suffix_kind, sniff
+from mmwatchd.model import Config
 from mmwatchd.state import State
 
 

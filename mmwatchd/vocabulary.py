@@ -230,3 +230,10 @@ def _path(text: str) -> tuple[KeywordPath, str]:
         return (), f"{text.strip()!r} contains '|', which photo apps use to separate levels; use '/' for hierarchy"
     return levels, ""
 
+
+def split_prefix(prefix: str) -> tuple[str, ...]:
+    """``"AI/"`` → ``("AI",)``. Raises ValueError for ``|`` or an empty level (the config reports it at the key)."""
+    levels = tuple(" ".join(p.split()) for p in prefix.strip().strip("/").split("/")) if prefix.strip("/ ") else ()
+    if not all(levels) or any("|" in level for level in levels):
+        raise ValueError(f"prefix {prefix!r}: write levels separated by '/', like 'AI/' (no '|', no empty level)")
+    return levels

@@ -1,11 +1,6 @@
-"""Which files to look at, and when a file is ready.
-
-- :func:`is_ignored` / :func:`wanted`: the filter shared by the startup scan, the rescan and the live watch.
-- :func:`scan`: a fast ``os.scandir`` walk of one root (startup pass and periodic safety-net rescan).
-- :class:`StabilityTracker`: a file is ready once it has stopped changing (quiet for ``settle_s`` and the same
-  size and mtime in two stats ``settle_s`` apart); a close-after-write shortens the wait.
-- :class:`Watcher`: watchdog observers (inotify, or polling for network shares) feeding a tracker; the daemon
-  calls :meth:`Watcher.ready` in a loop and gets absolute paths of files that are ready.
+"""The live watch: :class:`Watcher` runs watchdog observers (inotify, or polling for network shares) that feed a
+:class:`~mmwatchd.settle.StabilityTracker`; the daemon calls :meth:`Watcher.ready` in a loop and gets absolute paths of
+files that are ready. Which files count is :mod:`mmwatchd.walk`'s filter, the same as the scans'.
 
 What watchdog 7.1 delivers, and what the handler relies on:
 
@@ -23,18 +18,13 @@ What watchdog 7.1 delivers, and what the handler relies on:
 from __future__ import annotations
 
 import errno
-import heapq
 import inspect
-import itertools
 import logging
 import os
-import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from operator import attrgetter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -45,9 +35,9 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from .errors import ConfigError
-from .globs import any_match, matches_everything
 from .model import WatchRoot
-from .sidecar import TEMP_MARK
+from .settle import StabilityTracker
+from .walk import absolute, link_allowed, relative, wanted_rel
 
 from watchdog.utils import UnsupportedLibcError
 
@@ -59,371 +49,10 @@ except (ImportError, OSError, UnsupportedLibcError):
 
 log = structlog.get_logger()
 
-__all__ = ["StabilityTracker", "Watcher", "is_ignored", "scan", "wanted"]
-
-#: Suffixes of files still being written by browsers, download managers, sync and transfer tools.
-TEMP_SUFFIXES: tuple[str, ...] = (
-    ".part",
-    ".partial",
-    ".tmp",
-    ".temp",
-    ".crdownload",
-    ".download",
-    ".!qb",
-    ".!ut",
-    ".!sync",
-    ".filepart",
-)
-
-#: File and folder names that NAS boxes, Windows and macOS put everywhere (compared case-insensitively).
-JUNK_NAMES: frozenset[str] = frozenset(
-    {
-        "thumbs.db",
-        "ehthumbs.db",
-        "desktop.ini",
-        "icon\r",
-        "@eadir",
-        "@tmp",
-        "@recycle",
-        "@recently-snapshot",
-        "#recycle",
-        "#snapshot",
-        "$recycle.bin",
-        "system volume information",
-        "lost+found",
-    }
-)
-
-#: Marker in the names of our own temp files (``.<name>.mmwatchd-tmp-<pid>-<random>``; hidden as well).
-OWN_TEMP_MARKER = ".mmwatchd-tmp-"
-
-#: Upper bound for the short confirm after a close-after-write event.
-CLOSE_CONFIRM_S = 0.2
+__all__ = ["Watcher"]
 
 #: The sysctl that bounds inotify watches (one per watched folder).
 WATCH_LIMIT_SYSCTL = "fs.inotify.max_user_watches"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Filtering
-
-
-def _ignored_name(name: str) -> bool:
-    """True for one path component (file or folder name) that is never media to process."""
-    if not name:
-        return False
-    if name[0] in ".~":  # hidden, macOS ._*, .syncthing.*, .~lock.*#, Office ~$x, ~syncthing~x.tmp
-        return True
-    folded = name.casefold()
-    return folded in JUNK_NAMES or folded.endswith(TEMP_SUFFIXES) or OWN_TEMP_MARKER in folded
-
-
-def _is_sidecar(name: str, sidecar_suffix: str) -> bool:
-    # XMP sidecars (ours, and those photo apps write) are never media: no need to sniff them to know it.
-    folded = name.casefold()
-    return (bool(sidecar_suffix) and folded.endswith(sidecar_suffix.casefold())) or folded.endswith(".xmp")
-
-
-def is_ignored(rel_path: str, *, sidecar_suffix: str) -> bool:
-    """True when ``rel_path`` (relative to its root, ``/``-separated) is never processed.
-
-    That is: any hidden component, temp and partial-download names, NAS/macOS/Windows junk, XMP sidecars, and our
-    own sidecars (a name ending in ``sidecar_suffix``) and temp files. Folder names count too: nothing below ``@eaDir/`` or a
-    ``photos.tmp/`` being assembled is wanted (once such a folder is renamed, its files arrive as moved events).
-    """
-    parts = [p for p in rel_path.replace("\\", "/").split("/") if p]
-    if not parts:
-        return True
-    return any(_ignored_name(p) for p in parts) or _is_sidecar(parts[-1], sidecar_suffix)
-
-
-def _abs(path: Path | str) -> Path:
-    return Path(os.path.abspath(path))
-
-
-def _rel(root_dir: Path, path: Path) -> str | None:
-    """``path`` relative to ``root_dir`` with ``/`` separators, or None when it is not strictly inside."""
-    if path.is_absolute() != root_dir.is_absolute():
-        root_dir, path = _abs(root_dir), _abs(path)
-    try:
-        rel = path.relative_to(root_dir)
-    except ValueError:
-        return None
-    return rel.as_posix() if rel.parts else None
-
-
-def _wanted_rel(root: WatchRoot, rel: str, sidecar_suffix: str) -> bool:
-    if not root.recursive and "/" in rel:
-        return False
-    if is_ignored(rel, sidecar_suffix=sidecar_suffix):
-        return False
-    return any_match(rel, root.include) and not any_match(rel, root.exclude)
-
-
-def wanted(root: WatchRoot, path: Path, *, sidecar_suffix: str) -> bool:
-    """True when ``path`` is inside ``root`` (a direct child for a non-recursive root), is not ignored, matches one
-    of ``root.include`` and none of ``root.exclude``. Looks at the name only: no file-system access."""
-    rel = _rel(root.path, Path(path))
-    return rel is not None and _wanted_rel(root, rel, sidecar_suffix)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Scanning
-
-ScanErrorCallback = Callable[[Path, OSError], None]
-
-
-def log_scan_error(path: Path, exc: OSError) -> None:
-    log.warning("watch.scan_unreadable", path=str(path), error=exc.strerror or str(exc))
-
-
-def scan(
-    root: WatchRoot,
-    *,
-    sidecar_suffix: str,
-    on_error: ScanErrorCallback | None = None,
-    on_temp: Callable[[Path], None] | None = None,
-    sidecars: set[str] | None = None,
-) -> Iterator[Path]:
-    """Yield the absolute paths of the wanted regular files below ``root``.
-
-    Order is deterministic: in each folder, its files by name, then its subfolders by name. Symlinked folders are
-    not entered; a symlinked file is yielded only when :func:`link_allowed`; ignored folders are not entered. A folder
-    that cannot be listed (the root included) is passed to ``on_error`` (default: a warning log line) and skipped. Our
-    own temp files are passed to ``on_temp`` when given; the paths of sidecars found are added to ``sidecars`` when
-    given, before the files of their folder are yielded. Uses the file type cached by ``scandir``, so a plain walk
-    makes no ``stat`` call per file on local file systems.
-    """
-    return map(Path, scan_paths(root, sidecar_suffix=sidecar_suffix, on_error=on_error, on_temp=on_temp,
-                                sidecars=sidecars))  # fmt: skip
-
-
-def scan_paths(
-    root: WatchRoot,
-    *,
-    sidecar_suffix: str,
-    on_error: ScanErrorCallback | None = None,
-    on_temp: Callable[[Path], None] | None = None,
-    sidecars: set[str] | None = None,
-) -> Iterator[str]:
-    """:func:`scan` with ``str`` paths: a rescan that skips 100,000 up-to-date files makes no ``Path`` for them."""
-    report = on_error or log_scan_error
-    include, exclude = root.include, root.exclude
-    take_all = matches_everything(include) and not exclude  # the default: no pattern to test per file
-    suffix = sidecar_suffix.casefold()
-    # (folder path, its path relative to the root with a trailing "/", or "" for the root itself)
-    stack: list[tuple[str, str]] = [(os.fspath(_abs(root.path)), "")]
-    while stack:
-        dir_path, rel_dir = stack.pop()
-        try:
-            with os.scandir(dir_path) as it:
-                entries = sorted(it, key=attrgetter("name"))
-        except OSError as exc:
-            report(Path(dir_path), exc)
-            continue
-        subdirs: list[tuple[str, str]] = []
-        files: list[str] = []
-        for entry in entries:
-            name = entry.name
-            if on_temp is not None and TEMP_MARK in name and entry.is_file(follow_symlinks=False):
-                on_temp(Path(entry.path))  # a sidecar write cut short (the process was killed)
-                continue
-            if _ignored_name(name):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if root.recursive:
-                        subdirs.append((entry.path, f"{rel_dir}{name}/"))
-                    continue
-                if suffix and name.casefold().endswith(suffix):
-                    if sidecars is not None:
-                        sidecars.add(entry.path)
-                    continue
-                if entry.is_symlink():
-                    if not link_allowed(root, Path(entry.path)):
-                        continue
-                elif not entry.is_file(follow_symlinks=False):
-                    continue
-            except OSError:  # vanished between listing and looking
-                continue
-            if take_all or (any_match(rel_dir + name, include) and not any_match(rel_dir + name, exclude)):
-                files.append(entry.path)
-        yield from files
-        stack.extend(reversed(subdirs))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Readiness
-
-Signature = tuple[int, int]  # (size, mtime_ns)
-
-
-def _signature(path: Path) -> Signature | None:
-    """(size, mtime_ns) of a regular file (symlinks not followed); None when it is gone or not a regular file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
-        return None
-    except OSError as exc:
-        log.warning("watch.stat_failed", path=str(path), error=exc.strerror or str(exc))
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns)
-
-
-def link_allowed(root: WatchRoot, path: Path) -> bool:
-    """Whether a symlink at ``path`` may be processed: it points at a regular file inside ``root`` (or anywhere,
-    with ``follow_symlinks: true``)."""
-    target = os.path.realpath(path)
-    if not os.path.isfile(target):
-        return False
-    if root.follow_symlinks:
-        return True
-    return target.startswith(os.path.join(os.path.realpath(root.path), ""))
-
-
-def _link_signature(path: Path) -> Signature | None:
-    """(size, mtime_ns) of a symlink's target."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
-
-
-@dataclass(slots=True)
-class _Tracked:
-    signature: Signature
-    #: When the file may be ready: last event + settle_s (or + the confirm delay after a close).
-    deadline: float
-    #: Deadline of this entry's live heap item; other heap items for the path are stale.
-    queued: float
-    #: An allowed symlink: its target is what is watched for stability.
-    link: bool = False
-
-
-class StabilityTracker:
-    """Decide when files have stopped changing.
-
-    A file is ready when no event arrived for ``settle_s`` AND its (size, mtime_ns) is unchanged between two stats
-    taken ``settle_s`` apart AND it is still a regular file. A close-after-write event (inotify ``IN_CLOSE_WRITE``) or
-    a rename into place makes it ready sooner: after ``confirm_s`` (default ``min(settle_s, 0.2)``) if the stat is
-    unchanged, since scanners and copy tools sometimes reopen a file they have just closed.
-
-    One entry per path: a burst of events makes one ready path. Not thread-safe: :class:`Watcher` holds a lock around
-    every call. Time comes from ``clock``; stats are real.
-    """
-
-    def __init__(
-        self,
-        *,
-        settle_s: float,
-        confirm_s: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        on_drop: Callable[[Path], None] | None = None,
-    ) -> None:
-        """``on_drop`` is told of each tracked path :meth:`due` drops because it vanished or stopped being a regular
-        file (a caller holding such paths as pending must let them go)."""
-        if settle_s < 0:
-            raise ValueError(f"settle_s must be >= 0, got {settle_s}")
-        self.settle_s = settle_s
-        self.confirm_s = min(settle_s, CLOSE_CONFIRM_S) if confirm_s is None else confirm_s
-        self._clock = clock
-        self._on_drop = on_drop
-        self._files: dict[Path, _Tracked] = {}
-        # Min-heap of (deadline, seq, path). Later events only move an entry's deadline; the item is re-queued
-        # when it surfaces early, so a flood of modify events does not grow the heap.
-        self._heap: list[tuple[float, int, Path]] = []
-        self._seq = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._files
-
-    def _push(self, entry: _Tracked, path: Path, deadline: float) -> None:
-        entry.queued = deadline
-        heapq.heappush(self._heap, (deadline, next(self._seq), path))
-
-    def touch(self, path: Path, *, closed: bool = False, link: bool = False) -> None:
-        """Record an event for ``path``; ``closed`` for a close-after-write or a rename into place; ``link`` for a
-        symlink the caller has allowed (see :func:`link_allowed`): its target's size and mtime are tracked."""
-        sig = _link_signature(path) if link else _signature(path)
-        if sig is None:  # gone already, or a symlink/fifo/folder
-            self._files.pop(path, None)
-            return
-        deadline = self._clock() + (self.confirm_s if closed else self.settle_s)
-        entry = self._files.get(path)
-        if entry is None:
-            entry = self._files[path] = _Tracked(signature=sig, deadline=deadline, queued=deadline, link=link)
-            self._push(entry, path, deadline)
-            return
-        entry.signature = sig
-        entry.deadline = deadline
-        if deadline < entry.queued:
-            self._push(entry, path, deadline)
-
-    def forget(self, path: Path) -> None:
-        """Drop ``path`` (deleted, or moved away)."""
-        self._files.pop(path, None)
-
-    def forget_tree(self, folder: Path) -> None:
-        """Drop every path below ``folder`` (a folder deleted or moved away: inotify reports no per-file events)."""
-        prefix = os.path.join(folder, "")
-        for path in [p for p in self._files if str(p).startswith(prefix)]:
-            del self._files[path]
-
-    def clear(self) -> None:
-        self._files.clear()
-        self._heap.clear()
-
-    def _live_top(self) -> tuple[float, int, Path] | None:
-        """The first heap item that still belongs to a tracked path (stale items are dropped)."""
-        while self._heap:
-            item = self._heap[0]
-            entry = self._files.get(item[2])
-            if entry is not None and entry.queued == item[0]:
-                return item
-            heapq.heappop(self._heap)
-        return None
-
-    def next_deadline(self) -> float | None:
-        """When :meth:`due` may next return something (possibly early, never late); None when nothing is tracked."""
-        top = self._live_top()
-        return None if top is None else top[0]
-
-    def due(self) -> list[Path]:
-        """Re-stat the paths whose deadline passed; return the stable ones (and stop tracking them).
-
-        A changed file is checked again ``settle_s`` later; a vanished one, or one that is no longer a regular
-        file, is dropped.
-        """
-        now = self._clock()
-        ready: list[Path] = []
-        while (top := self._live_top()) is not None and top[0] <= now:
-            heapq.heappop(self._heap)
-            path = top[2]
-            entry = self._files[path]
-            if entry.deadline > now:  # events arrived since this item was queued
-                self._push(entry, path, entry.deadline)
-                continue
-            sig = _link_signature(path) if entry.link else _signature(path)
-            if sig is None:
-                del self._files[path]
-                if self._on_drop is not None:
-                    self._on_drop(path)
-            elif sig == entry.signature:
-                del self._files[path]
-                ready.append(path)
-            else:
-                entry.signature = sig
-                entry.deadline = now + self.settle_s
-                self._push(entry, path, entry.deadline)
-        return ready
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -553,7 +182,7 @@ class Watcher:
         self._cond = threading.Condition()
         # Absolute root paths as reported, and the resolved folders watchdog watches (inotify does not follow a
         # symlinked root, and event paths come back under the watched folder).
-        self._root_dirs = [_abs(r.path) for r in self.roots]
+        self._root_dirs = [absolute(r.path) for r in self.roots]
         self._watch_dirs = [os.path.realpath(d) for d in self._root_dirs]
         self._watch_prefixes = [os.path.join(d, "") for d in self._watch_dirs]
         self._observers: list[BaseObserver] = []
@@ -755,7 +384,7 @@ class Watcher:
                 target, closed = src, kind == EVENT_TYPE_CLOSED
             else:
                 return
-            if target is None or not _wanted_rel(self.roots[i], target[1], self.sidecar_suffix):
+            if target is None or not wanted_rel(self.roots[i], target[1], self.sidecar_suffix):
                 return
             link = os.path.islink(target[0])
             if link and not link_allowed(self.roots[i], target[0]):
@@ -821,8 +450,8 @@ class Watcher:
         """The innermost root that wants ``path``, or None."""
         best: tuple[int, WatchRoot] | None = None
         for root, root_dir in zip(self.roots, self._root_dirs, strict=True):
-            rel = _rel(root_dir, Path(path))
-            if rel is not None and _wanted_rel(root, rel, self.sidecar_suffix):
+            rel = relative(root_dir, Path(path))
+            if rel is not None and wanted_rel(root, rel, self.sidecar_suffix):
                 depth = len(root_dir.parts)
                 if best is None or depth > best[0]:
                     best = (depth, root)

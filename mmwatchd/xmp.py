@@ -54,8 +54,8 @@ from lxml import etree
 
 from mmwatchd import __version__
 from mmwatchd.errors import XMPError, XMPRefused
-from mmwatchd.sidecar import TEMP_MARK, _fit, _own_like_folder, _why, fsync_dir
-from mmwatchd.vocabulary import fold
+from mmwatchd.sidecar import TEMP_MARK, fit_name, own_like_folder, os_reason, fsync_dir
+from mmwatchd.vocabulary import fold, split_prefix
 
 if TYPE_CHECKING:
     from mmwatchd.vocabulary import Mapping, Vocabulary
@@ -194,10 +194,10 @@ def xmp_path(media: Path, naming: Naming = "name") -> Path:
     ``IMG_1.xmp`` exists (Lightroom's and exiftool's habit), which is then updated instead of adding a second one.
     ``stem``: ``IMG_1.xmp``. Videos the same way (``clip.mp4.xmp``).
     """
-    stem = media.with_name(_fit(media.stem or media.name, ".xmp"))
+    stem = media.with_name(fit_name(media.stem or media.name, ".xmp"))
     if naming == "stem":
         return stem
-    full = media.with_name(_fit(media.name, ".xmp"))
+    full = media.with_name(fit_name(media.name, ".xmp"))
     if not os.path.lexists(full) and os.path.lexists(stem) and stem != media:
         return stem
     return full
@@ -233,12 +233,6 @@ def clean_keyword(word: str) -> str:
     return " ".join(word.split())[:MAX_KEYWORD].strip()
 
 
-def split_prefix(prefix: str) -> Keyword:
-    """``"AI/"`` → ``("AI",)``. Raises ValueError for ``|`` or an empty level (the config reports it at the key)."""
-    levels = tuple(" ".join(p.split()) for p in prefix.strip().strip("/").split("/")) if prefix.strip("/ ") else ()
-    if not all(levels) or any("|" in level for level in levels):
-        raise ValueError(f"prefix {prefix!r}: write levels separated by '/', like 'AI/' (no '|', no empty level)")
-    return levels
 
 
 def our_keywords(
@@ -659,7 +653,7 @@ def read(path: Path) -> tuple[bytes | None, tuple[int, int, int] | None]:
     except IsADirectoryError:
         raise XMPRefused(f"{path}: a folder sits where the XMP sidecar belongs; left untouched") from None
     except OSError as exc:
-        raise XMPError(f"{path}: cannot read the XMP sidecar: {_why(exc)}") from exc
+        raise XMPError(f"{path}: cannot read the XMP sidecar: {os_reason(exc)}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -676,7 +670,7 @@ def read(path: Path) -> tuple[bytes | None, tuple[int, int, int] | None]:
             left -= len(chunk)
         return b"".join(chunks), (st.st_ino, st.st_size, st.st_mtime_ns)
     except OSError as exc:
-        raise XMPError(f"{path}: cannot read the XMP sidecar: {_why(exc)}") from exc
+        raise XMPError(f"{path}: cannot read the XMP sidecar: {os_reason(exc)}") from exc
     finally:
         os.close(fd)
 
@@ -704,7 +698,7 @@ def update(
         )  # fmt: skip
         if not result.changed:
             return result
-        tmp = path.with_name(_fit(path.name, f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}", head="."))
+        tmp = path.with_name(fit_name(path.name, f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}", head="."))
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -714,7 +708,7 @@ def update(
                     fh.flush()
                     os.fsync(fh.fileno())
             except OSError as exc:
-                raise XMPError(f"{path}: cannot write the XMP sidecar: {_why(exc)}") from exc
+                raise XMPError(f"{path}: cannot write the XMP sidecar: {os_reason(exc)}") from exc
             if before_replace is not None:
                 before_replace(attempt)
             now, now_identity = read(path)
@@ -723,7 +717,7 @@ def update(
             try:
                 os.replace(tmp, path)
             except OSError as exc:
-                raise XMPError(f"{path}: cannot write the XMP sidecar: {_why(exc)}") from exc
+                raise XMPError(f"{path}: cannot write the XMP sidecar: {os_reason(exc)}") from exc
             fsync_dir(path.parent)
             return result
         finally:
@@ -752,7 +746,7 @@ def _own_like(fd: int, path: Path) -> None:
     try:
         st = os.stat(path)
     except OSError:
-        _own_like_folder(fd, path.parent)
+        own_like_folder(fd, path.parent)
         return
     with contextlib.suppress(OSError):  # not allowed: the file keeps our user and group, which is still correct
         os.fchown(fd, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from mmwatchd import config
-from mmwatchd.config import Config
+from mmwatchd.model import Config
 
 
 def write_config(folder: Path, *, base_url: str, inbox: Path | None = None, **changes: Any) -> Path:

@@ -33,7 +33,8 @@ from media import (
 from PIL import Image, ImageStat
 
 from mmwatchd.encode import encode_image, probe_image
-from mmwatchd.encode.image import MIN_SIDE, _load_scaled, fit_budget, fit_size, max_payload
+from mmwatchd.encode.budget import max_payload
+from mmwatchd.encode.image import MIN_SIDE, _load_scaled, fit_budget, fit_size
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.model import ImageSpec, Limits, Part, data_url_len
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from mmwatchd import rules
 from mmwatchd.cli import main
-from mmwatchd.config import Rule
+from mmwatchd.model import Rule
 
 from mmwatchd.encode import raw as raw_module
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mmwatchd import config, rules
+from mmwatchd import config, rules, templates
 from mmwatchd.cli import main
-from mmwatchd.config import MatchSpec, Rule
+from mmwatchd.model import MatchSpec, Rule
 from mmwatchd.globs import compile_glob, glob_match
-from mmwatchd.watch import scan, wanted
+from mmwatchd.walk import scan, wanted
 from mmwatchd.model import EndpointConfig, ImageSpec
 
 
@@ -161,12 +161,12 @@ class TestMatch:
 
 class TestRender:
     def test_values_are_text_and_never_reparsed(self) -> None:
-        out = rules.render("Describe {name} {{literal}} taken {taken}.", {"name": "{path} evil.jpg", "taken": ""})
+        out = templates.render("Describe {name} {{literal}} taken {taken}.", {"name": "{path} evil.jpg", "taken": ""})
         assert out == "Describe {path} evil.jpg {literal} taken ."
 
     def test_every_placeholder_is_accepted(self) -> None:
-        template = " ".join("{" + p + "}" for p in rules.PLACEHOLDERS)
-        assert rules.check_template(template) == template
+        template = " ".join("{" + p + "}" for p in templates.PLACEHOLDERS)
+        assert templates.check_template(template) == template
 
 
 class TestFingerprint:

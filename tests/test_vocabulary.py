@@ -118,7 +118,7 @@ class TestConfigSpecs:
     def test_defaults_and_values(self, tmp_path: Path) -> None:
         from pydantic import TypeAdapter
 
-        from mmwatchd.xmpspec import KeywordsSpec, XmpSpec
+        from mmwatchd.model import KeywordsSpec, XmpSpec
 
         assert TypeAdapter(XmpSpec).validate_python({}) == XmpSpec(
             description="caption", keywords="tags", prefix="", naming="name"
@@ -142,7 +142,7 @@ class TestConfigSpecs:
     def test_problems_are_reported_at_the_key(self, tmp_path: Path, spec: str, data: dict[str, str], says: str) -> None:
         from pydantic import TypeAdapter, ValidationError
 
-        from mmwatchd import xmpspec
+        from mmwatchd import model as xmpspec
 
         vocab = tmp_path / "tags.txt"
         vocab.write_text("Animals/Dog\nAnimals//Cat\n")

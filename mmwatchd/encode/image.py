@@ -39,10 +39,12 @@ from typing import BinaryIO, Final
 import pillow_heif
 from PIL import Image, ImageMath, UnidentifiedImageError
 
-from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.encode.budget import GOOD_ENOUGH, QUALITY_SLOPE, SCALE_EXPONENT, max_payload
 from mmwatchd.encode.raw import open_raw
+from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.media import RAW_FORMATS, Sniffed, read_head
-from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len, data_url_prefix
+from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len
 
 from .strip import strip_metadata
 
@@ -52,7 +54,6 @@ __all__ = [
     "encode_image",
     "fit_budget",
     "fit_size",
-    "max_payload",
     "probe_and_encode_image",
     "probe_image",
     "save_image",
@@ -210,19 +211,14 @@ def _scan_isobmff(fp: BinaryIO, size: int) -> str:
     pos = 0
     while pos < size:
         fp.seek(pos)
-        header = fp.read(16)
-        if len(header) < 8:
+        box = read_header(fp.read(HEADER_MAX), pos)
+        if box is None:
             return "truncated"
-        box, btype = struct.unpack(">I4s", header[:8])
-        if box == 1:
-            if len(header) < 16:
-                return "truncated"
-            box = struct.unpack(">Q", header[8:16])[0]
-        elif box == 0:  # "extends to the end of the file"
+        if box.size is None:  # "extends to the end of the file"
             return ""
-        if box < 8 or not all(32 <= c < 127 or c == 0xA9 for c in btype):
+        if box.size < 8 or not all(32 <= c < 127 or c == 0xA9 for c in box.kind):
             return "damaged"
-        pos += box
+        pos += box.size
     return "" if pos == size else "truncated"
 
 
@@ -440,12 +436,6 @@ def save_image(img: Image.Image, fmt: str, quality: int | None) -> bytes:
     return buf.getvalue()
 
 
-def max_payload(mime: str, budget: int) -> int:
-    """Most payload bytes whose data URL fits in ``budget`` characters (inverse of ``data_url_len``)."""
-    room = budget - len(data_url_prefix(mime))
-    return max(0, room // 4 * 3)  # b64_len(n) == 4 * ceil(n / 3): whole groups of 3 bytes
-
-
 @dataclass(frozen=True, slots=True)
 class Encoded:
     """One result of :func:`fit_budget`: the payload, its pixel size, the quality used and how many encodes it took."""
@@ -460,16 +450,8 @@ class Encoded:
         return f"Encoded({len(self.data)} bytes, {self.width}x{self.height}, q={self.quality}, encodes={self.encodes})"
 
 
-# Budget search tuning. Sizes are predicted, then measured: aim a little under the budget, and accept a result that
-# uses most of it rather than spending more encodes on the last few percent.
+# Budget search tuning (shared with the video encoder in budget.py): aim a little under the budget.
 _AIM: Final = 0.97
-_GOOD_ENOUGH: Final = 0.85
-#: d ln(size) / d quality for JPEG/WebP between quality 50 and 95, before two sizes are measured (photos: 0.02-0.03;
-#: the low end makes the first guess err towards fitting).
-_QUALITY_SLOPE: Final = 0.02
-#: size ~ scale**exponent (linear scale) before two sizes are measured: 2 (size ~ pixel count) is right for
-#: detailed images; flat ones shrink more slowly, which the measured exponent then corrects.
-_SCALE_EXPONENT: Final = 2.0
 _MAX_QUALITY_ENCODES: Final = 5
 _MAX_SCALE_ENCODES: Final = 10
 
@@ -515,13 +497,13 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
             high_q, high_size = over[-1]
             if fit is not None:
                 low_q, low = fit
-                if len(low) >= _GOOD_ENOUGH * limit or high_q - low_q <= 1 or high_size <= len(low):
+                if len(low) >= GOOD_ENOUGH * limit or high_q - low_q <= 1 or high_size <= len(low):
                     break
                 slope = math.log(high_size / len(low)) / (high_q - low_q)
                 base_q, base_size, lowest = low_q, len(low), low_q + 1
             else:
                 two = len(over) > 1 and over[-2][1] > high_size
-                slope = math.log(over[-2][1] / high_size) / (over[-2][0] - high_q) if two else _QUALITY_SLOPE
+                slope = math.log(over[-2][1] / high_size) / (over[-2][0] - high_q) if two else QUALITY_SLOPE
                 base_q, base_size, lowest = high_q, high_size, floor_q
             guess = base_q + math.floor(math.log(_AIM * limit / base_size) / slope)
             guess = max(lowest, min(high_q - 1, guess))
@@ -551,7 +533,7 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
         high_s, high_size, high_dims = too_big[-1]
         if fitting is not None:
             low_s, _, low = fitting
-            if len(low) >= _GOOD_ENOUGH * limit or high_size <= len(low):
+            if len(low) >= GOOD_ENOUGH * limit or high_size <= len(low):
                 break
             exponent = math.log(high_size / len(low)) / math.log(high_s / low_s)
             base_s, base_size = low_s, len(low)
@@ -560,7 +542,7 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
                 break  # the smallest allowed size is already too big
             two = len(too_big) > 1 and too_big[-2][1] > high_size
             exponent = math.log(too_big[-2][1] / high_size) / math.log(too_big[-2][0] / high_s) if two else 0.0
-            exponent = exponent if two else _SCALE_EXPONENT
+            exponent = exponent if two else SCALE_EXPONENT
             base_s, base_size = high_s, high_size
         exponent = min(4.0, max(0.5, exponent))
         scale = base_s * (_AIM * limit / base_size) ** (1 / exponent)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.model import ImageSpec, Limits
 
 if TYPE_CHECKING:
@@ -210,16 +211,14 @@ def _cr3_exif(head: bytes) -> dict[bytes, bytes]:
     """The CMT* boxes of a CR3 (moov → Canon's uuid box), found within ``head``; empty when they are not there."""
 
     def boxes(start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+        """Boxes cut off by the end of ``head`` end there; a box that runs to the end of the file stops the walk."""
         pos = start
         while pos + 8 <= end:
-            size, kind = struct.unpack(">I4s", head[pos : pos + 8])
-            body = pos + 8
-            if size == 1 and pos + 16 <= end:
-                size, body = struct.unpack(">Q", head[pos + 8 : pos + 16])[0], pos + 16
-            if size < body - pos:
+            box = read_header(head[pos : min(pos + HEADER_MAX, end)], pos)
+            if box is None or box.size is None or box.size < box.payload - pos:
                 return
-            yield kind, body, min(end, pos + size)
-            pos += size
+            yield box.kind, box.payload, min(end, pos + box.size)
+            pos += box.size
 
     found: dict[bytes, bytes] = {}
     for kind, body, end in boxes(0, len(head)):
@@ -509,19 +508,16 @@ def _boxes_problem(fp: BinaryIO, size: int) -> str:
     pos = 0
     while pos < size:
         fp.seek(pos)
-        header = fp.read(16)
-        if len(header) < 8:
-            return _truncated_msg("box structure", pos + 8, size)
-        box, btype = struct.unpack(">I4s", header[:8])
-        if box == 1:
-            if len(header) < 16:
-                return _truncated_msg("box structure", pos + 16, size)
-            box = struct.unpack(">Q", header[8:16])[0]
-        elif box == 0:
+        header = fp.read(HEADER_MAX)
+        box = read_header(header, pos)
+        if box is None:  # cut inside the 8-byte header, or inside a 64-bit size
+            return _truncated_msg("box structure", pos + (16 if len(header) >= 8 else 8), size)
+        btype = box.kind
+        if box.size is None:
             return ""
-        if box < 8 or not all(32 <= c < 127 for c in btype):
+        if box.size < 8 or not all(32 <= c < 127 for c in btype):
             return f"damaged camera RAW file: invalid box at byte {pos}"
-        pos += box
+        pos += box.size
     return "" if pos == size else _truncated_msg(f"{btype.decode('latin-1')!r} box", pos, size)
 
 

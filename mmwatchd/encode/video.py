@@ -24,12 +24,12 @@ import math
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO, Final, Literal, TypeVar
+from typing import BinaryIO, Final, Literal
 
 import av
 import av.error
@@ -40,10 +40,10 @@ from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 from PIL import Image
 
-from mmwatchd.encode.image import _GOOD_ENOUGH, _QUALITY_SLOPE, _SCALE_EXPONENT, save_image
-from mmwatchd.encode.image import translate_pillow
-from mmwatchd.encode.image import fit_size
+from mmwatchd.encode.budget import QUALITY_SLOPE, SCALE_EXPONENT, Budget, FrameRoom, search
+from mmwatchd.encode.image import fit_size, save_image, translate_pillow
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
+from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.media import Sniffed, read_head
 from mmwatchd.model import (
     EncodedVideo,
@@ -53,14 +53,11 @@ from mmwatchd.model import (
     SampledFrame,
     VideoFacts,
     VideoSpec,
-    b64_len,
     data_url_len,
-    data_url_prefix,
 )
 
 __all__ = ["FILE_MIME", "FLOOR_SIDE", "encode_video", "probe_video", "target_size"]
 
-Budget = Callable[[int], int]
 
 #: MIME types for ``mode: file``: containers every video-capable server decodes. Others fall back to frames.
 # FFmpeg's own messages (damaged packets, odd timestamps) must not reach stderr, where they would break the JSON log
@@ -110,13 +107,11 @@ _MAX_FRAMES_TO_KEY: Final = 300
 # Frame rate assumed for timestamp-less elementary streams when FFmpeg cannot guess one (its own default).
 _DEFAULT_FPS: Final = 25.0
 
-# Budget search tuning: the image encoder's model of how size follows quality and scale, a little more margin
-# (a clip is many frames, so one wrong guess costs more encodes), and fewer tries.
+# Budget search tuning: the image encoder's model of how size follows quality and scale (budget.py), a little more
+# margin (a clip is many frames, so one wrong guess costs more encodes), and fewer tries.
 _AIM: Final = 0.95
 _MAX_QUALITY_ENCODES: Final = 4
 _MAX_SCALE_ENCODES: Final = 5
-
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------------------- open
@@ -192,20 +187,13 @@ def _boxes(fp: BinaryIO, start: int, end: int) -> Iterator[tuple[bytes, int, int
     pos = start
     while pos + 8 <= end:
         fp.seek(pos)
-        header = fp.read(16)
-        if len(header) < 8:
+        box = read_header(fp.read(HEADER_MAX), pos)
+        if box is None:
             return
-        size, kind = struct.unpack(">I4s", header[:8])
-        payload = pos + 8
-        if size == 1:
-            if len(header) < 16:
-                return
-            size, payload = struct.unpack(">Q", header[8:16])[0], pos + 16
-        elif size == 0:
-            size = end - pos
-        if size < payload - pos or pos + size > end:
+        size = end - pos if box.size is None else box.size
+        if size < box.payload - pos or pos + size > end:
             return
-        yield kind, payload, pos + size
+        yield box.kind, box.payload, pos + size
         pos += size
 
 
@@ -852,32 +840,6 @@ def _sample_webp(source: _Source, spec: VideoSpec) -> list[_Sample]:
 # -------------------------------------------------------------------------------------------------------------- budget
 
 
-class _Wire:
-    """Data-URL arithmetic for one mode: how many base64 characters ``n`` frames may use."""
-
-    def __init__(self, mode: Literal["video_url", "images"], fmt: str, budget: Budget) -> None:
-        self.mode = mode
-        self.mime = f"video/{fmt}" if mode == "video_url" else f"image/{fmt}"
-        self.prefix = len(data_url_prefix(self.mime))
-        self._budget = budget
-        self._cache: dict[int, int] = {}
-
-    def budget(self, frames: int) -> int:
-        parts = 1 if self.mode == "video_url" else frames
-        if parts not in self._cache:
-            self._cache[parts] = self._budget(parts)
-        return self._cache[parts]
-
-    def room(self, frames: int) -> int:
-        if self.mode == "video_url":
-            return self.budget(frames) - self.prefix - (frames - 1)  # one prefix, commas between frames
-        return self.budget(frames) - frames * self.prefix
-
-    @staticmethod
-    def chars(sizes: Sequence[int]) -> int:
-        return sum(b64_len(s) for s in sizes)
-
-
 @dataclass(slots=True)
 class _Fitted:
     indices: list[int]  # which samples are sent
@@ -887,55 +849,7 @@ class _Fitted:
     notes: list[str]
 
 
-def _search(measure: Callable[[float], tuple[int, T]], limit: int, start: float, start_total: int, *,
-            lowest: float, rate: float, power_law: bool, trials: int,
-            snap: Callable[[float], float], key: Callable[[float], object]) -> tuple[float, int, T] | None:  # fmt: skip
-    """Largest parameter value in ``[lowest, start)`` whose measured total fits ``limit``, or None.
-
-    The parameter is a quality (total ~ exp(rate * quality)) or a linear scale (``power_law``: total ~ scale^rate).
-    Each guess is predicted from the two nearest measurements (``rate`` until there are two), aiming at
-    ``_AIM * limit``; a fit that uses ``_GOOD_ENOUGH`` of the limit ends the search. ``snap`` turns a guess into a
-    value that can be encoded, ``key`` tells which values encode identically (tried once at most).
-    """
-    over = [(start, start_total)]  # measured too big, by decreasing value
-    fit: tuple[float, int, T] | None = None
-    tried = {key(start)}
-    for _ in range(trials):
-        high, high_total = over[-1]
-        if fit is not None:
-            low, low_total, _payload = fit
-            if low_total >= _GOOD_ENOUGH * limit:
-                break
-            slope = _slope(high, high_total, low, low_total, power_law, rate)
-            base, base_total, bottom = low, low_total, low
-        else:
-            slope = _slope(*over[-2], high, high_total, power_law, rate) if len(over) > 1 else rate
-            base, base_total, bottom = high, high_total, lowest
-        ratio = _AIM * limit / base_total
-        guess = base * ratio ** (1 / slope) if power_law else base + math.log(ratio) / slope
-        candidates = [snap(min(max(guess, bottom), high)), snap((bottom + high) / 2)]
-        value = next((v for v in candidates if bottom <= v < high and key(v) not in tried), None)
-        if value is None:
-            break
-        tried.add(key(value))
-        total, payload = measure(value)
-        if total <= limit:
-            fit = (value, total, payload)
-        else:
-            over.append((value, total))
-    return fit
-
-
-def _slope(high: float, high_total: int, low: float, low_total: int, power_law: bool, default: float) -> float:
-    """d ln(total) / d value (or d ln(total) / d ln(value)) between two measurements; ``default`` if not usable."""
-    if high_total <= low_total or high <= low or low <= 0:
-        return default
-    if power_law:
-        return min(4.0, max(0.5, math.log(high_total / low_total) / math.log(high / low)))
-    return max(1e-3, math.log(high_total / low_total) / (high - low))
-
-
-def _fit(images: list[Image.Image], spec: VideoSpec, wire: _Wire, name: str) -> _Fitted:
+def _fit(images: list[Image.Image], spec: VideoSpec, wire: FrameRoom, name: str) -> _Fitted:
     """Encode ``images`` so that their data URLs fit, giving up, in this order and only as far as needed:
 
     1. quality (JPEG; PNG has none), toward ``spec.min_quality``, predicted from the measured totals (log size is
@@ -972,8 +886,8 @@ def _fit(images: list[Image.Image], spec: VideoSpec, wire: _Wire, name: str) -> 
 
     # 1. quality
     if quality is not None and min_quality < quality:
-        found = _search(at_quality, room, quality, total, lowest=min_quality, rate=_QUALITY_SLOPE,
-                        power_law=False, trials=_MAX_QUALITY_ENCODES, snap=math.floor, key=int)  # fmt: skip
+        found = search(at_quality, room, quality, total, lowest=min_quality, rate=QUALITY_SLOPE, power_law=False,
+                       aim=_AIM, trials=_MAX_QUALITY_ENCODES, snap=math.floor, key=int)  # fmt: skip
         if found is None:
             total, chunks = at_quality(min_quality)  # usually measured already: the search's last try
             if total <= room:
@@ -1007,8 +921,8 @@ def _fit(images: list[Image.Image], spec: VideoSpec, wire: _Wire, name: str) -> 
 
     floor_size = dims(min_scale)
     if floor_size != (width, height):
-        found_scale = _search(at_scale, room, 1.0, total, lowest=min_scale, rate=_SCALE_EXPONENT, power_law=True,
-                              trials=_MAX_SCALE_ENCODES, snap=lambda v: v, key=dims)  # fmt: skip
+        found_scale = search(at_scale, room, 1.0, total, lowest=min_scale, rate=SCALE_EXPONENT, power_law=True,
+                             aim=_AIM, trials=_MAX_SCALE_ENCODES, snap=lambda v: v, key=dims)  # fmt: skip
         if found_scale is None:
             total, chunks = at_scale(min_scale)
             if total <= room:
@@ -1033,10 +947,10 @@ def _fit(images: list[Image.Image], spec: VideoSpec, wire: _Wire, name: str) -> 
 
 
 def _measured(chunks: list[bytes]) -> tuple[int, list[bytes]]:
-    return _Wire.chars([len(c) for c in chunks]), chunks
+    return FrameRoom.chars([len(c) for c in chunks]), chunks
 
 
-def _budget_exceeded(name: str, wire: _Wire, fmt: str, size: tuple[int, int] | None, quality: int | None,
+def _budget_exceeded(name: str, wire: FrameRoom, fmt: str, size: tuple[int, int] | None, quality: int | None,
                      smallest: int | None) -> BudgetExceeded:  # fmt: skip
     available = wire.budget(1)
     if size is None or smallest is None:
@@ -1109,7 +1023,7 @@ def encode_video(path: Path, spec: VideoSpec, *, budget: Budget, limits: Limits)
                 return EncodedVideo(parts=(part,), frames=(), mode="file", facts=source.facts)
             else:
                 notes.append(f"file too large for the budget ({source.size} bytes): sent as video_url frames")
-        wire = _Wire(mode, spec.frame_format, budget)
+        wire = FrameRoom(mode, spec.frame_format, budget)
         if wire.room(1) <= 0:  # before decoding anything
             raise _budget_exceeded(source.name, wire, spec.frame_format, None, None, None)
         if source.container is None:
