@@ -1,4 +1,4 @@
-"""Progress of a long run (issue 13): a live bar on a terminal, a log line every ``progress_interval_s`` otherwise.
+"""Progress of a long run: a live bar on a terminal, a log line every ``progress_interval_s`` otherwise.
 
 A first scan of a library against a local model takes hours; people need to see it move. On a terminal (stderr is a
 TTY) a tqdm bar shows done/total, failed, in flight, rate, ETA and the endpoint's state, and log lines written

@@ -1,4 +1,4 @@
-"""Progress of long runs (issue 13): a bar on a terminal, periodic log lines elsewhere; and the search index kept
+"""Progress of long runs: a bar on a terminal, periodic log lines elsewhere; and the search index kept
 current by every sidecar written.
 
 The terminal tests run a real ``mmwatchd`` child on a real pseudo-terminal and read what it drew the way a terminal

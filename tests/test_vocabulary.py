@@ -1,4 +1,4 @@
-"""Controlled vocabulary (issue 12): parsing with file:line errors, rendering for the prompt, mapping answers."""
+"""Controlled vocabulary: parsing with file:line errors, rendering for the prompt, mapping answers."""
 
 from __future__ import annotations
 

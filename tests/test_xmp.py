@@ -1,4 +1,4 @@
-"""XMP sidecars for photo apps (issue 12), read back with the tools the apps build on.
+"""XMP sidecars for photo apps, read back with the tools the apps build on.
 
 exiftool is what Immich reads with (``-use MWG``: Description, Keywords, TagsList); exiv2 is the library digiKam and
 darktable use; darktable-cli is a real photo app importing the sidecar and writing its tags into an export. Each test
