@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, Valida
 
 from mmwatchd import rules
 from mmwatchd.errors import ConfigError
+from mmwatchd.metricsspec import MetricsSpec
 from mmwatchd.model import _STRICT, ActionSpec, EndpointConfig, ImageSpec, Limits, VideoSpec, WatchRoot
 from mmwatchd.xmpspec import KeywordsSpec, XmpSpec
 
@@ -121,6 +122,7 @@ class Config:
     progress_interval_s: Annotated[float, Field(ge=0)] = 30.0
     #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
     state_dir: Path | None = None
+    metrics: MetricsSpec | None = None
     #: Where the config came from, and where each key sits in it (for messages about values found later).
     source: Path | None = field(default=None, compare=False)
     positions: Mapping[KeyPath, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
