@@ -128,6 +128,8 @@ def _safe_url(url: str) -> str:
 
 
 class RequestObserver(Protocol):
+    """What :attr:`VLMClient.observer` is told about each HTTP request (see :class:`mmwatchd.metrics.Metrics`)."""
+
     def sent(self, nbytes: int) -> None: ...
 
     def answered(self, status: int) -> None: ...
@@ -164,7 +166,9 @@ class VLMClient:
             api_key=api_key or NO_KEY,
             timeout=endpoint.timeout_s,
             max_retries=endpoint.max_retries,
-            http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._on_request], "response": [self._on_response]}),
+            http_client=openai.DefaultHttpxClient(
+                event_hooks={"request": [self._on_request], "response": [self._on_response]}
+            ),
         )
         #: What this endpoint takes (``video.mode: auto``, passthrough types), asked for and learned.
         self.knowledge = EndpointKnowledge(

@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg
@@ -22,6 +24,13 @@ from mmwatchd.cli import main
 
 RUN_ENV = {"MMWATCHD_TEST_KEY": "sk-metrics"}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """``main`` configures structlog for the process; later tests capture logs with the defaults."""
+    yield
+    structlog.reset_defaults()
 
 
 def samples(text: str) -> Samples:
