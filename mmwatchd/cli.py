@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_once)
 
     p = sub.add_parser("scan", parents=[common], help="process every file under the watched folders that needs it, then exit")
+    p.add_argument("--metrics-textfile", type=Path, metavar="PATH",
+                   help="at the end, write the run's metrics there for node_exporter's textfile collector")  # fmt: skip
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("run", parents=[common], help="scan, then watch the folders until SIGTERM/SIGINT")
@@ -312,6 +314,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 daemon.wait_idle()
     finally:
         daemon.close()
+    if args.metrics_textfile is not None:
+        try:
+            daemon.metrics.write_textfile(args.metrics_textfile)
+        except OSError as exc:
+            print(f"mmwatchd: cannot write --metrics-textfile {args.metrics_textfile}: {exc.strerror or exc}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
     _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
     c = daemon.counts
     print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
@@ -516,7 +525,8 @@ class _LazyClient:
     """The VLM client, made on first use: making it loads the openai SDK (about half a second), which a scan that
     finds everything up to date never needs. Attribute access goes to the real client."""
 
-    #: As the real client: every HTTP request is reported to ``before_request`` (set before or after it is made).
+    #: As the real client: every HTTP request is reported to ``before_request`` and ``observer`` (set before or after
+    #: it is made).
     counts_every_request = True
 
     def __init__(self, cfg: Config, state: State | None = None) -> None:
@@ -524,6 +534,7 @@ class _LazyClient:
         self._state = state
         self._client = None
         self._before_request = None
+        self._observer = None
         self._lock = threading.Lock()
 
     @property
@@ -537,11 +548,23 @@ class _LazyClient:
             if self._client is not None:
                 self._client.before_request = hook
 
+    @property
+    def observer(self):  # type: ignore[no-untyped-def]
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self._observer = observer
+            if self._client is not None:
+                self._client.observer = observer
+
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         with self._lock:
             if self._client is None:
                 self._client = _client(self._cfg, self._state)
                 self._client.before_request = self._before_request
+                self._client.observer = self._observer
         return getattr(self._client, name)
 
 

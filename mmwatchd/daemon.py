@@ -60,6 +60,7 @@ from mmwatchd.errors import (
 from mmwatchd.index import DoneIndex
 from mmwatchd.isolate import Isolator
 from mmwatchd.log import get_logger
+from mmwatchd.metrics import Metrics, endpoint_name
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
@@ -164,6 +165,7 @@ class _MeteredClient:
         self._per_describe = not getattr(client, "counts_every_request", False)
         if not self._per_describe:
             client.before_request = daemon._before_request
+            client.observer = daemon.metrics
 
     @property
     def knowledge(self) -> EndpointKnowledge | None:
@@ -175,10 +177,12 @@ class _MeteredClient:
         if self._per_describe:
             d._before_request()
         try:
-            reply = self.client.describe(req)
+            with d.metrics.describing():
+                reply = self.client.describe(req)
         except VLMRejected as exc:
             d._refused(exc)  # raises EndpointRefuses instead once the refusals are endpoint-wide
             raise
+        d.metrics.replied(reply)
         d._accepted()
         return reply
 
@@ -357,6 +361,9 @@ class Daemon:
         self._fallback_counts: Counter[date] = Counter()  # requests per day while the state store cannot count
         self._users: Counter[Processor] = Counter()  # jobs running under each processor (config, client)
         self._retired: dict[Processor, VLMClient] = {}  # replaced by a reload: closed once no job uses them
+        self.metrics = Metrics(
+            endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.config.endpoint.concurrency
+        )
         self.processor = self._processor(config)
 
     def _processor(self, config: Config) -> Processor:
@@ -425,6 +432,7 @@ class Daemon:
         # Decodes under way are for requests that will not be sent now: stop them rather than wait (the file is
         # not at fault and is picked up again by the next start). Requests on the wire need no decoder any more.
         self.isolator.close()
+        self.metrics.close()
         # No request leaves after the stop, retries included: one already on the wire ends within timeout_s (plus
         # the SDK's short wait when it was about to retry, and the sidecar write).
         deadline = time.monotonic() + (grace_s if grace_s is not None else self.config.endpoint.timeout_s + 15)
@@ -696,6 +704,8 @@ class Daemon:
         This loop never waits on the work: the walk runs on the feeder, so watchdog pings and STATUS= go on through
         a backlog of any size, and a stop is seen within half a second.
         """
+        if self.config.metrics is not None:
+            self.metrics.serve(self.config)  # first: a port that is taken stops the start with nothing to undo
         watcher = self._watcher(self.config)
         try:
             self.start()
@@ -1005,6 +1015,7 @@ class Daemon:
         with self._lock:
             if final:
                 self.counts[outcome.status] += 1
+                self.metrics.finished(outcome)
                 self.outcomes.append(outcome)
                 self._attempts.pop(path, None)
                 self._pending.discard(path)
@@ -1094,6 +1105,7 @@ class Daemon:
     def _endpoint_down(self, exc: VLMError) -> None:
         if self._gate.is_set() and self._paused is None:
             self._gate.clear()
+            self.metrics.endpoint_up(False)
             with self._lock:
                 self._endpoint = "unreachable"
             log.warning("endpoint.down", url=self.config.endpoint.base_url, reason=exc.message)
@@ -1121,6 +1133,7 @@ class Daemon:
                 return
             was = self._endpoint
             self._endpoint = "up"
+        self.metrics.endpoint_up(True)
         if not self._gate.is_set() or was != "up":
             self._gate.set()
             log.info("endpoint.up", url=self.config.endpoint.base_url, **fields)

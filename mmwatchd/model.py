@@ -459,6 +459,38 @@ class KeywordsSpec:
     unknown: Literal["keep", "drop"] = "keep"
 
 
+def split_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port:
+        raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:9464)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, as [::1]:9464")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{value!r}: the host is empty or has spaces")
+    return host, int(port)
+
+
+def _listen(value: str) -> str:
+    split_listen(value)
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSpec:
+    """Where the service serves Prometheus ``/metrics``. Bound to loopback by default: the page says which rules
+    and models are in use, which is nobody else's business."""
+
+    __pydantic_config__ = _STRICT
+
+    #: ``host:port`` to serve ``/metrics`` on (9464 is the port Prometheus' default-port list gives exporters).
+    listen: Annotated[str, _After(_listen)] = "127.0.0.1:9464"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rule:
     """What to ask about the files a rule matches; the first matching rule wins."""
@@ -522,6 +554,8 @@ class Config:
     #: Where no terminal shows a progress bar (journald, CI, a pipe): a progress log line this often during a scan,
     #: ``once`` with several files, and the service's startup backlog (0: none).
     progress_interval_s: Annotated[float, Ge(0)] = 30.0
+    #: Serve Prometheus /metrics (the service; ``scan --metrics-textfile`` writes the same to a file). Off unless set.
+    metrics: MetricsSpec | None = None
     #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
     state_dir: Path | None = None
     #: Where the config came from, and where each key sits in it (for messages about values found later).

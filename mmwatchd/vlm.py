@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
@@ -127,6 +127,14 @@ def _safe_url(url: str) -> str:
 # The client
 
 
+class RequestObserver(Protocol):
+    """What :attr:`VLMClient.observer` is told about each HTTP request (see :class:`mmwatchd.metrics.Metrics`)."""
+
+    def sent(self, nbytes: int) -> None: ...
+
+    def answered(self, status: int) -> None: ...
+
+
 class VLMClient:
     """One shared synchronous ``openai.OpenAI`` client (thread-safe) and the translation around it."""
 
@@ -146,6 +154,9 @@ class VLMClient:
         #: request cap must count. What it raises (an MmwatchdError) stops that request from leaving and comes out of
         #: :meth:`describe` as is. Only for a client made here: an injected SDK client has its own HTTP client.
         self.before_request: Callable[[], None] | None = None
+        #: Told of every POST that leaves (``sent(body_bytes)``, after ``before_request`` let it) and of every
+        #: answer's status line (``answered(status)``), on the sending thread: the metrics.
+        self.observer: RequestObserver | None = None
         # An injected client belongs to the caller, who closes it.
         self._owns_client = openai_client is None
         self.counts_every_request = self._owns_client
@@ -155,7 +166,9 @@ class VLMClient:
             api_key=api_key or NO_KEY,
             timeout=endpoint.timeout_s,
             max_retries=endpoint.max_retries,
-            http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._on_request]}),
+            http_client=openai.DefaultHttpxClient(
+                event_hooks={"request": [self._on_request], "response": [self._on_response]}
+            ),
         )
         #: What this endpoint takes (``video.mode: auto``, passthrough types), asked for and learned.
         self.knowledge = EndpointKnowledge(
@@ -182,6 +195,13 @@ class VLMClient:
         # An httpx event hook: runs on the sending thread just before each request goes out.
         if request.method == "POST" and self.before_request is not None:
             self.before_request()
+        if request.method == "POST" and self.observer is not None:
+            self.observer.sent(int(request.headers.get("content-length") or 0))
+
+    def _on_response(self, response: Any) -> None:
+        # Runs once the status line and headers are in (the body is read after).
+        if response.request.method == "POST" and self.observer is not None:
+            self.observer.answered(response.status_code)
 
     def list_models(self) -> list[str]:
         """The model ids the endpoint serves (``GET /models``)."""

@@ -59,7 +59,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.xmp",
     ),
     # Reading what was written: search, status, the gallery.
-    ("mmwatchd.search", "mmwatchd.status", "mmwatchd.gallery", "mmwatchd.progress"),
+    ("mmwatchd.search", "mmwatchd.status", "mmwatchd.gallery", "mmwatchd.progress", "mmwatchd.metrics"),
     # The model endpoint: what each server takes, the request body, the client, the endpoint check.
     ("mmwatchd.servers", "mmwatchd.wire", "mmwatchd.vlm", "mmwatchd.doctor"),
     # One file, start to end.
