@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -9,6 +10,9 @@ import pytest
 
 import fuzzseed
 from fakevlm import FakeVLM
+
+# The test workers (pytest-xdist) start after this runs, so they inherit the seed the header prints.
+os.environ.setdefault(fuzzseed.ENV, str(fuzzseed.SEED))
 
 # Threads may take a moment to end after their owner stopped them (an HTTP handler finishing its last write,
 # a pool closed by the garbage collector): the guard waits this long for strays before it fails the test.
