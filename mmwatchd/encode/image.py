@@ -40,7 +40,7 @@ import pillow_heif
 from PIL import Image, ImageMath, UnidentifiedImageError
 
 from mmwatchd.encode.budget import GOOD_ENOUGH, QUALITY_SLOPE, SCALE_EXPONENT, max_payload
-from mmwatchd.encode.raw import open_raw
+from mmwatchd.encode.raw import TRANSPOSE, open_raw
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.media import RAW_FORMATS, Sniffed, read_head
@@ -92,16 +92,6 @@ _PASSTHROUGH_MODES: Final[dict[str, tuple[str, ...]]] = {
     "GIF": ("P", "L"),
 }
 _SOURCE_MIME: Final = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
-# The mapping ImageOps.exif_transpose uses; applied here after the resize, on the small image.
-_TRANSPOSE: Final = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 _RESAMPLE: Final = Image.Resampling.LANCZOS
 #: How far under the target size a reduced-scale decode (JPEG DCT scaling, a HEIF thumbnail) may come out and be sent
 #: as it is: a 4000x3000 JPEG at ``max_side: 1024`` decodes at 1/4 scale to 1000x750 (2% under) and skips the resize
@@ -651,8 +641,8 @@ def encode_image(
             img = _normalise(img, src.name)
         if not _near(img.size, stored_target, _SLACK):
             img = img.resize(stored_target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
-        if orientation in _TRANSPOSE:
-            img = img.transpose(_TRANSPOSE[orientation])
+        if orientation in TRANSPOSE:
+            img = img.transpose(TRANSPOSE[orientation])
         img = _for_output(img, spec)
         result = fit_budget(img, spec, budget=budget, name=src.name)
     part = Part(

@@ -49,7 +49,9 @@ __all__ = ["RawHeader", "open_raw"]
 
 #: LibRaw's flip code → the EXIF Orientation value that describes the same transform (dcraw's "50132467" inverted).
 _FLIP_TO_ORIENTATION: Final = {0: 1, 1: 2, 3: 3, 2: 4, 4: 5, 6: 6, 7: 7, 5: 8}
-_TRANSPOSE: Final = {
+#: EXIF Orientation → the transpose that shows the picture upright (the mapping ImageOps.exif_transpose uses);
+#: image.py applies it too, after the resize, on the small image.
+TRANSPOSE: Final = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -369,8 +371,8 @@ def _from_preview(
         except (OSError, SyntaxError, ValueError, struct.error):
             return None  # a damaged preview: decode the raw data instead
     img = img.convert("RGB") if img.mode != "RGB" else img
-    if orientation in _TRANSPOSE:
-        img = img.transpose(_TRANSPOSE[orientation])
+    if orientation in TRANSPOSE:
+        img = img.transpose(TRANSPOSE[orientation])
     return img
 
 
