@@ -17,6 +17,7 @@ import structlog
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_jpeg
+from running import wait_until
 
 from mmwatchd import config
 from mmwatchd.daemon import Daemon, RateLimiter
@@ -328,8 +329,9 @@ class TestFailures:
         assert doc["status"] == "error" and doc["error"]["kind"] == "unavailable"
         assert doc["error"]["message"].startswith("gave up after repeated failures:")
         assert len(running.fake.chat_requests) == 2  # exactly max_attempts paid requests, never more
-        errors = running.state.last_errors()  # type: ignore[union-attr]
-        assert errors and errors[0].path == photo
+        # The state store is written just after the sidecar: wait for it rather than race it.
+        wait_until(lambda: bool(running.state.last_errors()))  # type: ignore[union-attr]
+        assert running.state.last_errors()[0].path == photo  # type: ignore[union-attr]
 
     def test_a_hang_past_the_timeout_is_retried(self, running: Runner) -> None:
         running.fake.enqueue(json=chat_completion("too late"), delay_s=5, path="/v1/chat/completions")
