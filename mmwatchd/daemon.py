@@ -955,6 +955,7 @@ class Daemon:
     def _finish(self, outcome: Outcome) -> None:
         path = outcome.path
         retry_in: float | None = None
+        rate_limited = False
         final = True
         root = rel_to_roots(path, [r.path for r in self.config.watch])[0]
         root_key = str(root) if root else None
@@ -982,9 +983,7 @@ class Daemon:
             if not final:
                 backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
                 retry_in = max(backoff, outcome.retry_after or 0.0)
-                if isinstance(error, VLMUnavailable) and error.status == 429:
-                    with self._lock:
-                        self._rate_limited_until = max(self._rate_limited_until, self.clock() + retry_in)
+                rate_limited = isinstance(error, VLMUnavailable) and error.status == 429
                 if isinstance(error, VLMUnavailable) and error.status is None and outcome.retry_after is None:
                     retry_in = RETRY_BASE_S  # the gate holds work until the endpoint is back; no need to wait longer
                 if self.state is not None and counted and self.one_shot_attempts is None:
@@ -1028,7 +1027,10 @@ class Daemon:
                     self._wake.notify_all()
             else:
                 self._dirty.discard(path)  # it is looked at again anyway
-                heapq.heappush(self._retries, (self.clock() + (retry_in or 0.0), path))
+                due = self.clock() + (retry_in or 0.0)
+                heapq.heappush(self._retries, (due, path))
+                if rate_limited:  # under the same lock as the retry: progress() never sees one without the other
+                    self._rate_limited_until = max(self._rate_limited_until, due)
                 self._wake.notify_all()
             self._idle.notify_all()
         if self._paused is not None and self.one_shot_attempts is None:
