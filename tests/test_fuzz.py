@@ -24,6 +24,7 @@ from fuzzseed import ENV, SEED, repeat_hint
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 from media import make_heic, make_jpeg, make_numbered_video, make_png
+from mutations import mutate, mutation
 
 from mmwatchd.isolate import Isolator
 from mmwatchd.pipeline import Processor
@@ -77,33 +78,10 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process
         fake.stop()
 
 
-mutation = st.one_of(
-    st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=12)),
-    st.tuples(st.just("cut"), st.floats(0, 1)),
-    st.tuples(st.just("insert"), st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64))),
-    st.tuples(st.just("zero"), st.tuples(st.floats(0, 1), st.integers(1, 512))),
-)
-
 
 _serial = itertools.count()
 
 
-def mutate(data: bytes, how: tuple) -> bytes:  # type: ignore[type-arg]
-    kind, arg = how
-    buf = bytearray(data)
-    if kind == "flip":
-        for where, value in arg:
-            buf[min(len(buf) - 1, int(where * len(buf)))] = value
-    elif kind == "cut":
-        del buf[int(arg * len(buf)) :]
-    elif kind == "insert":
-        where, chunk = arg
-        buf[int(where * len(buf)) : int(where * len(buf))] = chunk
-    else:
-        where, n = arg
-        start = int(where * len(buf))
-        buf[start : start + n] = bytes(len(buf[start : start + n]))
-    return bytes(buf)
 
 
 def recipe(ext: str, how: tuple, path: Path) -> str:  # type: ignore[type-arg]

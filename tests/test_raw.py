@@ -20,6 +20,7 @@ from running import spawn_run, stop_run, wait_until
 from fakevlm import FakeVLM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mutations import mutate, mutation
 from PIL import Image
 
 from mmwatchd import rules
@@ -548,31 +549,7 @@ class TestFingerprint:
         assert rules.fingerprint(developed, endpoint) != rules.fingerprint(rule, endpoint)
 
 
-def mutate(data: bytes, how: tuple) -> bytes:  # type: ignore[type-arg]
-    """One mutation, as in test_fuzz.py: overwrite bytes, cut, insert, or zero a run."""
-    kind, arg = how
-    buf = bytearray(data)
-    if kind == "flip":
-        for where, value in arg:
-            buf[min(len(buf) - 1, int(where * len(buf)))] = value
-    elif kind == "cut":
-        del buf[int(arg * len(buf)) :]
-    elif kind == "insert":
-        where, chunk = arg
-        buf[int(where * len(buf)) : int(where * len(buf))] = chunk
-    else:
-        where, n = arg
-        start = int(where * len(buf))
-        buf[start : start + n] = bytes(len(buf[start : start + n]))
-    return bytes(buf)
 
-
-_mutation = st.one_of(
-    st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=12)),
-    st.tuples(st.just("cut"), st.floats(0, 1)),
-    st.tuples(st.just("insert"), st.tuples(st.floats(0, 1), st.binary(min_size=1, max_size=64))),
-    st.tuples(st.just("zero"), st.tuples(st.floats(0, 1), st.integers(1, 512))),
-)
 
 
 @pytest.fixture(scope="module")
@@ -599,7 +576,7 @@ class TestFuzz:
         assert found.kind in ("image", None)
 
     @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(pick=st.integers(0, 2), how=_mutation, raw=st.sampled_from(["preview", "demosaic"]))
+    @given(pick=st.integers(0, 2), how=mutation, raw=st.sampled_from(["preview", "demosaic"]))
     def test_a_damaged_raw_ends_in_an_image_or_a_media_error(
         self,
         seeds: dict[str, bytes],
