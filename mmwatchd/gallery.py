@@ -33,7 +33,7 @@ from urllib.parse import quote
 from mmwatchd import rules, sidecar
 from mmwatchd.errors import ForeignSidecar, MmwatchdError, SidecarError
 from mmwatchd.isolate import ByName, Isolator
-from mmwatchd.media import media_suffix_kind, sniff
+from mmwatchd.media import looked_at
 from mmwatchd.model import Config, ImageSpec, LinearBudget, VideoSpec, WatchRoot
 from mmwatchd.search import caption_and_tags
 from mmwatchd.walk import ScanErrorCallback, scan_paths
@@ -129,13 +129,10 @@ def _candidates(cfg: Config, paths: Sequence[Path], report: ScanErrorCallback) -
 
 
 def _card(cfg: Config, path: Path, roots: list[Path]) -> Card | None:
-    try:
-        st = path.stat()
-        kind = sniff(path).kind or media_suffix_kind(path)
-    except OSError:
+    seen = looked_at(path)
+    if seen is None:
         return None
-    if kind is None:
-        return None
+    st, kind = seen
     root, rel = rules.rel_to_roots(path, roots)
     side = sidecar.locate(path, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=roots)
     card = Card(path=path, kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, status="new", root=root)

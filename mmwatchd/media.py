@@ -454,3 +454,16 @@ def media_suffix_kind(path: Path) -> Literal["image", "video"] | None:
     if suffix in VIDEO_SUFFIXES:
         return "video"
     return None
+
+
+def looked_at(path: Path) -> tuple[os.stat_result, Literal["image", "video"]] | None:
+    """The file's stat and the kind a rule is matched with, as the pipeline decides it: sniffed from the bytes, else
+    what the name claims (a file named like media that is not still gets its rule, and an error sidecar). None for a
+    file that is neither, or that cannot be read. For reports (``status``, ``gallery``) that look without decoding.
+    """
+    try:
+        st = path.stat()
+        kind = sniff(path).kind or media_suffix_kind(path)
+    except OSError:
+        return None
+    return None if kind is None else (st, kind)

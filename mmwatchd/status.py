@@ -17,7 +17,7 @@ from typing import Any, Literal
 from mmwatchd import rules, sidecar
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
-from mmwatchd.media import media_suffix_kind, sniff
+from mmwatchd.media import looked_at
 from mmwatchd.model import Config
 from mmwatchd.state import State
 
@@ -70,14 +70,10 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
 
 
 def _classify(cfg: Config, root: Path, path: Path) -> str | None:
-    try:
-        st = path.stat()
-        # Like the pipeline: a file named like media that is not gets its rule (and an error sidecar).
-        kind = sniff(path).kind or media_suffix_kind(path)
-    except OSError:
+    seen = looked_at(path)
+    if seen is None:
         return None
-    if kind is None:
-        return None
+    st, kind = seen
     rule = rules.match(rules.rel_to_roots(path, [root])[1], kind, cfg.rules)
     if rule is None:
         return None

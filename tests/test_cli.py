@@ -301,13 +301,13 @@ class TestStatus:
         assert main(["scan", "-c", str(cfg)]) == 1  # bad.jpg gets an error sidecar
         make_jpeg(inbox / "new.jpg", (64, 48), seed=9)
         sniffed: list[Path] = []
-        real_sniff = status.sniff
+        real_look = status.looked_at  # a stat and a sniff of the file's first bytes
 
-        def counting_sniff(path: Path):  # type: ignore[no-untyped-def]
+        def counting_look(path: Path):  # type: ignore[no-untyped-def]
             sniffed.append(path)
-            return real_sniff(path)
+            return real_look(path)
 
-        monkeypatch.setattr(status, "sniff", counting_sniff)
+        monkeypatch.setattr(status, "looked_at", counting_look)
         capsys.readouterr()
         assert main(["status", "-c", str(cfg), "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
