@@ -302,7 +302,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_scan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _require_roots(cfg)
-    daemon = _one_shot_daemon(cfg, start=False)
+    daemon = _one_shot_daemon(cfg, start=False, metrics=args.metrics_textfile is not None)
     try:
         todo = daemon.needing_work()
         first = next(todo, None)
@@ -500,15 +500,17 @@ def _require_roots(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _one_shot_daemon(cfg: Config, *, start: bool = True):  # type: ignore[no-untyped-def]
+def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False):  # type: ignore[no-untyped-def]
     """A daemon without a watcher whose files get a few tries; its client is made when first used.
 
-    ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`).
+    ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`). ``metrics``: keep
+    Prometheus metrics (for ``--metrics-textfile``).
     """
     from mmwatchd.daemon import Daemon
 
     state = _state(cfg)
-    daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS)  # type: ignore[arg-type]
+    daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS,  # type: ignore[arg-type]
+                    metrics=metrics)  # fmt: skip
     if start:
         _start_one_shot(daemon)
     return daemon

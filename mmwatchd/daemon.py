@@ -60,7 +60,7 @@ from mmwatchd.errors import (
 from mmwatchd.index import DoneIndex
 from mmwatchd.isolate import Isolator
 from mmwatchd.log import get_logger
-from mmwatchd.metrics import Metrics, endpoint_name
+from mmwatchd.metrics import Metrics, Unmetered, endpoint_name
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Processor
@@ -292,10 +292,12 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         one_shot_attempts: int | None = None,
+        metrics: bool = False,
     ) -> None:
         """``one_shot_attempts``: give up on a file after that many transient failures of any kind (``once`` and
         ``scan``, which must end); None for the service. ``reload`` loads the config again on SIGHUP. ``wall_clock``
-        is what file mtimes are compared with (is a file found by a scan still being written?)."""
+        is what file mtimes are compared with (is a file found by a scan still being written?). ``metrics``: keep
+        Prometheus metrics even without ``metrics.listen`` (``scan --metrics-textfile``)."""
         self.config = config
         self.client = client
         self.state = state
@@ -361,9 +363,11 @@ class Daemon:
         self._fallback_counts: Counter[date] = Counter()  # requests per day while the state store cannot count
         self._users: Counter[Processor] = Counter()  # jobs running under each processor (config, client)
         self._retired: dict[Processor, VLMClient] = {}  # replaced by a reload: closed once no job uses them
-        self.metrics = Metrics(
-            endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.config.endpoint.concurrency
-        )
+        self.metrics: Metrics | Unmetered = Unmetered()
+        if metrics or config.metrics is not None:
+            self.metrics = Metrics(
+                endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.config.endpoint.concurrency
+            )
         self.processor = self._processor(config)
 
     def _processor(self, config: Config) -> Processor:
