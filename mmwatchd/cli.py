@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlsplit
 from pathlib import Path
 
-from mmwatchd import __version__, config as config_mod, log as log_mod, sidecar
+from mmwatchd import config as config_mod, log as log_mod, sidecar
 from mmwatchd.model import Config
 from mmwatchd.errors import ConfigError, MmwatchdError, StateError
 from mmwatchd.pipeline import Outcome, Processor
@@ -84,12 +84,22 @@ def entry() -> NoReturn:
     os._exit(code)
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked for: finding the installed version costs every command start-up."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        import mmwatchd
+
+        print(f"mmwatchd {mmwatchd.__version__}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmwatchd",
         description="Describe new photos and videos with an OpenAI-compatible vision model; JSON sidecars beside them.",
     )
-    parser.add_argument("--version", action="version", version=f"mmwatchd {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",
