@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,25 @@ def fake_vlm() -> Iterator[FakeVLM]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``made_once(name, make)``: a file that costs seconds of CPU to make and is the same for every test that uses
+    it, made by ``make(path)`` once per run and shared by all test workers (link it, do not change it)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if base.name.startswith("popen-gw") else base  # one folder for the run, above each worker's
+    folder = root / "made-once"
+    folder.mkdir(exist_ok=True)
+
+    def get(name: str, make: Callable[[Path], None]) -> Path:
+        path = folder / name
+        with open(folder / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it: wait for it
+            if not path.exists():
+                part = folder / f".{name}.part"
+                make(part)
+                part.rename(path)
+        return path
+
+    return get
