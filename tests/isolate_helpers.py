@@ -118,3 +118,11 @@ def memory_limit() -> int:
     import resource
 
     return resource.getrlimit(resource.RLIMIT_DATA)[0]
+
+
+def parent_maps(fragment: str) -> bool:
+    """Whether this worker's parent (the forkserver) has a file mapped whose path contains ``fragment``."""
+    import os
+
+    with open(f"/proc/{os.getppid()}/maps") as maps:
+        return any(fragment in line for line in maps)

@@ -533,6 +533,14 @@ class TestWhatEachProcessLoads:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert out.strip() == "[]"
 
+    def test_workers_inherit_the_preload_from_the_forkserver(self) -> None:
+        """A worker's start-up is a fork of a process that has the decoders loaded, not 0.2 s of imports."""
+        from mmwatchd.isolate import stop_shared_processes
+
+        stop_shared_processes()  # the next worker starts a forkserver of its own, as a fresh daemon would
+        with Isolator(workers=1, timeout_s=30, memory_bytes=GiB, preload=["mmwatchd.encode"]) as iso:
+            assert iso.call(helpers.parent_maps, "libavcodec", label="maps")  # PyAV's codecs, in the forkserver
+
     def test_a_worker_running_the_pipelines_decoders_loads_no_client_and_no_config(self, tmp_path: Path) -> None:
         from mmwatchd import pipeline
         from mmwatchd.model import LinearBudget, VideoSpec
