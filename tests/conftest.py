@@ -64,7 +64,7 @@ def fake_vlm() -> Iterator[FakeVLM]:
 @pytest.fixture(scope="session")
 def made_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
     """``made_once(name, make)``: a file that costs seconds of CPU to make and is the same for every test that uses
-    it, made by ``make(path)`` once per run and shared by all test workers (link it, do not change it)."""
+    it, made by ``make(path)`` once per run and shared by all test workers (copy it: do not change or link it)."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if base.name.startswith("popen-gw") else base  # one folder for the run, above each worker's
     folder = root / "made-once"

@@ -254,9 +254,10 @@ class TestDecoderContainment:
     @staticmethod
     def _slow_png(path: Path, made_once) -> Path:  # type: ignore[no-untyped-def]
         """A 24 MP PNG of noise: about a second of decoding. Made once per run (its 3 s of CPU are the same every
-        time) and linked into each test's folder."""
+        time) and copied into each test's folder: a link would share the inode, and another test linking it
+        changes its ctime, which is part of the file's identity."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        os.link(made_once("slow-noise.png", _make_slow_png), path)
+        shutil.copyfile(made_once("slow-noise.png", _make_slow_png), path)
         return path
 
     def test_a_hanging_decode_is_stopped(self, tmp_path: Path, fake_vlm: FakeVLM, processor, made_once) -> None:  # type: ignore[no-untyped-def]
