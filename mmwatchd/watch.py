@@ -12,7 +12,7 @@ What watchdog 7.1 delivers, and what the handler relies on:
 - A file moved out of the root: deleted. A folder moved out: one folder deleted event under inotify, nothing for
   the files inside it, hence :meth:`StabilityTracker.forget_tree`.
 - The kernel queue overflowing or the watch limit being hit is not reported through events at all; the inotify file
-  descriptor is subclassed to see both (:attr:`Watcher.overflowed`).
+  descriptor is subclassed to see both (:meth:`Watcher.take_overflow`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from watchdog.observers.polling import PollingObserver
 from .errors import ConfigError
 from .model import WatchRoot
 from .settle import StabilityTracker
-from .walk import absolute, link_allowed, relative, wanted_rel
+from .walk import absolute, link_allowed, wanted_rel
 
 from watchdog.utils import UnsupportedLibcError
 
@@ -161,7 +161,7 @@ class Watcher:
     handler from its own threads, so the handler only filters and records; :meth:`ready` does the stats.
 
     Paths are reported under ``root.path`` made absolute (symlinks in it are kept). When events may have been lost
-    (kernel queue overflow, watch limit hit in a new subfolder), :attr:`overflowed` turns true and ``on_overflow`` is
+    (kernel queue overflow, watch limit hit in a new subfolder), :meth:`take_overflow` says so and ``on_overflow`` is
     called from a watchdog thread: the caller should rescan.
     """
 
@@ -400,7 +400,7 @@ class Watcher:
         """Wait up to ``timeout`` seconds for files to become ready and return them (absolute paths).
 
         Returns early with an empty list after :meth:`stop`, or when events were lost since the last call (see
-        :attr:`overflowed`).
+        :meth:`take_overflow`).
         """
         end = time.monotonic() + timeout
         with self._cond:
@@ -422,14 +422,8 @@ class Watcher:
                     remaining = min(remaining, max(nxt - self._clock(), 0.0) + 0.002)
                 self._cond.wait(remaining)
 
-    @property
-    def overflowed(self) -> bool:
-        """True when events may have been lost since the last :meth:`take_overflow`."""
-        with self._cond:
-            return self._lost > 0
-
     def take_overflow(self) -> bool:
-        """Return :attr:`overflowed` and reset it (call it before a rescan)."""
+        """Whether events may have been lost since the last call (call it before a rescan)."""
         with self._cond:
             lost, self._lost = self._lost > 0, 0
             self._lost_seen_by_ready = 0
@@ -445,14 +439,3 @@ class Watcher:
         """How many files are waiting to settle."""
         with self._cond:
             return len(self._tracker)
-
-    def root_for(self, path: Path) -> WatchRoot | None:
-        """The innermost root that wants ``path``, or None."""
-        best: tuple[int, WatchRoot] | None = None
-        for root, root_dir in zip(self.roots, self._root_dirs, strict=True):
-            rel = relative(root_dir, Path(path))
-            if rel is not None and wanted_rel(root, rel, self.sidecar_suffix):
-                depth = len(root_dir.parts)
-                if best is None or depth > best[0]:
-                    best = (depth, root)
-        return None if best is None else best[1]
