@@ -1005,13 +1005,13 @@ class Daemon:
         elif self.state is not None and outcome.gone:
             # Its retry row must not stay in `status`, nor pass its attempts on to a new file of that name.
             self._store("forget a file that is gone", self.state.forget, path)
-        if self.state is not None and outcome.identity and outcome.fingerprint and outcome.kind and outcome.answer:
+        if self.state is not None and outcome.identity and outcome.fingerprint and outcome.media_kind and outcome.answer:
             # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
             size, mtime_ns, ino, ctime_ns = outcome.identity
             if outcome.moved_to is None:
                 self._store("index a finished file", self.state.mark_done, path, size=size, mtime_ns=mtime_ns,
-                            ino=ino, ctime_ns=ctime_ns, kind=outcome.kind, fingerprint=outcome.fingerprint,
-                            status=outcome.answer)  # fmt: skip
+                            ino=ino, ctime_ns=ctime_ns, media_kind=outcome.media_kind, fingerprint=outcome.fingerprint,
+                            answer=outcome.answer)  # fmt: skip
         if self.state is not None and outcome.status in ("ok", "error"):
             self._index_for_search(outcome)  # after the state store: what `status` reads is there first
         self._log(outcome, retry_in)

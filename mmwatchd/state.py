@@ -132,10 +132,12 @@ class DoneRow:
 
     size: int
     mtime_ns: int
-    kind: str
+    #: "image" or "video": the kind its rule was matched with.
+    media_kind: str
     fingerprint: str
-    #: "ok" or "error" (which sidecar the file has); None for entries made by an older mmwatchd.
-    status: str | None = None
+    #: "ok" or "error" (which sidecar the file has, as ``Outcome.answer``; stored in the ``status`` column); None for
+    #: entries made by an older mmwatchd.
+    answer: str | None = None
     #: Inode and ctime of the version answered; None for entries made by an older mmwatchd.
     ino: int | None = None
     ctime_ns: int | None = None
@@ -374,18 +376,18 @@ class State:
         *,
         size: int,
         mtime_ns: int,
-        kind: str,
+        media_kind: str,
         fingerprint: str,
-        status: Literal["ok", "error"],
+        answer: Literal["ok", "error"],
         ino: int | None = None,
         ctime_ns: int | None = None,
     ) -> None:
-        """Index a file version as answered (``status``: an ok or an error sidecar) under ``fingerprint``."""
+        """Index a file version as answered (``answer``: an ok or an error sidecar) under ``fingerprint``."""
         with self._write() as db:
             db.execute(
                 """INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint, status, ino, ctime_ns)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (os.fsencode(path), size, mtime_ns, kind, fingerprint, status, ino, ctime_ns),
+                (os.fsencode(path), size, mtime_ns, media_kind, fingerprint, answer, ino, ctime_ns),
             )
 
     def adopt_identities(self, found: Mapping[str, tuple[int, int]]) -> None:

@@ -126,7 +126,7 @@ class TestOpen:
         conn.commit()
         conn.close()
         with State(db, clock=Clock()) as st:
-            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, kind="image", fingerprint="fp2", status="error")
+            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, media_kind="image", fingerprint="fp2", answer="error")
             assert st.done_index() == {
                 "/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", None),  # answer unknown: status reads its sidecar
                 "/p/new.jpg": state.DoneRow(1, 2, "image", "fp2", "error"),
@@ -146,8 +146,8 @@ class TestOpen:
             assert st.done_index() == {"/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", "ok", None, None)}
             st.adopt_identities({"/p/old.jpg": (7, 30)})
             st.adopt_identities({"/p/old.jpg": (8, 40)})  # only entries without them take them
-            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, ino=3, ctime_ns=4, kind="image", fingerprint="f",
-                         status="ok")  # fmt: skip
+            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, ino=3, ctime_ns=4, media_kind="image", fingerprint="f",
+                         answer="ok")  # fmt: skip
             assert st.done_index() == {
                 "/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", "ok", 7, 30),
                 "/p/new.jpg": state.DoneRow(1, 2, "image", "f", "ok", 3, 4),
@@ -218,7 +218,7 @@ class TestRetries:
     def test_forget_only_the_retry_state(self, db: Path) -> None:
         with State(db, clock=Clock()) as st:
             attempt(st, "/p/a.jpg")
-            st.mark_done(Path("/p/a.jpg"), size=1, mtime_ns=2, kind="image", fingerprint="f", status="ok")
+            st.mark_done(Path("/p/a.jpg"), size=1, mtime_ns=2, media_kind="image", fingerprint="f", answer="ok")
             st.forget(Path("/p/a.jpg"), index=False)
             assert st.retrying() == [] and st.attempts(Path("/p/a.jpg")) == 0
             assert list(st.done_index()) == ["/p/a.jpg"]
