@@ -1,6 +1,6 @@
 """One job, start to end: sniff → rule → encode under the byte budget → call the model → sidecar.
 
-``Processor.process`` never raises for a problem with the file or the endpoint: it returns an ``Outcome`` that says
+``Pipeline.process`` never raises for a problem with the file or the endpoint: it returns an ``Outcome`` that says
 what happened. Permanent problems leave an error sidecar; transient ones leave nothing and ask to be retried.
 """
 
@@ -72,7 +72,7 @@ encode_video = ByName("mmwatchd.encode", "encode_video")
 
 log = get_logger()
 T = TypeVar("T")
-#: Sidecar bytes set aside before a request, besides room for the reply (see ``Processor._sidecar_room``).
+#: Sidecar bytes set aside before a request, besides room for the reply (see ``Pipeline._sidecar_room``).
 SIDECAR_ROOM_BYTES = 16 << 10
 GONE = "file is gone"
 IN_PROGRESS = "in progress: another mmwatchd process is describing it right now"
@@ -129,7 +129,7 @@ class _Planned:
     decision: VideoDecision | None = None
 
 
-class Processor:
+class Pipeline:
     """Turns paths into outcomes under one config. Thread-safe: it holds no per-job state."""
 
     def __init__(
@@ -252,7 +252,7 @@ class Processor:
                 raise problem
             planned = self._plan(path, kind, rule, values, fingerprint)
             if self.client is None:
-                raise RuntimeError("Processor without a client cannot call the endpoint")
+                raise RuntimeError("Pipeline without a client cannot call the endpoint")
             reply, planned = self._ask(planned, lambda **again: self._plan(path, kind, rule, values, fingerprint, **again))
             # Hash first, then re-stat: when the re-stat finds the version of the first stat, the hash (and what the
             # decoder read, before it) is of that version too.
