@@ -32,6 +32,7 @@ from mmwatchd.errors import (
     VLMError,
     VLMRejected,
     VLMUnavailable,
+    clip,
 )
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.log import get_logger
@@ -808,8 +809,7 @@ _WIDEST_FACTS: dict[str, object] = {"width": 999_999_999, "height": 999_999_999,
 
 def _short(said: str) -> str:
     """A server's words as a sidecar records them: one line, at most 120 characters."""
-    said = " ".join(said.split())
-    return said if len(said) <= 120 else said[:119] + "…"
+    return clip(" ".join(said.split()), 120)
 
 
 def _vocabularies(config: Config) -> dict[str, Vocabulary]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 from mmwatchd import __version__
-from mmwatchd.errors import StateError
+from mmwatchd.errors import StateError, clip
 from mmwatchd.log import get_logger
 
 log = get_logger()
@@ -326,7 +326,7 @@ class State:
                    ON CONFLICT (path) DO UPDATE SET
                      root = excluded.root, attempts = attempts + 1, kind = excluded.kind,
                      last_error = excluded.last_error, last_at = excluded.last_at, retry_at = excluded.retry_at""",
-                (key, root, kind, _clip(message), self.clock(), retry_at),
+                (key, root, kind, clip(message, MESSAGE_MAX), self.clock(), retry_at),
             )
             n: int = db.execute("SELECT attempts FROM retry WHERE path = ?", (key,)).fetchone()[0]
         return n
@@ -354,7 +354,7 @@ class State:
             if status == "error":
                 db.execute(
                     "INSERT INTO errors (path, root, kind, message, at) VALUES (?, ?, ?, ?, ?)",
-                    (key, root, kind, _clip(message or ""), self.clock()),
+                    (key, root, kind, clip(message or "", MESSAGE_MAX), self.clock()),
                 )
                 db.execute(
                     "DELETE FROM errors WHERE id <= (SELECT id FROM errors ORDER BY id DESC LIMIT 1 OFFSET ?)",
@@ -519,5 +519,3 @@ def _path(blob: bytes) -> Path:
     return Path(os.fsdecode(blob))
 
 
-def _clip(message: str) -> str:
-    return message if len(message) <= MESSAGE_MAX else message[: MESSAGE_MAX - 1] + "…"
