@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with n
     from mmwatchd.vocabulary import Vocabulary
 
 # The decoders, named rather than imported: the daemon hands them to its decoder processes and never loads Pillow,
-# PyAV or libheif itself (about 35 MB and 0.1 s of start-up it does not need).
+# PyAV or libheif itself (memory and start-up it does not need; the README's "How it is built" has the figures).
 probe_image = ByName("mmwatchd.encode", "probe_image")
 probe_and_encode_image = ByName("mmwatchd.encode", "probe_and_encode_image")
 encode_image = ByName("mmwatchd.encode", "encode_image")
@@ -213,7 +213,7 @@ class Pipeline:
         claim: sidecar.Claim | None = None
         reservation: sidecar.Reservation | None = None
         try:
-            kind, problem = self._kind(path, before, explicit=explicit)
+            kind, problem = self._media_kind(path, before, explicit=explicit)
             if kind is None:
                 return Outcome(path=path, status="skipped", reason="not a photo or video")
             values["kind"] = kind
@@ -373,7 +373,7 @@ class Pipeline:
 
     # -- steps -----------------------------------------------------------------------------------------------
 
-    def _kind(self, path: Path, st: FileVersion, *, explicit: bool) -> tuple[str | None, MediaError | None]:
+    def _media_kind(self, path: Path, st: FileVersion, *, explicit: bool) -> tuple[str | None, MediaError | None]:
         """The media kind for rule matching, and the problem that stops it being sent, if any.
 
         The kind comes from the bytes. A file that is not media is skipped, unless its name claims it is a photo or

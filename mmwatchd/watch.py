@@ -2,7 +2,7 @@
 :class:`~mmwatchd.settle.StabilityTracker`; the daemon calls :meth:`Watcher.ready` in a loop and gets absolute paths of
 files that are ready. Which files count is :mod:`mmwatchd.walk`'s filter, the same as the scans'.
 
-What watchdog 7.1 delivers, and what the handler relies on:
+What watchdog delivers (in the versions ``pyproject.toml`` allows), and what the handler relies on:
 
 - A file written in place: created, modified..., closed (``FileClosedEvent``, inotify only).
 - A file or folder moved in from outside the root: created, with no close event; for a folder, synthesised created
