@@ -211,22 +211,17 @@ class Watcher:
         self.stop()
 
     def start(self) -> None:
-        """Schedule every root (creating missing ones that have ``create: true``).
+        """Schedule every root.
 
-        A missing or unusable root raises :class:`ConfigError` naming ``watch[i].path``.
+        A missing or unusable root raises :class:`ConfigError` naming ``watch[i].path``. Roots with ``create: true``
+        are made by the command before the service starts and on each reload (``cli._require_roots``), in that one
+        place: one missing here has gone since (an unmounted share).
         """
         if self._started:
             raise RuntimeError("Watcher.start() called twice")
         self._started = True
         problems = []
-        for i, (root, root_dir) in enumerate(zip(self.roots, self._root_dirs, strict=True)):
-            if root.create and not root_dir.exists():
-                try:
-                    root_dir.mkdir(parents=True, exist_ok=True)
-                    log.info("watch.created_root", root=str(root_dir))
-                except OSError as exc:
-                    problems.append(f"watch[{i}].path: {root_dir} cannot be created: {exc.strerror or exc}")
-                    continue
+        for i, root_dir in enumerate(self._root_dirs):
             if not root_dir.exists():
                 problems.append(f"watch[{i}].path: {root_dir} does not exist (not mounted? `create: true` makes it)")
             elif not root_dir.is_dir():

@@ -281,12 +281,6 @@ class TestWatcherLifecycle:
             f"watch[2].path: {tmp_path / 'file'} is not a folder",
         ]
 
-    def test_create_makes_a_missing_root(self, tmp_path: Path) -> None:
-        root = tmp_path / "new" / "inbox"
-        with Watcher([WatchRoot(path=root, create=True)], settle_s=SETTLE, sidecar_suffix=SIDECAR) as watcher:
-            assert root.is_dir()
-            assert list(watcher.backends) == [root]
-
     def test_stop_is_idempotent_and_wakes_ready(self, tmp_path: Path) -> None:
         root = WatchRoot(path=tmp_path, polling=True, poll_interval_s=POLL)
         watcher = Watcher([root], settle_s=SETTLE, sidecar_suffix=SIDECAR)
