@@ -7,7 +7,9 @@ implements :class:`Output`, made by :func:`configured` from its config; the pipe
 moves every configured output, and the done-index and ``status`` ask each whether it is there.
 
 The XMP sidecar (:class:`mmwatchd.xmp.XmpOutput`) is loaded only when configured: lxml stays out of the daemon
-otherwise.
+otherwise. The search index (:mod:`mmwatchd.search`) is not an output of an answer but an index of the JSON records:
+it needs the record as written (it is keyed by the sidecar's size and mtime) and where an action moved it, so the
+daemon adds each record once it is written, and every search refreshes the index from the records first.
 """
 
 from __future__ import annotations
