@@ -21,7 +21,7 @@ from pathlib import Path
 from mmwatchd import config as config_mod, log as log_mod, sidecar
 from mmwatchd.model import Config
 from mmwatchd.errors import ConfigError, MmwatchdError, StateError
-from mmwatchd.pipeline import Outcome, Processor
+from mmwatchd.pipeline import Outcome, Pipeline
 
 if TYPE_CHECKING:
     from mmwatchd.progress import Reporter, Snapshot
@@ -276,7 +276,7 @@ def cmd_once(args: argparse.Namespace) -> int:
     cfg = _load(args)
     paths = [Path(f) for f in args.files]
     if args.dry_run:
-        processor = Processor(cfg, None)
+        processor = Pipeline(cfg, None)
         plans = []
         failed = False
         for p in paths:

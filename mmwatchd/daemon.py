@@ -63,7 +63,7 @@ from mmwatchd.log import get_logger
 from mmwatchd.metrics import Metrics, Unmetered, endpoint_name
 from mmwatchd.model import Reply, VLMRequest
 from mmwatchd.notify import Notifier
-from mmwatchd.pipeline import Outcome, Processor
+from mmwatchd.pipeline import Outcome, Pipeline
 from mmwatchd.progress import Snapshot
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
@@ -361,8 +361,8 @@ class Daemon:
         self._trial = False  # while paused: one job may go through as a trial
         self._count_lock = threading.Lock()
         self._fallback_counts: Counter[date] = Counter()  # requests per day while the state store cannot count
-        self._users: Counter[Processor] = Counter()  # jobs running under each processor (config, client)
-        self._retired: dict[Processor, VLMClient] = {}  # replaced by a reload: closed once no job uses them
+        self._users: Counter[Pipeline] = Counter()  # jobs running under each processor (config, client)
+        self._retired: dict[Pipeline, VLMClient] = {}  # replaced by a reload: closed once no job uses them
         self.metrics: Metrics | Unmetered = Unmetered()
         if metrics or config.metrics is not None:
             self.metrics = Metrics(
@@ -370,8 +370,8 @@ class Daemon:
             )
         self.processor = self._processor(config)
 
-    def _processor(self, config: Config) -> Processor:
-        return Processor(
+    def _processor(self, config: Config) -> Pipeline:
+        return Pipeline(
             config, _MeteredClient(self.client, self), clock=self.clock, isolator=self.isolator  # type: ignore[arg-type]
         )
 
@@ -1005,13 +1005,13 @@ class Daemon:
         elif self.state is not None and outcome.gone:
             # Its retry row must not stay in `status`, nor pass its attempts on to a new file of that name.
             self._store("forget a file that is gone", self.state.forget, path)
-        if self.state is not None and outcome.identity and outcome.fingerprint and outcome.kind and outcome.answer:
+        if self.state is not None and outcome.identity and outcome.fingerprint and outcome.media_kind and outcome.answer:
             # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
             size, mtime_ns, ino, ctime_ns = outcome.identity
             if outcome.moved_to is None:
                 self._store("index a finished file", self.state.mark_done, path, size=size, mtime_ns=mtime_ns,
-                            ino=ino, ctime_ns=ctime_ns, kind=outcome.kind, fingerprint=outcome.fingerprint,
-                            status=outcome.answer)  # fmt: skip
+                            ino=ino, ctime_ns=ctime_ns, media_kind=outcome.media_kind, fingerprint=outcome.fingerprint,
+                            answer=outcome.answer)  # fmt: skip
         if self.state is not None and outcome.status in ("ok", "error"):
             self._index_for_search(outcome)  # after the state store: what `status` reads is there first
         self._log(outcome, retry_in)

@@ -140,3 +140,9 @@ class StateError(MmwatchdError):
     """The state database cannot be opened or written (permissions, disk full)."""
 
     kind = "state"
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, with an ellipsis where it was cut: a message stays a message
+    whatever a server or a file system said into it."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

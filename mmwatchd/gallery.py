@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mmwatchd import rules, sidecar
+from mmwatchd.done import Record, is_done
 from mmwatchd.errors import ForeignSidecar, MmwatchdError, SidecarError
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.media import looked_at
@@ -60,7 +61,7 @@ class Card:
     """One file on the page (the JSON the page's script reads; short keys keep 10,000 of them small)."""
 
     path: Path
-    kind: str
+    media_kind: str
     size: int
     mtime_ns: int
     status: str  # "ok", "error" or "new" (not yet described)
@@ -135,7 +136,7 @@ def _card(cfg: Config, path: Path, roots: list[Path]) -> Card | None:
     st, kind = seen
     root, rel = rules.rel_to_roots(path, roots)
     side = sidecar.locate(path, suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=roots)
-    card = Card(path=path, kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, status="new", root=root)
+    card = Card(path=path, media_kind=kind, size=st.st_size, mtime_ns=st.st_mtime_ns, status="new", root=root)
     try:
         doc = sidecar.read(side)
     except ForeignSidecar:
@@ -149,9 +150,9 @@ def _card(cfg: Config, path: Path, roots: list[Path]) -> Card | None:
             return None  # no rule takes it: it will never be described, so it is not waiting for anything
         return card
     card.doc, card.side = doc, side
-    card.status = "error" if doc.get("status") == "error" else "ok"
-    source = doc.get("source") or {}
-    if source.get("size") != st.st_size or source.get("mtime_ns") != st.st_mtime_ns:
+    record = Record.of_sidecar(doc)
+    card.status = record.answer or "ok"
+    if not is_done(record, st, None, exact=False):  # whatever rule wrote it: the page shows what was said
         card.note = "the file changed after this description was written"
     return card
 
@@ -211,7 +212,7 @@ def make_thumbnails(cfg: Config, cards: Sequence[Card], folder: Path) -> tuple[i
 
 def _thumbnail(isolator: Isolator, cfg: Config, key: str, card: Card, folder: Path) -> dict[str, Any]:
     try:
-        if card.kind == "video":
+        if card.media_kind == "video":
             video = isolator.call(_encode_video, card.path, FRAME_SPEC, budget=LinearBudget(THUMB_BUDGET, 0),
                                   limits=cfg.limits, label=card.path.name)  # fmt: skip
             chunks = [part.chunks[0] for part in video.parts]
@@ -223,7 +224,7 @@ def _thumbnail(isolator: Isolator, cfg: Config, key: str, card: Card, folder: Pa
         return {"files": [], "error": exc.message}
     except OSError as exc:
         return {"files": [], "error": f"{card.path.name}: {exc.strerror or exc}"}
-    names = [f"{key}.jpg"] if len(chunks) == 1 and card.kind != "video" else [f"{key}-{i}.jpg" for i in
+    names = [f"{key}.jpg"] if len(chunks) == 1 and card.media_kind != "video" else [f"{key}-{i}.jpg" for i in
                                                                                range(len(chunks))]  # fmt: skip
     for name, data in zip(names, chunks, strict=True):
         (folder / name).write_bytes(data)
@@ -262,7 +263,7 @@ def card_data(card: Card, base: Path) -> dict[str, Any]:
         "href": _href(card.path, base),
         "sidecar": _href(card.side, base) if card.side is not None else None,
         "status": card.status,
-        "kind": card.kind,
+        "kind": card.media_kind,
         "rule": doc.get("rule") if isinstance(doc.get("rule"), str) else None,
         "model": doc.get("model") if isinstance(doc.get("model"), str) else None,
         "caption": caption,
@@ -338,7 +339,7 @@ def _check_ours(out: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}{sidecar.TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = sidecar.temp_path(path)
     try:
         with open(tmp, "xb") as fh:
             fh.write(data)

@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mmwatchd import outputs
+from mmwatchd.done import Record, is_done
 from mmwatchd.model import Config, WatchRoot
 from mmwatchd.rules import fingerprint
 from mmwatchd.rules import match as match_rule
@@ -36,6 +38,7 @@ class DoneIndex:
         #: Old entries (no inode/ctime) the walk found at their size and mtime: path → (inode, ctime_ns) now.
         self.adopted: dict[str, tuple[int, int]] = {}
         self._fingerprints: dict[tuple[str, str], str] = {}
+        self._outputs = outputs.configured(config)
 
     def walk(
         self,
@@ -53,12 +56,6 @@ class DoneIndex:
         for path in walk:
             yield path, self._done(root.path, path, path[prefix:], sidecars)
 
-    def _has_xmp(self, path: str) -> bool:
-        from mmwatchd.xmp import xmp_path  # only with sidecar.xmp set: lxml stays out of the daemon otherwise
-
-        spec = self.config.sidecar.xmp
-        return spec is not None and os.path.lexists(xmp_path(Path(path), spec.naming))
-
     def _done(self, root: Path, path: str, rel: str, sidecars: set[str]) -> DoneRow | None:
         """The entry for ``path`` when it proves the file done, else None.
 
@@ -73,30 +70,24 @@ class DoneIndex:
             st = os.stat(path)
         except OSError:
             return None
-        if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
-            return None
-        if row.ino is not None or row.ctime_ns is not None:
-            if st.st_ino != row.ino or st.st_ctime_ns != row.ctime_ns:
-                return None  # rewritten (or replaced) with its size and mtime kept: the sidecar may not describe it
-            adopt = False
-        else:
-            adopt = True
         if cfg.sidecar.dir is None:
             simple = path + cfg.sidecar.suffix  # what sidecar_path gives unless the name is too long
             if simple not in sidecars and str(sidecar_path(Path(path), cfg.sidecar.suffix)) not in sidecars:
                 return None  # deleted: the sidecars are the truth
         elif not sidecar_locate(Path(path), suffix=cfg.sidecar.suffix, mirror=cfg.sidecar.dir, roots=[root]).exists():
             return None
-        rule = match_rule(rel if os.sep == "/" else rel.replace(os.sep, "/"), row.kind, cfg.rules)
+        rule = match_rule(rel if os.sep == "/" else rel.replace(os.sep, "/"), row.media_kind, cfg.rules)
         if rule is None:
             return None
-        key = (rule.name, row.kind)
+        key = (rule.name, row.media_kind)
         if key not in self._fingerprints:
-            self._fingerprints[key] = fingerprint(rule, cfg.endpoint, row.kind)
-        if self._fingerprints[key] != row.fingerprint:
-            return None
-        if cfg.sidecar.xmp is not None and row.status != "error" and not self._has_xmp(path):
-            return None  # XMP turned on since, or its write failed: the pipeline writes it from the answer on record
-        if adopt:
+            self._fingerprints[key] = fingerprint(rule, cfg.endpoint, row.media_kind)
+        record = Record.of_row(row)
+        if not is_done(record, st, self._fingerprints[key], exact=True):
+            return None  # its rule changed, or it was rewritten (or replaced) with its size and mtime kept
+        answer = record.answer or "ok"
+        if any(o.wants(answer) and not o.present(Path(path)) for o in self._outputs):
+            return None  # turned on since, or its write failed: the pipeline writes it from the answer on record
+        if record.size_and_mtime_only:
             self.adopted[path] = (st.st_ino, st.st_ctime_ns)
         return row

@@ -91,7 +91,7 @@ class Metrics:
     # -- what the daemon reports ---------------------------------------------------------------------------
 
     def finished(self, outcome: Outcome) -> None:
-        self._files.labels(outcome.status, outcome.kind or "none", outcome.rule or "none").inc()
+        self._files.labels(outcome.status, outcome.media_kind or "none", outcome.rule or "none").inc()
 
     def endpoint_up(self, up: bool) -> None:
         self._up.labels(self.endpoint).set(1 if up else 0)

@@ -1,6 +1,6 @@
 """One job, start to end: sniff → rule → encode under the byte budget → call the model → sidecar.
 
-``Processor.process`` never raises for a problem with the file or the endpoint: it returns an ``Outcome`` that says
+``Pipeline.process`` never raises for a problem with the file or the endpoint: it returns an ``Outcome`` that says
 what happened. Permanent problems leave an error sidecar; transient ones leave nothing and ask to be retried.
 """
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from mmwatchd import __version__, rules, sidecar
+from mmwatchd import __version__, outputs, rules, sidecar
 from mmwatchd.actions import run_actions
-from mmwatchd.model import Config, Rule
+from mmwatchd.done import FileVersion, Record, is_done
 from mmwatchd.errors import (
     BudgetExceeded,
     DecodeError,
@@ -32,11 +32,22 @@ from mmwatchd.errors import (
     VLMError,
     VLMRejected,
     VLMUnavailable,
+    clip,
 )
 from mmwatchd.isolate import ByName, Isolator
 from mmwatchd.log import get_logger
 from mmwatchd.media import media_suffix_kind, oversize, sniff
-from mmwatchd.model import ActionSpec, LinearBudget, Part, Reply, VideoSpec, VLMRequest
+from mmwatchd.model import (
+    ActionSpec,
+    Config,
+    LinearBudget,
+    Part,
+    Reply,
+    Rule,
+    VideoSpec,
+    VLMRequest,
+)
+from mmwatchd.outputs import JsonSidecar
 from mmwatchd.servers import (
     EndpointKnowledge,
     VideoDecision,
@@ -53,7 +64,7 @@ if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with n
     from mmwatchd.vocabulary import Vocabulary
 
 # The decoders, named rather than imported: the daemon hands them to its decoder processes and never loads Pillow,
-# PyAV or libheif itself (about 35 MB and 0.1 s of start-up it does not need).
+# PyAV or libheif itself (memory and start-up it does not need; the README's "How it is built" has the figures).
 probe_image = ByName("mmwatchd.encode", "probe_image")
 probe_and_encode_image = ByName("mmwatchd.encode", "probe_and_encode_image")
 encode_image = ByName("mmwatchd.encode", "encode_image")
@@ -62,7 +73,7 @@ encode_video = ByName("mmwatchd.encode", "encode_video")
 
 log = get_logger()
 T = TypeVar("T")
-#: Sidecar bytes set aside before a request, besides room for the reply (see ``Processor._sidecar_room``).
+#: Sidecar bytes set aside before a request, besides room for the reply (see ``Pipeline._sidecar_room``).
 SIDECAR_ROOM_BYTES = 16 << 10
 GONE = "file is gone"
 IN_PROGRESS = "in progress: another mmwatchd process is describing it right now"
@@ -89,7 +100,7 @@ class Outcome:
     action_problems: tuple[str, ...] = ()
     #: For files that have their answer (ok, error, up to date): the version answered and under which rule
     #: fingerprint, for the done-index that lets rescans skip them.
-    kind: str | None = None
+    media_kind: str | None = None
     fingerprint: str | None = None
     version: tuple[int, int] | None = None
     #: Which sidecar the file has for that version, "ok" or "error" (also when it was found up to date).
@@ -109,29 +120,6 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Stat:
-    """A file version: size, mtime, inode and ctime. A rewrite that keeps the size and puts the mtime back still
-    changes the ctime (only the kernel sets it), and a file replaced by another gets another inode."""
-
-    size: int
-    mtime_ns: int
-    ino: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> _Stat:
-        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino, ctime_ns=st.st_ctime_ns)
-
-    @property
-    def version(self) -> tuple[int, int]:
-        return (self.size, self.mtime_ns)
-
-    @property
-    def identity(self) -> tuple[int, int, int, int]:
-        return (self.size, self.mtime_ns, self.ino, self.ctime_ns)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class _Planned:
     rule: Rule
     request: VLMRequest
@@ -142,7 +130,7 @@ class _Planned:
     decision: VideoDecision | None = None
 
 
-class Processor:
+class Pipeline:
     """Turns paths into outcomes under one config. Thread-safe: it holds no per-job state."""
 
     def __init__(
@@ -161,6 +149,9 @@ class Processor:
         self.isolator = isolator
         self._roots = [r.path for r in config.watch]
         self._vocabularies = _vocabularies(config)
+        self._record = JsonSidecar(config)
+        #: What is written from the answer besides the JSON record (the XMP sidecar), in this order.
+        self._outputs = outputs.configured(config, self._vocabularies)
 
     # -- the job ---------------------------------------------------------------------------------------------
 
@@ -201,10 +192,8 @@ class Processor:
                     path=path, status="skipped",
                     reason="symlink to a file outside the watched folder (set follow_symlinks: true to allow)",
                 )  # fmt: skip
-        before = _Stat.of(st)
-        side = sidecar.locate(
-            path, suffix=self.config.sidecar.suffix, mirror=self.config.sidecar.dir, roots=self._roots
-        )
+        before = FileVersion.of(st)
+        side = self._record.where(path)
         rule: Rule | None = None
         fingerprint = ""
         kind: str | None = None
@@ -224,7 +213,7 @@ class Processor:
         claim: sidecar.Claim | None = None
         reservation: sidecar.Reservation | None = None
         try:
-            kind, problem = self._kind(path, before, explicit=explicit)
+            kind, problem = self._media_kind(path, before, explicit=explicit)
             if kind is None:
                 return Outcome(path=path, status="skipped", reason="not a photo or video")
             values["kind"] = kind
@@ -248,8 +237,8 @@ class Processor:
                 )
             existing = sidecar.read(side)  # a foreign file there is never replaced, forced or not
             if not force and self._fresh(path, existing, before, fingerprint):
-                if existing is not None and self._xmp_missing(existing):
-                    return self._xmp_for_described(path, side, existing, before, rule, kind, fingerprint)
+                if existing is not None and self._outputs_missing(existing):
+                    return self._outputs_for_described(path, side, existing, before, rule, kind, fingerprint)
                 sidecar.clear_leftover_lock(side)
                 return self._up_to_date(path, existing, before, rule, kind, fingerprint)
             claim = sidecar.claim(side)
@@ -264,7 +253,7 @@ class Processor:
                 raise problem
             planned = self._plan(path, kind, rule, values, fingerprint)
             if self.client is None:
-                raise RuntimeError("Processor without a client cannot call the endpoint")
+                raise RuntimeError("Pipeline without a client cannot call the endpoint")
             reply, planned = self._ask(planned, lambda **again: self._plan(path, kind, rule, values, fingerprint, **again))
             # Hash first, then re-stat: when the re-stat finds the version of the first stat, the hash (and what the
             # decoder read, before it) is of that version too.
@@ -275,7 +264,7 @@ class Processor:
             if after != before:
                 return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
             doc = self._ok_doc(path, planned, before, sha, reply, elapsed=self.clock() - started)
-            self._xmp(path, doc)
+            self._write_outputs(path, doc)
             reservation.commit(doc)
             outcome = Outcome(
                 path=path,
@@ -283,7 +272,7 @@ class Processor:
                 rule=rule.name,
                 request_bytes=request_bytes(planned.request),
                 elapsed_s=self.clock() - started,
-                kind=kind,
+                media_kind=kind,
                 fingerprint=fingerprint,
                 version=before.version,
                 identity=before.identity,
@@ -318,7 +307,7 @@ class Processor:
                 )  # fmt: skip
             outcome = self._fail(path, side, reservation, rule, fingerprint, before, exc, started, gave_up=gave_up)
             if outcome.status == "error" and fingerprint:
-                outcome = replace(outcome, kind=kind, fingerprint=fingerprint, version=before.version,
+                outcome = replace(outcome, media_kind=kind, fingerprint=fingerprint, version=before.version,
                                   identity=before.identity, answer="error")  # fmt: skip
             if outcome.status == "error" and rule is not None:
                 return self._act(outcome, rule.on_error, side, root, {**values, **raw})
@@ -330,24 +319,17 @@ class Processor:
                 claim.release()
 
     @staticmethod
-    def _fresh(path: Path, doc: dict[str, Any] | None, st: _Stat, fingerprint: str) -> bool:
-        return doc is not None and sidecar.is_fresh(
-            doc,
-            size=st.size,
-            mtime_ns=st.mtime_ns,
-            ino=st.ino,
-            ctime_ns=st.ctime_ns,
-            fingerprint=fingerprint,
-            sha256=lambda: sidecar.sha256_file(path),
-        )
+    def _fresh(path: Path, doc: dict[str, Any] | None, st: FileVersion, fingerprint: str) -> bool:
+        record = None if doc is None else Record.of_sidecar(doc)
+        return is_done(record, st, fingerprint, exact=True, sha256=lambda: sidecar.sha256_file(path))
 
     @staticmethod
     def _up_to_date(
-        path: Path, doc: dict[str, Any] | None, st: _Stat, rule: Rule, kind: str, fingerprint: str
+        path: Path, doc: dict[str, Any] | None, st: FileVersion, rule: Rule, kind: str, fingerprint: str
     ) -> Outcome:
         return Outcome(
-            path=path, status="skipped", reason="up to date", rule=rule.name, kind=kind, fingerprint=fingerprint,
-            version=st.version, identity=st.identity, answer="error" if (doc or {}).get("status") == "error" else "ok",
+            path=path, status="skipped", reason="up to date", rule=rule.name, media_kind=kind, fingerprint=fingerprint,
+            version=st.version, identity=st.identity, answer=Record.of_sidecar(doc or {}).answer,
         )  # fmt: skip
 
     def _sidecar_room(self, rule: Rule) -> int:
@@ -355,49 +337,26 @@ class Processor:
         is at most ``max_tokens`` tokens, a few bytes each (more when JSON escapes them)."""
         return SIDECAR_ROOM_BYTES + 8 * (rule.max_tokens or self.config.endpoint.max_tokens)
 
-    # -- XMP for photo apps -------------------------------------------------------------------------------------
+    # -- outputs besides the JSON record --------------------------------------------------------------------------
 
-    def _xmp(self, path: Path, doc: dict[str, Any]) -> None:
-        """Write (merge) the XMP sidecar photo apps read, from the answer in ``doc``, and record in ``doc`` what was
-        done. Called before the JSON sidecar is written, so one write records the outcome; an XMP problem never
-        stops the JSON sidecar (it is recorded under ``"xmp"``, and a retryable one is tried again on a later scan).
-        """
-        spec = self.config.sidecar.xmp
-        if spec is None or doc.get("status") != "ok":
-            return
-        from mmwatchd import xmp
+    def _write_outputs(self, path: Path, doc: dict[str, Any]) -> None:
+        """Write every configured output the answer in ``doc`` wants, and record in ``doc`` how each went. Called
+        before the JSON sidecar is written, so one write records the outcome; an output's problem never stops the
+        JSON sidecar (it is recorded in ``doc``, and a retryable one is tried again on a later scan)."""
+        answer = Record.of_sidecar(doc).answer or "ok"
+        for output in self._outputs:
+            if output.wants(answer):
+                output.write(path, doc)
 
-        rule = next((r for r in self.config.rules if r.name == doc.get("rule")), None)
-        response = doc.get("response") or {}
-        description, words = xmp.answer_from_reply(
-            response.get("data"), response.get("text") or "", description=spec.description, keywords=spec.keywords
-        )
-        keywords = rule.keywords if rule is not None else None
-        ours, mapping = xmp.our_keywords(
-            words, prefix=spec.prefix, vocabulary=self._vocabularies.get(rule.name) if rule else None,
-            unknown=keywords.unknown if keywords else "keep",
-        )  # fmt: skip
-        answer = xmp.Answer(
-            description=description, keywords=ours, model=str(doc.get("model") or ""), rule=str(doc.get("rule")),
-            fingerprint=str(doc.get("fingerprint") or ""),
-        )  # fmt: skip
-        doc["xmp"] = xmp.write_sidecar(path, answer, naming=spec.naming)
-        if mapping is not None:
-            doc["keywords"] = mapping.describe()
-        if "error" in doc["xmp"]:
-            log.warning("xmp.failed", path=str(path), xmp=doc["xmp"]["path"], reason=doc["xmp"]["message"])
+    def _outputs_missing(self, doc: dict[str, Any]) -> bool:
+        """An up-to-date description without one of its outputs (turned on later, or a retryable failure)."""
+        answer = Record.of_sidecar(doc).answer or "ok"
+        return any(o.wants(answer) and not o.fresh(doc) for o in self._outputs)
 
-    def _xmp_missing(self, doc: dict[str, Any]) -> bool:
-        """An up-to-date description without its XMP sidecar (XMP turned on later, or a retryable failure)."""
-        if self.config.sidecar.xmp is None or doc.get("status") != "ok":
-            return False
-        done = doc.get("xmp")
-        return not isinstance(done, dict) or bool(done.get("retryable"))
-
-    def _xmp_for_described(
-        self, path: Path, side: Path, existing: dict[str, Any], st: _Stat, rule: Rule, kind: str, fingerprint: str
+    def _outputs_for_described(
+        self, path: Path, side: Path, existing: dict[str, Any], st: FileVersion, rule: Rule, kind: str, fingerprint: str
     ) -> Outcome:
-        """Give a file already described its XMP sidecar from the answer on record: no request is sent."""
+        """Give a file already described its missing outputs from the answer on record: no request is sent."""
         claim = sidecar.claim(side)
         if claim is None:
             return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
@@ -406,7 +365,7 @@ class Processor:
             if doc is None or doc != existing:  # rewritten meanwhile: the next look decides again
                 return self._up_to_date(path, doc, st, rule, kind, fingerprint)
             doc = dict(doc)
-            self._xmp(path, doc)
+            self._write_outputs(path, doc)
             sidecar.write(side, doc)
         finally:
             claim.release()
@@ -414,7 +373,7 @@ class Processor:
 
     # -- steps -----------------------------------------------------------------------------------------------
 
-    def _kind(self, path: Path, st: _Stat, *, explicit: bool) -> tuple[str | None, MediaError | None]:
+    def _media_kind(self, path: Path, st: FileVersion, *, explicit: bool) -> tuple[str | None, MediaError | None]:
         """The media kind for rule matching, and the problem that stops it being sent, if any.
 
         The kind comes from the bytes. A file that is not media is skipped, unless its name claims it is a photo or
@@ -718,9 +677,9 @@ class Processor:
         return _Planned(rule=rule, request=request, media=media, fingerprint=fingerprint)
 
     @staticmethod
-    def _restat(path: Path) -> _Stat | None:
+    def _restat(path: Path) -> FileVersion | None:
         try:
-            return _Stat.of(os.stat(path))
+            return FileVersion.of(os.stat(path))
         except OSError:
             return None
 
@@ -744,20 +703,10 @@ class Processor:
             "prompt": planned.request.prompt,
             "media": self._media_doc(planned),
             "request": _body_shape(planned.request),
-            **self._xmp_plan(path),
+            **{o.name: o.preview(path) for o in self._outputs},
         }
 
-    def _xmp_plan(self, path: Path) -> dict[str, Any]:
-        """What ``once --dry-run`` shows of the XMP sidecar: where, what is in it now, which properties it sets."""
-        spec = self.config.sidecar.xmp
-        if spec is None:
-            return {}
-        from mmwatchd import xmp
-
-        return {"xmp": {**xmp.preview(xmp.xmp_path(path, spec.naming)), "description_from": spec.description,
-                        "keywords_from": spec.keywords, "prefix": spec.prefix}}  # fmt: skip
-
-    def _header(self, path: Path, st: _Stat, sha256: str | None) -> dict[str, Any]:
+    def _header(self, path: Path, st: FileVersion, sha256: str | None) -> dict[str, Any]:
         return {
             "mmwatchd": {"version": __version__, "schema": sidecar.SCHEMA},
             "source": {"name": path.name, "size": st.size, "mtime_ns": st.mtime_ns, "inode": st.ino,
@@ -765,7 +714,7 @@ class Processor:
         }
 
     def _ok_doc(
-        self, path: Path, planned: _Planned, st: _Stat, sha256: str, reply: Reply, *, elapsed: float
+        self, path: Path, planned: _Planned, st: FileVersion, sha256: str, reply: Reply, *, elapsed: float
     ) -> dict[str, Any]:
         doc = self._header(path, st, sha256)
         doc.update(
@@ -795,7 +744,7 @@ class Processor:
         reservation: sidecar.Reservation | None,
         rule: Rule | None,
         fingerprint: str,
-        st: _Stat,
+        st: FileVersion,
         exc: MmwatchdError,
         started: float,
         *,
@@ -842,19 +791,15 @@ class Processor:
         """Run the rule's on_success/on_error actions; their problems are reported, never raised."""
         if spec is None:
             return outcome
-        mirrored = None
-        if self.config.sidecar.dir is not None:
-            cfg = self.config.sidecar
-
-            def mirrored(media: Path) -> Path:  # the mirrored sidecar follows its file to its new place
-                return sidecar.locate(media, suffix=cfg.suffix, mirror=cfg.dir, roots=self._roots)
-
+        # A mirrored sidecar follows its file to the mirror of its new place.
+        mirrored = self._record.where if self.config.sidecar.dir is not None else None
         result = run_actions(
             spec, path=outcome.path, sidecar=side, root=root, values=values, status=outcome.status, sidecar_for=mirrored
         )
         problems = result.problems
-        if result.moved and self.config.sidecar.xmp is not None:
-            problems = (*problems, *_move_xmp(outcome.path, result.path, self.config.sidecar.xmp.naming))
+        if result.moved:
+            for output in self._outputs:
+                problems = (*problems, *output.follow(outcome.path, result.path))
         return replace(outcome, moved_to=result.path if result.moved else None, action_problems=problems)
 
 
@@ -864,27 +809,7 @@ _WIDEST_FACTS: dict[str, object] = {"width": 999_999_999, "height": 999_999_999,
 
 def _short(said: str) -> str:
     """A server's words as a sidecar records them: one line, at most 120 characters."""
-    said = " ".join(said.split())
-    return said if len(said) <= 120 else said[:119] + "…"
-
-
-def _move_xmp(old: Path, new: Path, naming: Literal["name", "stem"]) -> tuple[str, ...]:
-    """An XMP sidecar follows its file when ``move_to`` moves it (photo apps look for it beside the file)."""
-    from mmwatchd.xmp import xmp_path
-
-    source = xmp_path(old, naming)
-    if not os.path.lexists(source):
-        return ()
-    target = new.with_name(new.name + ".xmp") if naming == "name" else new.with_name(new.stem + ".xmp")
-    if source.name == old.stem + ".xmp" and naming == "name":
-        target = new.with_name(new.stem + ".xmp")  # Lightroom's name stays Lightroom's name
-    if os.path.lexists(target):
-        return (f"move_to: {target} already exists; the XMP sidecar stays at {source}",)
-    try:
-        os.rename(source, target)
-    except OSError as exc:
-        return (f"move_to: cannot move the XMP sidecar {source}: {exc.strerror or exc}",)
-    return ()
+    return clip(" ".join(said.split()), 120)
 
 
 def _vocabularies(config: Config) -> dict[str, Vocabulary]:

@@ -15,11 +15,12 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmwatchd.errors import ForeignSidecar, SidecarError
+from mmwatchd.rules import rel_to_roots
 
 SCHEMA = 1
 #: Temp files are hidden and carry this mark, so the watcher and scans ignore them and leftovers are recognisable.
@@ -45,11 +46,8 @@ def locate(media: Path, *, suffix: str, mirror: Path | None, roots: Sequence[Pat
     that a sidecar moved with its file is found there again."""
     if mirror is None:
         return sidecar_path(media, suffix)
-    for root in sorted(roots, key=lambda r: len(r.parts), reverse=True):
-        try:
-            rel = media.relative_to(root)
-        except ValueError:
-            continue
+    root, rel = rel_to_roots(media, roots)
+    if root is not None:
         return sidecar_path(mirror / root.relative_to(root.anchor) / rel, suffix)
     media = Path(os.path.abspath(media))
     return sidecar_path(mirror / media.relative_to(media.anchor), suffix)
@@ -373,38 +371,3 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def is_fresh(
-    doc: Mapping[str, Any],
-    *,
-    size: int,
-    mtime_ns: int,
-    fingerprint: str,
-    sha256: Callable[[], str],
-    ino: int | None = None,
-    ctime_ns: int | None = None,
-) -> bool:
-    """Whether ``doc`` already answers this file version under this rule.
-
-    A file version is its size, mtime, inode and ctime: a rewrite of the same size whose mtime
-    was put back (``touch -r``, ``rsync --times``, a restore) still gets a new ctime, which no program can set.
-    When all four match the sidecar's ``source``, it is the same file. Same size but anything else differing (a
-    copy, a move, ``touch``) is settled by the content hash, computed only then. Error sidecars count too: a file
-    that failed for good is not retried until it or its rule changes.
-
-    Sidecars written before inode and ctime were recorded cannot match on them, so their files are settled by the
-    hash once (a read, never a request). Without ``ino``/``ctime_ns`` (``mmwatchd status``, which never hashes)
-    size and mtime decide, as they did before.
-    """
-    if doc.get("fingerprint") != fingerprint:
-        return False
-    src = doc.get("source") or {}
-    if src.get("size") != size:
-        return False
-    same = src.get("mtime_ns") == mtime_ns
-    if ino is not None and ctime_ns is not None:
-        same = same and src.get("inode") == ino and src.get("ctime_ns") == ctime_ns
-    if same:
-        return True
-    return bool(src.get("sha256")) and src.get("sha256") == sha256()

@@ -1,5 +1,5 @@
-"""The small persistent state of a long-running service: retry counters, recent errors, per-root tallies, and
-today's request count.
+"""The small persistent state of a long-running service: retry counters, recent errors, the done-index, what each
+endpoint takes, and today's request count.
 
 It lives in SQLite at ``<state dir>/state.sqlite3`` (see :func:`default_state_dir`). It is a cache, not a record:
 sidecars say which files are done. So a database that fails its integrity check on open is moved aside and
@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from mmwatchd import __version__
-from mmwatchd.errors import StateError
+from mmwatchd.errors import StateError, clip
 from mmwatchd.log import get_logger
 
 log = get_logger()
@@ -48,8 +48,6 @@ REQUEST_DAYS_KEPT = 90
 BUSY_TIMEOUT_S = 5.0
 #: Stored messages are clipped to this many characters; error messages are one line, this only bounds a bad one.
 MESSAGE_MAX = 2000
-#: ``counts_by_root`` key for files that were processed outside any watch root (``mmwatchd once PATH``).
-NO_ROOT = ""
 
 # Migrations by version number: MIGRATIONS[n - 1] turns a version n - 1 database into version n. Append only;
 # never edit a released step. Paths are BLOBs of ``os.fsencode(path)``: file names may be any bytes.
@@ -106,6 +104,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # What an endpoint (base URL and model) takes, asked for or learned (video.mode: auto; mmwatchd.servers).
         "CREATE TABLE endpoints (key TEXT PRIMARY KEY, capabilities TEXT NOT NULL, updated REAL NOT NULL)",
     ),
+    (
+        # Per-root tallies of finished files were written and never read: `mmwatchd status` counts from the folders
+        # and the done-index instead.
+        "DROP TABLE done_counts",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -129,10 +132,12 @@ class DoneRow:
 
     size: int
     mtime_ns: int
-    kind: str
+    #: "image" or "video": the kind its rule was matched with.
+    media_kind: str
     fingerprint: str
-    #: "ok" or "error" (which sidecar the file has); None for entries made by an older mmwatchd.
-    status: str | None = None
+    #: "ok" or "error" (which sidecar the file has, as ``Outcome.answer``; stored in the ``status`` column); None for
+    #: entries made by an older mmwatchd.
+    answer: str | None = None
     #: Inode and ctime of the version answered; None for entries made by an older mmwatchd.
     ino: int | None = None
     ctime_ns: int | None = None
@@ -321,7 +326,7 @@ class State:
                    ON CONFLICT (path) DO UPDATE SET
                      root = excluded.root, attempts = attempts + 1, kind = excluded.kind,
                      last_error = excluded.last_error, last_at = excluded.last_at, retry_at = excluded.retry_at""",
-                (key, root, kind, _clip(message), self.clock(), retry_at),
+                (key, root, kind, clip(message, MESSAGE_MAX), self.clock(), retry_at),
             )
             n: int = db.execute("SELECT attempts FROM retry WHERE path = ?", (key,)).fetchone()[0]
         return n
@@ -340,21 +345,16 @@ class State:
         message: str | None = None,
         kind: str = "error",
     ) -> None:
-        """A file is finished: clear its retry state, count it under its root, and keep errors in the history."""
+        """A file is finished: clear its retry state, and keep errors in the history."""
         if status not in ("ok", "error"):
             raise ValueError(f"status must be 'ok' or 'error', got {status!r}")
         key = os.fsencode(path)
         with self._write() as db:
             db.execute("DELETE FROM retry WHERE path = ?", (key,))
-            db.execute(
-                f"""INSERT INTO done_counts (root, {status}) VALUES (?, 1)
-                    ON CONFLICT (root) DO UPDATE SET {status} = {status} + 1""",
-                (NO_ROOT if root is None else root,),
-            )
             if status == "error":
                 db.execute(
                     "INSERT INTO errors (path, root, kind, message, at) VALUES (?, ?, ?, ?, ?)",
-                    (key, root, kind, _clip(message or ""), self.clock()),
+                    (key, root, kind, clip(message or "", MESSAGE_MAX), self.clock()),
                 )
                 db.execute(
                     "DELETE FROM errors WHERE id <= (SELECT id FROM errors ORDER BY id DESC LIMIT 1 OFFSET ?)",
@@ -376,18 +376,18 @@ class State:
         *,
         size: int,
         mtime_ns: int,
-        kind: str,
+        media_kind: str,
         fingerprint: str,
-        status: Literal["ok", "error"],
+        answer: Literal["ok", "error"],
         ino: int | None = None,
         ctime_ns: int | None = None,
     ) -> None:
-        """Index a file version as answered (``status``: an ok or an error sidecar) under ``fingerprint``."""
+        """Index a file version as answered (``answer``: an ok or an error sidecar) under ``fingerprint``."""
         with self._write() as db:
             db.execute(
                 """INSERT OR REPLACE INTO done (path, size, mtime_ns, kind, fingerprint, status, ino, ctime_ns)
                    VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (os.fsencode(path), size, mtime_ns, kind, fingerprint, status, ino, ctime_ns),
+                (os.fsencode(path), size, mtime_ns, media_kind, fingerprint, answer, ino, ctime_ns),
             )
 
     def adopt_identities(self, found: Mapping[str, tuple[int, int]]) -> None:
@@ -436,21 +436,6 @@ class State:
                 "SELECT path, root, kind, message, at FROM errors ORDER BY id DESC LIMIT ?", (max(0, limit),)
             ).fetchall()
         return [ErrorRow(_path(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
-
-    def counts_by_root(self) -> dict[str, dict[str, int]]:
-        """root → {"ok", "error", "retrying"}: finished files counted since the state began, and files retrying now.
-        Files outside any root are under :data:`NO_ROOT`."""
-        counts: dict[str, dict[str, int]] = {}
-
-        def entry(root: str) -> dict[str, int]:
-            return counts.setdefault(root, {"ok": 0, "error": 0, "retrying": 0})
-
-        with self._read() as db:
-            for root, ok, error in db.execute("SELECT root, ok, error FROM done_counts"):
-                entry(root).update(ok=ok, error=error)
-            for root, n in db.execute("SELECT coalesce(root, ?), count(*) FROM retry GROUP BY 1", (NO_ROOT,)):
-                entry(root)["retrying"] = n
-        return dict(sorted(counts.items()))
 
     # -- request counter ---------------------------------------------------------------------------------------
 
@@ -503,7 +488,7 @@ class State:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> State:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -534,5 +519,3 @@ def _path(blob: bytes) -> Path:
     return Path(os.fsdecode(blob))
 
 
-def _clip(message: str) -> str:
-    return message if len(message) <= MESSAGE_MAX else message[: MESSAGE_MAX - 1] + "…"

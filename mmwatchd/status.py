@@ -9,16 +9,19 @@ to know which rule it gets) and its sidecar read. Nothing is decoded.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
+from mmwatchd import outputs as outputs_mod
 from mmwatchd import rules, sidecar
+from mmwatchd.done import Answer, Record, is_done
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
 from mmwatchd.media import looked_at
 from mmwatchd.model import Config
+from mmwatchd.outputs import Output
 from mmwatchd.state import State
 
 
@@ -28,16 +31,14 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
     index = DoneIndex(cfg, state.done_index())
     answers: dict[str, Literal["ok", "error"]] = {}  # for entries that predate the answer column
     roots: dict[str, dict[str, int]] = {}
-    has_xmp = _xmp_counter(cfg)
+    outputs = outputs_mod.configured(cfg)
     for root in cfg.watch:
         counts = {"done": 0, "failed": 0, "pending": 0, "retrying": 0, "foreign": 0}
-        if has_xmp is not None:
-            counts["xmp"] = 0
+        counts.update((o.name, 0) for o in outputs)
         for name, row in index.walk(root):
-            if row is not None and row.status is not None:
-                counts["failed" if row.status == "error" else "done"] += 1
-                if has_xmp is not None and row.status != "error":
-                    counts["xmp"] += has_xmp(name)
+            if row is not None and row.answer is not None:
+                counts["failed" if row.answer == "error" else "done"] += 1
+                _count_outputs(counts, outputs, "error" if row.answer == "error" else "ok", name)
                 continue
             path = Path(name)
             where = _classify(cfg, root.path, path)
@@ -48,8 +49,8 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
             elif row is not None and where in ("done", "failed"):
                 answers[name] = "ok" if where == "done" else "error"  # so the next status counts it from the index
             counts[where] += 1
-            if has_xmp is not None and where == "done":
-                counts["xmp"] += has_xmp(name)
+            if where in ("done", "failed"):
+                _count_outputs(counts, outputs, "ok" if where == "done" else "error", name)
         roots[str(root.path)] = counts
     if answers:
         state.set_answers(answers)
@@ -87,26 +88,18 @@ def _classify(cfg: Config, root: Path, path: Path) -> str | None:
         return "pending"
     if doc is None:
         return "pending"
-    fresh = sidecar.is_fresh(
-        doc,
-        size=st.st_size,
-        mtime_ns=st.st_mtime_ns,
-        fingerprint=rules.fingerprint(rule, cfg.endpoint, kind),
-        sha256=lambda: "",  # a touched file counts as pending here; the daemon settles it by hash
-    )
-    if not fresh:
+    record = Record.of_sidecar(doc)
+    # No hash: a touched file counts as pending here; the daemon settles it by hash.
+    if not is_done(record, st, rules.fingerprint(rule, cfg.endpoint, kind), exact=False):
         return "pending"
-    return "failed" if doc.get("status") == "error" else "done"
+    return "failed" if record.answer == "error" else "done"
 
 
-def _xmp_counter(cfg: Config) -> Callable[[str], bool] | None:
-    """With ``sidecar.xmp`` on: whether a described file has its XMP sidecar (a look at the folder, nothing read)."""
-    spec = cfg.sidecar.xmp
-    if spec is None:
-        return None
-    from mmwatchd.xmp import xmp_path
-
-    return lambda name: os.path.lexists(xmp_path(Path(name), spec.naming))
+def _count_outputs(counts: dict[str, int], outputs: Sequence[Output], answer: Answer, name: str) -> None:
+    """Count the outputs an answered file has (a look at the folder, nothing read)."""
+    for output in outputs:
+        if output.wants(answer):
+            counts[output.name] += output.present(Path(name))
 
 
 def _iso(ts: float | None) -> str | None:

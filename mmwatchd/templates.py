@@ -62,12 +62,12 @@ def template_fields(template: str) -> list[str]:
     return out
 
 
-def render(template: str, values: Mapping[str, object]) -> str:
-    """Fill a validated template. Values are inserted as text and never re-parsed."""
+def render(template: str, placeholders: Mapping[str, object]) -> str:
+    """Fill a validated template with each placeholder's value, inserted as text and never re-parsed."""
     out: list[str] = []
     for literal, field_name, _spec, _conv in _FORMATTER.parse(template):
         out.append(literal)
         if field_name is not None:
-            value = values.get(field_name, "")
+            value = placeholders.get(field_name, "")
             out.append("" if value is None else str(value))
     return "".join(out)

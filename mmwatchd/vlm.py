@@ -29,7 +29,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 import openai
 
-from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
+from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable, clip
 from .model import EndpointConfig, Reply, VLMRequest
 from .servers import EndpointKnowledge, KnowledgeStore, root_url
 from .wire import build_body, plain, redact_text, request_bytes
@@ -52,7 +52,7 @@ def _schema_problem(data: Any, schema: Mapping[str, Any]) -> str | None:
     error = jsonschema.exceptions.best_match(cls(schema).iter_errors(data))
     if error is None:
         return None
-    return f"the reply does not match the schema: at {error.json_path}: {_clip(error.message, _REPLY_SNIPPET_CHARS)}"
+    return f"the reply does not match the schema: at {error.json_path}: {clip(error.message, _REPLY_SNIPPET_CHARS)}"
 
 
 _THINK = re.compile(r"\A\s*<think>.*?</think>", re.S)
@@ -111,10 +111,6 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _safe_url(url: str) -> str:
@@ -433,7 +429,7 @@ class VLMClient:
 
     def _snippet(self, text: str, *, limit: int = _REPLY_SNIPPET_CHARS, quote: bool = True) -> str:
         # Redact before clipping, so a clipped data URL cannot escape the pattern.
-        clipped = _clip(self._scrub(" ".join(redact_text(text).split())), limit)
+        clipped = clip(self._scrub(" ".join(redact_text(text).split())), limit)
         return repr(clipped) if quote else clipped
 
     def _scrub(self, text: str) -> str:

@@ -69,8 +69,6 @@ JUNK_NAMES: frozenset[str] = frozenset(
     }
 )
 
-#: Marker in the names of our own temp files (``.<name>.mmwatchd-tmp-<pid>-<random>``; hidden as well).
-OWN_TEMP_MARKER = ".mmwatchd-tmp-"
 
 # --------------------------------------------------------------------------------------------------------------------
 # Filtering
@@ -83,7 +81,7 @@ def _ignored_name(name: str) -> bool:
     if name[0] in ".~":  # hidden, macOS ._*, .syncthing.*, .~lock.*#, Office ~$x, ~syncthing~x.tmp
         return True
     folded = name.casefold()
-    return folded in JUNK_NAMES or folded.endswith(TEMP_SUFFIXES) or OWN_TEMP_MARKER in folded
+    return folded in JUNK_NAMES or folded.endswith(TEMP_SUFFIXES) or TEMP_MARK in folded
 
 
 def _is_sidecar(name: str, sidecar_suffix: str) -> bool:

@@ -2,7 +2,7 @@
 :class:`~mmwatchd.settle.StabilityTracker`; the daemon calls :meth:`Watcher.ready` in a loop and gets absolute paths of
 files that are ready. Which files count is :mod:`mmwatchd.walk`'s filter, the same as the scans'.
 
-What watchdog 7.1 delivers, and what the handler relies on:
+What watchdog delivers (in the versions ``pyproject.toml`` allows), and what the handler relies on:
 
 - A file written in place: created, modified..., closed (``FileClosedEvent``, inotify only).
 - A file or folder moved in from outside the root: created, with no close event; for a folder, synthesised created
@@ -12,7 +12,7 @@ What watchdog 7.1 delivers, and what the handler relies on:
 - A file moved out of the root: deleted. A folder moved out: one folder deleted event under inotify, nothing for
   the files inside it, hence :meth:`StabilityTracker.forget_tree`.
 - The kernel queue overflowing or the watch limit being hit is not reported through events at all; the inotify file
-  descriptor is subclassed to see both (:attr:`Watcher.overflowed`).
+  descriptor is subclassed to see both (:meth:`Watcher.take_overflow`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from watchdog.observers.polling import PollingObserver
 from .errors import ConfigError
 from .model import WatchRoot
 from .settle import StabilityTracker
-from .walk import absolute, link_allowed, relative, wanted_rel
+from .walk import absolute, link_allowed, wanted_rel
 
 from watchdog.utils import UnsupportedLibcError
 
@@ -161,7 +161,7 @@ class Watcher:
     handler from its own threads, so the handler only filters and records; :meth:`ready` does the stats.
 
     Paths are reported under ``root.path`` made absolute (symlinks in it are kept). When events may have been lost
-    (kernel queue overflow, watch limit hit in a new subfolder), :attr:`overflowed` turns true and ``on_overflow`` is
+    (kernel queue overflow, watch limit hit in a new subfolder), :meth:`take_overflow` says so and ``on_overflow`` is
     called from a watchdog thread: the caller should rescan.
     """
 
@@ -211,22 +211,17 @@ class Watcher:
         self.stop()
 
     def start(self) -> None:
-        """Schedule every root (creating missing ones that have ``create: true``).
+        """Schedule every root.
 
-        A missing or unusable root raises :class:`ConfigError` naming ``watch[i].path``.
+        A missing or unusable root raises :class:`ConfigError` naming ``watch[i].path``. Roots with ``create: true``
+        are made by the command before the service starts and on each reload (``cli._require_roots``), in that one
+        place: one missing here has gone since (an unmounted share).
         """
         if self._started:
             raise RuntimeError("Watcher.start() called twice")
         self._started = True
         problems = []
-        for i, (root, root_dir) in enumerate(zip(self.roots, self._root_dirs, strict=True)):
-            if root.create and not root_dir.exists():
-                try:
-                    root_dir.mkdir(parents=True, exist_ok=True)
-                    log.info("watch.created_root", root=str(root_dir))
-                except OSError as exc:
-                    problems.append(f"watch[{i}].path: {root_dir} cannot be created: {exc.strerror or exc}")
-                    continue
+        for i, root_dir in enumerate(self._root_dirs):
             if not root_dir.exists():
                 problems.append(f"watch[{i}].path: {root_dir} does not exist (not mounted? `create: true` makes it)")
             elif not root_dir.is_dir():
@@ -400,7 +395,7 @@ class Watcher:
         """Wait up to ``timeout`` seconds for files to become ready and return them (absolute paths).
 
         Returns early with an empty list after :meth:`stop`, or when events were lost since the last call (see
-        :attr:`overflowed`).
+        :meth:`take_overflow`).
         """
         end = time.monotonic() + timeout
         with self._cond:
@@ -422,14 +417,8 @@ class Watcher:
                     remaining = min(remaining, max(nxt - self._clock(), 0.0) + 0.002)
                 self._cond.wait(remaining)
 
-    @property
-    def overflowed(self) -> bool:
-        """True when events may have been lost since the last :meth:`take_overflow`."""
-        with self._cond:
-            return self._lost > 0
-
     def take_overflow(self) -> bool:
-        """Return :attr:`overflowed` and reset it (call it before a rescan)."""
+        """Whether events may have been lost since the last call (call it before a rescan)."""
         with self._cond:
             lost, self._lost = self._lost > 0, 0
             self._lost_seen_by_ready = 0
@@ -445,14 +434,3 @@ class Watcher:
         """How many files are waiting to settle."""
         with self._cond:
             return len(self._tracker)
-
-    def root_for(self, path: Path) -> WatchRoot | None:
-        """The innermost root that wants ``path``, or None."""
-        best: tuple[int, WatchRoot] | None = None
-        for root, root_dir in zip(self.roots, self._root_dirs, strict=True):
-            rel = relative(root_dir, Path(path))
-            if rel is not None and wanted_rel(root, rel, self.sidecar_suffix):
-                depth = len(root_dir.parts)
-                if best is None or depth > best[0]:
-                    best = (depth, root)
-        return None if best is None else best[1]

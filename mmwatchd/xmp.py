@@ -43,9 +43,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Mapping as CMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,11 +54,15 @@ from lxml import etree
 
 from mmwatchd import __version__
 from mmwatchd.errors import XMPError, XMPRefused
-from mmwatchd.sidecar import TEMP_MARK, fit_name, own_like_folder, os_reason, fsync_dir
+from mmwatchd.log import get_logger
+from mmwatchd.sidecar import fit_name, fsync_dir, os_reason, own_like_folder, temp_path
 from mmwatchd.vocabulary import fold, split_prefix
 
 if TYPE_CHECKING:
+    from mmwatchd.model import Rule, XmpSpec
     from mmwatchd.vocabulary import Mapping, Vocabulary
+
+log = get_logger()
 
 #: A keyword as its levels, top first: ``("AI", "dog")``.
 Keyword = tuple[str, ...]
@@ -698,7 +702,7 @@ def update(
         )  # fmt: skip
         if not result.changed:
             return result
-        tmp = path.with_name(fit_name(path.name, f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}", head="."))
+        tmp = temp_path(path)
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -780,3 +784,77 @@ def preview(path: Path) -> dict[str, Any]:
     except XMPError as exc:
         out["error"] = {"kind": exc.kind, "message": exc.message}
     return out
+
+
+# -- as an output (mmwatchd.outputs) ---------------------------------------------------------------------------------
+
+
+class XmpOutput:
+    """The XMP sidecar as one of the outputs the pipeline writes from an answer (see :mod:`mmwatchd.outputs`)."""
+
+    name = "xmp"
+
+    def __init__(self, spec: XmpSpec, rules: Sequence[Rule], vocabularies: CMapping[str, Vocabulary]) -> None:
+        self.spec = spec
+        self.rules = {r.name: r for r in rules}
+        self.vocabularies = vocabularies
+
+    def where(self, media: Path) -> Path:
+        return xmp_path(media, self.spec.naming)
+
+    def wants(self, answer: str) -> bool:
+        return answer == "ok"  # an error sidecar has no caption or keywords to give
+
+    def present(self, media: Path) -> bool:
+        return os.path.lexists(self.where(media))
+
+    def fresh(self, record: CMapping[str, Any]) -> bool:
+        """Written for this answer, or refused for good (a retryable failure is tried again on a later scan)."""
+        done = record.get("xmp")
+        return isinstance(done, dict) and not done.get("retryable")
+
+    def write(self, media: Path, record: dict[str, Any]) -> None:
+        """Merge the answer in ``record`` into the XMP sidecar; record under ``"xmp"`` what was done (and under
+        ``"keywords"`` how a vocabulary mapped them)."""
+        spec = self.spec
+        rule = self.rules.get(str(record.get("rule")))
+        response = record.get("response") or {}
+        description, words = answer_from_reply(
+            response.get("data"), response.get("text") or "", description=spec.description, keywords=spec.keywords
+        )
+        keywords = rule.keywords if rule is not None else None
+        ours, mapping = our_keywords(
+            words, prefix=spec.prefix, vocabulary=self.vocabularies.get(rule.name) if rule else None,
+            unknown=keywords.unknown if keywords else "keep",
+        )  # fmt: skip
+        answer = Answer(
+            description=description, keywords=ours, model=str(record.get("model") or ""), rule=str(record.get("rule")),
+            fingerprint=str(record.get("fingerprint") or ""),
+        )  # fmt: skip
+        record["xmp"] = write_sidecar(media, answer, naming=spec.naming)
+        if mapping is not None:
+            record["keywords"] = mapping.describe()
+        if "error" in record["xmp"]:
+            log.warning("xmp.failed", path=str(media), xmp=record["xmp"]["path"], reason=record["xmp"]["message"])
+
+    def preview(self, media: Path) -> dict[str, Any]:
+        spec = self.spec
+        return {**preview(self.where(media)), "description_from": spec.description, "keywords_from": spec.keywords,
+                "prefix": spec.prefix}  # fmt: skip
+
+    def follow(self, old: Path, new: Path) -> tuple[str, ...]:
+        """An XMP sidecar follows its file when ``move_to`` moves it (photo apps look for it beside the file)."""
+        source = xmp_path(old, self.spec.naming)
+        if not os.path.lexists(source):
+            return ()
+        naming = self.spec.naming
+        target = new.with_name(new.name + ".xmp") if naming == "name" else new.with_name(new.stem + ".xmp")
+        if source.name == old.stem + ".xmp" and naming == "name":
+            target = new.with_name(new.stem + ".xmp")  # Lightroom's name stays Lightroom's name
+        if os.path.lexists(target):
+            return (f"move_to: {target} already exists; the XMP sidecar stays at {source}",)
+        try:
+            os.rename(source, target)
+        except OSError as exc:
+            return (f"move_to: cannot move the XMP sidecar {source}: {exc.strerror or exc}",)
+        return ()

@@ -193,6 +193,14 @@ class TestScan:
         assert main(["scan", "-c", str(cfg)]) == 0
         assert len(fake_vlm.chat_requests) == 4
 
+    def test_create_makes_a_missing_folder(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        """The one place roots are made: the command, before anything walks or watches them (the service does the
+        same before it starts and on each reload)."""
+        root = tmp_path / "new" / "inbox"
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, watch=[{"path": str(root), "create": True}])
+        assert main(["scan", "-c", str(cfg)]) == 0
+        assert root.is_dir()
+
     def test_nothing_to_do_needs_no_endpoint_and_no_client(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
         make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))

@@ -27,7 +27,7 @@ from media import make_heic, make_jpeg, make_numbered_video, make_png
 from mutations import mutate, mutation
 
 from mmwatchd.isolate import Isolator
-from mmwatchd.pipeline import Processor
+from mmwatchd.pipeline import Pipeline
 from mmwatchd.vlm import VLMClient
 
 
@@ -63,7 +63,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Processor, Path]]:
+def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipeline, Path]]:
     root = tmp_path_factory.mktemp("fuzz")
     fake = FakeVLM().start()
     cfg = load_config(root, base_url=fake.base_url, rule={"match": {"kind": "any"}, "video": {"frames": 4}},
@@ -71,7 +71,7 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Process
     isolator = Isolator(workers=1, timeout_s=10, memory_bytes=1 << 30, preload=("mmwatchd.encode",))
     client = VLMClient(cfg.endpoint, api_key=None)
     try:
-        yield Processor(cfg, client, isolator=isolator), root / "inbox"
+        yield Pipeline(cfg, client, isolator=isolator), root / "inbox"
     finally:
         isolator.close()
         client.close()
@@ -97,7 +97,7 @@ def recipe(ext: str, how: tuple, path: Path) -> str:  # type: ignore[type-arg]
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ext=st.sampled_from(list(SEED_FILES)), how=mutation)
 def test_every_mutation_ends_in_a_sidecar(
-    seeds: dict[str, bytes], fuzz_env: tuple[Processor, Path], ext: str, how: tuple  # type: ignore[type-arg]
+    seeds: dict[str, bytes], fuzz_env: tuple[Pipeline, Path], ext: str, how: tuple  # type: ignore[type-arg]
 ) -> None:
     processor, inbox = fuzz_env
     path = inbox / f"f{next(_serial)}{ext}"  # a new file each time: a reused name would be "up to date"

@@ -284,7 +284,7 @@ class TestInBrowser:
 
         mtime = int(datetime(2024, 1, 1).timestamp() * 1e9)
         cards = [
-            gallery.Card(path=Path(f"/photos/{i // 100:03d}/IMG_{i:05d}.jpg"), kind="image", size=1,
+            gallery.Card(path=Path(f"/photos/{i // 100:03d}/IMG_{i:05d}.jpg"), media_kind="image", size=1,
                          mtime_ns=mtime + i * 10**9, status=("ok", "error", "new")[i % 3], root=Path("/photos"),
                          doc={"rule": "photos", "model": "m",
                               "response": {"text": f"Photo number {i}.", "data": None}} if i % 3 == 0 else None)

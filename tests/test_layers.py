@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "mmwatchd.sidecar",
         "mmwatchd.state",
+        "mmwatchd.done",
         "mmwatchd.walk",
         "mmwatchd.settle",
         "mmwatchd.watch",
@@ -57,6 +58,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.actions",
         "mmwatchd.notify",
         "mmwatchd.xmp",
+        "mmwatchd.outputs",
     ),
     # Reading what was written: search, status, the gallery.
     ("mmwatchd.search", "mmwatchd.status", "mmwatchd.gallery", "mmwatchd.progress", "mmwatchd.metrics"),

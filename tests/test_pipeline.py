@@ -25,7 +25,7 @@ from rewrite import padded_jpeg, rewrite_keeping_size_and_mtime
 
 from mmwatchd.model import Config
 from mmwatchd.errors import SidecarError
-from mmwatchd.pipeline import IN_PROGRESS, Processor
+from mmwatchd.pipeline import IN_PROGRESS, Pipeline
 from mmwatchd.vlm import VLMClient
 
 KEY = "sk-test-secret-123456"
@@ -53,7 +53,7 @@ class Env:
         self.config = load_config(self.tmp, base_url=self.fake.base_url, **changes)
         client = VLMClient(self.config.endpoint, api_key=os.environ.get("MMWATCHD_TEST_KEY"))
         self._clients.append(client)
-        self.processor = Processor(self.config, client)
+        self.processor = Pipeline(self.config, client)
         return self.config
 
     def close(self) -> None:

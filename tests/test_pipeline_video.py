@@ -221,13 +221,13 @@ class TestAutoMode:
 
     def _processor(self, tmp_path: Path, fake: FakeVLM):  # type: ignore[no-untyped-def]
         from mmwatchd.config import load
-        from mmwatchd.pipeline import Processor
+        from mmwatchd.pipeline import Pipeline
         from mmwatchd.vlm import VLMClient
 
         cfg = load(write_config(tmp_path, base_url=fake.base_url, endpoint={"timeout_s": 2},
                                 rule={**VIDEO_RULE, "video": {"frames": 4}}))  # fmt: skip
         client = VLMClient(cfg.endpoint, api_key=None)
-        return Processor(cfg, client), client
+        return Pipeline(cfg, client), client
 
     def test_refused_video_url_is_sent_again_as_images_at_once(self, tmp_path: Path, clip: Path) -> None:
         with FakeVLM(shape="ollama") as fake:

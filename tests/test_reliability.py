@@ -230,10 +230,10 @@ def processor(tmp_path: Path, fake_vlm: FakeVLM):  # type: ignore[no-untyped-def
     from configs import load_config
 
     from mmwatchd.isolate import Isolator
-    from mmwatchd.pipeline import Processor
+    from mmwatchd.pipeline import Pipeline
     from mmwatchd.vlm import VLMClient
 
-    def make(cls: type[Processor] = Processor, **limits: object) -> Processor:
+    def make(cls: type[Pipeline] = Pipeline, **limits: object) -> Pipeline:
         cfg = load_config(tmp_path, base_url=fake_vlm.base_url, limits=limits)
         isolator = Isolator(workers=1, timeout_s=cfg.limits.decode_timeout_s,
                             memory_bytes=cfg.limits.decode_memory_mb << 20, preload=("mmwatchd.encode",))  # fmt: skip
@@ -311,9 +311,9 @@ class TestOSErrorsInsideDecoders:
     def test_a_file_renamed_between_sniff_and_decode_gets_no_sidecar_under_its_old_name(
         self, tmp_path: Path, fake_vlm: FakeVLM, processor  # type: ignore[no-untyped-def]
     ) -> None:
-        from mmwatchd.pipeline import Processor
+        from mmwatchd.pipeline import Pipeline
 
-        class RenamedMeanwhile(Processor):
+        class RenamedMeanwhile(Pipeline):
             def _decode(self, fn, path, /, *args, **kwargs):  # type: ignore[no-untyped-def]
                 if path.name == "IMG_1.jpg":  # sniffed already; the decoder process opens it now
                     os.rename(path, path.with_name("holiday.jpg"))
@@ -333,9 +333,9 @@ class TestOSErrorsInsideDecoders:
     ) -> None:
         import isolate_helpers
 
-        from mmwatchd.pipeline import Processor
+        from mmwatchd.pipeline import Pipeline
 
-        class FlakyShare(Processor):
+        class FlakyShare(Pipeline):
             def _decode(self, fn, path, /, *args, **kwargs):  # type: ignore[no-untyped-def]
                 error = OSError(number, os.strerror(number), str(path))  # what a network share says now and then
                 assert self.isolator is not None
@@ -391,12 +391,12 @@ class TestFoldersThatCannotTakeSidecars:
                 "import json, sys\n"
                 "from pathlib import Path\n"
                 "from mmwatchd.config import load\n"
-                "from mmwatchd.pipeline import Processor\n"
+                "from mmwatchd.pipeline import Pipeline\n"
                 "from mmwatchd.vlm import VLMClient\n"
                 "cfg = load(Path(sys.argv[1]))\n"
                 "with VLMClient(cfg.endpoint, api_key=None) as client:\n"
                 "    for name in sys.argv[2:]:\n"
-                "        o = Processor(cfg, client).process(Path(name))\n"
+                "        o = Pipeline(cfg, client).process(Path(name))\n"
                 "        print(json.dumps([o.status, o.reason]))\n"
             )
             argv = [sys.executable, "-c", script, str(cfg), str(inbox / "0.jpg"), str(inbox / "1.jpg")]
@@ -498,12 +498,12 @@ class TestLimitsAndFate:
     def test_a_file_deleted_before_its_turn_is_dropped_quietly(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         from configs import load_config
 
-        from mmwatchd.pipeline import Processor
+        from mmwatchd.pipeline import Pipeline
 
         cfg = load_config(tmp_path, base_url=fake_vlm.base_url)
         gone = make_jpeg(tmp_path / "inbox" / "gone.jpg", (32, 24))
         gone.unlink()
-        out = Processor(cfg, None).process(gone)
+        out = Pipeline(cfg, None).process(gone)
         assert (out.status, out.reason) == ("skipped", "file is gone")
         assert os.listdir(tmp_path / "inbox") == []
 

@@ -91,61 +91,10 @@ class TestFullOrReadOnlyDisk:
         assert info.value.retryable
 
 
-class TestFresh:
-    def _fresh(self, **kw: object) -> bool:
-        args: dict[str, object] = {"size": 3, "mtime_ns": 10, "fingerprint": "f", "sha256": lambda: "abc"}
-        args.update(kw)
-        return sidecar.is_fresh(OURS, **args)  # type: ignore[arg-type]
-
-    def test_same_version_and_rule(self) -> None:
-        assert self._fresh()
-
-    def test_other_rule_or_size_is_stale(self) -> None:
-        assert not self._fresh(fingerprint="g")
-        assert not self._fresh(size=4)
-
-    def test_other_mtime_is_settled_by_hash_computed_only_then(self) -> None:
-        calls: list[int] = []
-
-        def sha() -> str:
-            calls.append(1)
-            return "abc"
-
-        assert self._fresh(sha256=sha) and calls == []
-        assert self._fresh(mtime_ns=11, sha256=sha) and calls == [1]
-        assert not self._fresh(mtime_ns=11, sha256=lambda: "def")
-
-    def test_sha256_file(self, tmp_path: Path) -> None:
-        f = tmp_path / "x"
-        f.write_bytes(b"abc")
-        assert sidecar.sha256_file(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-
-
-class TestFreshIdentity:
-    """A file version is size + mtime + inode + ctime."""
-
-    DOC = {**OURS, "source": {"size": 3, "mtime_ns": 10, "inode": 7, "ctime_ns": 20, "sha256": "abc"}}
-
-    def _fresh(self, doc: dict = DOC, **kw: object) -> bool:
-        args: dict[str, object] = {"size": 3, "mtime_ns": 10, "ino": 7, "ctime_ns": 20, "fingerprint": "f",
-                                   "sha256": lambda: pytest.fail("hashed")}  # fmt: skip
-        args.update(kw)
-        return sidecar.is_fresh(doc, **args)  # type: ignore[arg-type]
-
-    def test_the_same_version_needs_no_hash(self) -> None:
-        assert self._fresh()
-
-    @pytest.mark.parametrize("changed", [{"ino": 8}, {"ctime_ns": 21}, {"mtime_ns": 11}])
-    def test_any_other_part_is_settled_by_the_hash(self, changed: dict[str, int]) -> None:
-        assert not self._fresh(**changed, sha256=lambda: "def")  # rewritten, with size (and mtime) kept
-        assert self._fresh(**changed, sha256=lambda: "abc")  # moved, copied, touched: the same bytes
-
-    def test_a_sidecar_without_inode_and_ctime_is_settled_by_the_hash(self) -> None:
-        assert self._fresh(OURS, sha256=lambda: "abc")
-        assert not self._fresh(OURS, sha256=lambda: "def")
-
-    def test_without_inode_and_ctime_size_and_mtime_decide(self) -> None:
-        assert self._fresh(ino=None, ctime_ns=None)  # mmwatchd status, which never hashes
+def test_sha256_file(tmp_path: Path) -> None:
+    f = tmp_path / "x"
+    f.write_bytes(b"abc")
+    assert sidecar.sha256_file(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 class TestReserve:

@@ -16,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from mmwatchd import state
-from mmwatchd.state import NO_ROOT, ErrorRow, State, StateError, default_state_dir
+from mmwatchd.state import ErrorRow, State, StateError, default_state_dir
 
 REPO = Path(__file__).resolve().parents[1]
 #: A fixed wall clock, so the daily counter cannot roll over while a test runs.
@@ -126,7 +126,7 @@ class TestOpen:
         conn.commit()
         conn.close()
         with State(db, clock=Clock()) as st:
-            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, kind="image", fingerprint="fp2", status="error")
+            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, media_kind="image", fingerprint="fp2", answer="error")
             assert st.done_index() == {
                 "/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", None),  # answer unknown: status reads its sidecar
                 "/p/new.jpg": state.DoneRow(1, 2, "image", "fp2", "error"),
@@ -146,8 +146,8 @@ class TestOpen:
             assert st.done_index() == {"/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", "ok", None, None)}
             st.adopt_identities({"/p/old.jpg": (7, 30)})
             st.adopt_identities({"/p/old.jpg": (8, 40)})  # only entries without them take them
-            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, ino=3, ctime_ns=4, kind="image", fingerprint="f",
-                         status="ok")  # fmt: skip
+            st.mark_done(Path("/p/new.jpg"), size=1, mtime_ns=2, ino=3, ctime_ns=4, media_kind="image", fingerprint="f",
+                         answer="ok")  # fmt: skip
             assert st.done_index() == {
                 "/p/old.jpg": state.DoneRow(10, 20, "image", "fp1", "ok", 7, 30),
                 "/p/new.jpg": state.DoneRow(1, 2, "image", "f", "ok", 3, 4),
@@ -218,7 +218,7 @@ class TestRetries:
     def test_forget_only_the_retry_state(self, db: Path) -> None:
         with State(db, clock=Clock()) as st:
             attempt(st, "/p/a.jpg")
-            st.mark_done(Path("/p/a.jpg"), size=1, mtime_ns=2, kind="image", fingerprint="f", status="ok")
+            st.mark_done(Path("/p/a.jpg"), size=1, mtime_ns=2, media_kind="image", fingerprint="f", answer="ok")
             st.forget(Path("/p/a.jpg"), index=False)
             assert st.retrying() == [] and st.attempts(Path("/p/a.jpg")) == 0
             assert list(st.done_index()) == ["/p/a.jpg"]
@@ -229,7 +229,7 @@ class TestRetries:
             st.forget(Path("/p/a.jpg"))
             st.forget(Path("/p/unknown.jpg"))
             assert st.attempts(Path("/p/a.jpg")) == 0
-            assert st.counts_by_root() == {}
+            assert st.retrying() == []
 
     def test_non_utf8_names_round_trip(self, db: Path) -> None:
         raw = b"/photos/caf\xff\xfe.jpg"
@@ -268,23 +268,36 @@ class TestHistoryAndCounts:
         assert everything[-1].message == "bad 25"
         assert State(db, clock=clock).last_errors(0) == []
 
-    def test_counts_by_root(self, db: Path) -> None:
+    def test_a_finished_file_leaves_retrying_and_only_errors_stay_in_the_history(self, db: Path) -> None:
         with State(db, clock=Clock()) as st:
-            for i in range(3):
-                st.record_done(Path(f"/a/{i}"), root="a", status="ok")
-            st.record_done(Path("/a/x"), root="a", status="error", message="rejected")
             attempt(st, "/a/r1", root="a")
-            attempt(st, "/a/r1", root="a")  # one file, two attempts: retrying counts files
-            attempt(st, "/b/r", root="b")
+            attempt(st, "/a/r2", root="a")
+            st.record_done(Path("/a/r1"), root="a", status="ok")
+            st.record_done(Path("/a/r2"), root="a", status="error", message="rejected")
             st.record_done(Path("/once.jpg"), root=None, status="ok")
-            assert st.counts_by_root() == {
-                NO_ROOT: {"ok": 1, "error": 0, "retrying": 0},
-                "a": {"ok": 3, "error": 1, "retrying": 1},
-                "b": {"ok": 0, "error": 0, "retrying": 1},
-            }
-            st.record_done(Path("/b/r"), root="b", status="ok")
+            assert st.retrying() == []
+            assert [(os.fsdecode(e.path), e.root, e.message) for e in st.last_errors()] == [("/a/r2", "a", "rejected")]
+
+    def test_the_write_only_tallies_of_older_databases_are_dropped(self, db: Path) -> None:
+        """Per-root tallies of finished files were written by every finished file and never read."""
+        db.parent.mkdir()
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute(f"INSERT INTO schema_version VALUES ({state.SCHEMA_VERSION - 1})")
+        for statement in (step for steps in state.MIGRATIONS[:-1] for step in steps):
+            conn.execute(statement)
+        conn.execute("INSERT INTO done_counts (root, ok, error) VALUES ('a', 3, 1)")
+        conn.commit()
+        conn.close()
         with State(db, clock=Clock()) as st:
-            assert st.counts_by_root()["b"] == {"ok": 1, "error": 0, "retrying": 0}
+            attempt(st, "/a/r1", root="a")
+            st.record_done(Path("/a/r1"), root="a", status="ok")
+        conn = sqlite3.connect(db)
+        try:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+        assert "done_counts" not in tables and {"retry", "errors", "done", "requests", "endpoints"} <= tables
 
     def test_bad_status_is_rejected(self, db: Path) -> None:
         with State(db, clock=Clock()) as st, pytest.raises(ValueError):
@@ -333,7 +346,7 @@ def test_concurrent_use_from_8_threads(db: Path) -> None:
                 st.count_request()
                 if i % 5 != 0:  # every fifth file stays retrying
                     st.record_done(path, root=f"root{t % 2}", status="ok" if i % 2 else "error", message="no")
-                st.counts_by_root()
+                st.retrying()
                 st.last_errors()
         except BaseException as exc:  # handed to the test thread, which fails with it
             failures.append(exc)
@@ -346,12 +359,9 @@ def test_concurrent_use_from_8_threads(db: Path) -> None:
     try:
         assert not failures, failures
         assert st.requests_today() == n_threads * n_files
-        counts = st.counts_by_root()
-        per_root = n_threads // 2
         # of 25 files per thread: 5 stay retrying, 10 ok (odd i), 10 error (even i, not multiples of 5)
-        assert counts == {r: {"ok": 10 * per_root, "error": 10 * per_root, "retrying": 5 * per_root}
-                          for r in ("root0", "root1")}  # fmt: skip
         assert len(st.retrying()) == 5 * n_threads
+        assert len(st.last_errors(10_000)) == min(10 * n_threads, state.ERROR_HISTORY)
     finally:
         st.close()
     assert quick_check(db) == ["ok"]
@@ -412,7 +422,7 @@ def test_killed_mid_write_loses_nothing_committed(tmp_path: Path) -> None:
 
         with capture_logs() as logs, State(db, clock=Clock()) as st:
             requests = st.requests_today()
-            done = sum(c["ok"] + c["error"] for c in st.counts_by_root().values())
+            done = len(st.last_errors(state.ERROR_HISTORY))
             assert st.retrying(), "retry rows survive"
         assert logs == [], "the database was not reset"
         assert quick_check(db) == ["ok"]

@@ -81,8 +81,8 @@ class TestDoneIndex:
         assert (row.size, row.mtime_ns, row.ino, row.ctime_ns) == (st.st_size, st.st_mtime_ns, st.st_ino,
                                                                     st.st_ctime_ns)  # fmt: skip
         # As an older mmwatchd left it: no inode, no ctime.
-        service.state.mark_done(photo, size=row.size, mtime_ns=row.mtime_ns, kind=row.kind,
-                                fingerprint=row.fingerprint, status="ok")  # fmt: skip
+        service.state.mark_done(photo, size=row.size, mtime_ns=row.mtime_ns, media_kind=row.media_kind,
+                                fingerprint=row.fingerprint, answer="ok")  # fmt: skip
         assert list(service.daemon.needing_work()) == []  # trusted on size and mtime: nothing read, nothing sent
         assert service.state.done_index()[str(photo)].ino == st.st_ino  # ...and given the file's inode and ctime
         rewrite_keeping_size_and_mtime(photo, seed=2)

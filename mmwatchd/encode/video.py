@@ -489,7 +489,7 @@ def _has_alpha(frame: VideoFrame) -> bool:
     return any(component.is_alpha for component in frame.format.components)
 
 
-class _Pictures:
+class _FrameConverter:
     """Turns decoded frames into upright RGB images of one size (fixed by the first frame)."""
 
     def __init__(self, spec: VideoSpec, sar: Fraction) -> None:
@@ -689,7 +689,7 @@ class _Cursor:
             return frame
 
 
-def _sample_frames(cursor: _Cursor, targets: Sequence[float], pictures: _Pictures) -> list[_Sample]:
+def _sample_frames(cursor: _Cursor, targets: Sequence[float], pictures: _FrameConverter) -> list[_Sample]:
     """For each target, the first frame not yet taken at or after it (half a frame early counts).
 
     An interior target moves to a keyframe the index shows within a quarter of the spacing between targets: the
@@ -721,14 +721,14 @@ def _sample_frames(cursor: _Cursor, targets: Sequence[float], pictures: _Picture
     return taken
 
 
-def _take_last(cursor: _Cursor, taken: list[_Sample], pictures: _Pictures) -> list[_Sample]:
+def _take_last(cursor: _Cursor, taken: list[_Sample], pictures: _FrameConverter) -> list[_Sample]:
     """At the end of the data: the last frame decoded is the best one left for the remaining targets."""
     if cursor.last is not None and cursor.last_t is not None and (not taken or cursor.last_t > taken[-1].t + 1e-6):
         taken.append(_Sample(cursor.last_t, pictures(cursor.last)))
     return taken
 
 
-def _sample_keyframes(cursor: _Cursor, targets: Sequence[float], pictures: _Pictures) -> list[_Sample]:
+def _sample_keyframes(cursor: _Cursor, targets: Sequence[float], pictures: _FrameConverter) -> list[_Sample]:
     """For each target, the keyframe at or before it (seekable streams) or the first one after it; repeats dropped.
 
     The decoder skips every other frame (``skip_frame = NONKEY``), so each sample costs one keyframe decode.
@@ -780,7 +780,7 @@ def _sample_av(source: _Source, spec: VideoSpec, limits: Limits) -> tuple[list[_
     stream.thread_type = "AUTO"
     timeline = _timeline(source)
     targets = _targets(timeline, spec)
-    pictures = _Pictures(spec, _sar(stream))
+    pictures = _FrameConverter(spec, _sar(stream))
     notes: list[str] = []
     label = _label(source.facts.container)
     with _translate(source.name, f"cannot decode the {label} video"):
@@ -827,7 +827,7 @@ def _sample_webp(source: _Source, spec: VideoSpec) -> list[_Sample]:
         i = next((i for i, s in enumerate(starts) if s >= target - tolerance), len(starts) - 1)
         if not wanted or i > wanted[-1]:
             wanted.append(i)
-    pictures = _Pictures(spec, Fraction(1))
+    pictures = _FrameConverter(spec, Fraction(1))
     samples: list[_Sample] = []
     with translate_pillow(source.name, "WebP"), Image.open(source.path, formats=("WEBP",)) as im:
         for i in wanted:
