@@ -265,6 +265,10 @@ class VLMRequest:
     #: JSON schema for the reply; sent as ``response_format`` and used to validate the answer.
     schema: Mapping[str, Any] | None = None
     schema_name: str = "description"
+    #: The rule it is for (which endpoints may take it), and whether the rule names its model (else each endpoint
+    #: of a pool is asked with its own). Neither is sent.
+    rule: str | None = None
+    rule_model: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,6 +285,8 @@ class Reply:
     source: str = "content"
     #: How many calls it took (a reply that was not valid JSON is asked for once more).
     attempts: int = 1
+    #: Which of several endpoints answered (None with a single ``endpoint:``).
+    endpoint: str | None = None
 
 
 #: ``auto``: ``video_url`` for endpoints that take it, ``images`` for the rest (see :mod:`mmwatchd.servers`).

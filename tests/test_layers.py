@@ -60,8 +60,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     # Reading what was written: search, status, the gallery.
     ("mmwatchd.search", "mmwatchd.status", "mmwatchd.gallery", "mmwatchd.progress", "mmwatchd.metrics"),
-    # The model endpoint: what each server takes, the request body, the client, the endpoint check.
-    ("mmwatchd.servers", "mmwatchd.wire", "mmwatchd.vlm", "mmwatchd.doctor"),
+    # The model endpoint: what each server takes, the request body, the client, the endpoint check; the endpoints
+    # as the daemon runs them (meter, gate, prober, routing) and how a file's failed tries end.
+    ("mmwatchd.servers", "mmwatchd.wire", "mmwatchd.vlm", "mmwatchd.doctor", "mmwatchd.endpoint", "mmwatchd.retry"),
     # One file, start to end.
     ("mmwatchd.pipeline",),
     # The service: queue, workers, watchers, signals.
