@@ -52,7 +52,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from mmwatchd import endpoint as endpoint_mod
-from mmwatchd import search
+from mmwatchd import live, search
 from mmwatchd import sidecar as sidecar_mod
 from mmwatchd.endpoint import (
     Endpoint,
@@ -267,6 +267,8 @@ class Daemon:
         self._jobs: dict[str, Path] = {}  # worker name → its current path
         self._workers: list[threading.Thread] = []
         self._threads: list[threading.Thread] = []
+        self._fallback: dict[Path, str] = {}  # answered by a lower tier under redo_fallback → its rule
+        self._redo: set[Path] = set()  # to describe again although its sidecar is fresh
         self._users: Counter[Processor] = Counter()  # jobs running under each processor (config, client)
         self._retired: dict[Processor, list[VLMClient]] = {}  # replaced by a reload: closed once no job uses them
         if metrics or config.metrics is not None:
@@ -375,6 +377,8 @@ class Daemon:
             index, self._search = self._search, None
         for client in retired:
             _close(client)
+        if self.state is not None and not self.pool.single:
+            live.withdraw(self.state.path.parent)
         if index is not None:
             index.close()
         if dropped:
@@ -601,7 +605,10 @@ class Daemon:
                         self._wake.wait(self._feed_wait())
                         continue
                 if path is not None:
-                    self._put(path)
+                    with self._lock:
+                        redo = path in self._redo
+                        self._redo.discard(path)
+                    self._put(path, force=redo)
                     continue
                 assert walk is not None
                 item = next(walk, None)
@@ -689,7 +696,9 @@ class Daemon:
                 line = self._status_line()
                 if (line != status and now - last_status >= STATUS_MIN_S) or now - last_status >= self.status_every_s:
                     self.notifier.status(line)
+                    self._publish_endpoints()
                     status, last_status = line, now
+                self._redo_fallbacks()
         finally:
             self.request_stop()
             self.notifier.stopping()
@@ -801,6 +810,47 @@ class Daemon:
         self.request_scan()  # new rules or prompts may apply to files already there
         return watcher
 
+    # -- answers from a fallback tier ------------------------------------------------------------------------
+
+    def _note_fallback(self, outcome: Outcome) -> None:
+        """Remember a file a lower tier than its rule's best answered, when the rule wants it described again."""
+        answered = self.pool.answered_by()
+        if outcome.status != "ok" or answered is None or self.pool.single:
+            return
+        rule = next((r for r in self.config.rules if r.name == outcome.rule), None)
+        if rule is None or not rule.redo_fallback:
+            return
+        best = min(e.priority for e in self.pool.allowed(rule.name))
+        with self._lock:
+            if answered.priority > best:
+                self._fallback[outcome.path] = rule.name
+            else:
+                self._fallback.pop(outcome.path, None)
+
+    def _redo_fallbacks(self) -> None:
+        """Once nothing else waits and an endpoint of a remembered file's best tier is up with room, describe the
+        file again there (the service loop calls this; answers from a fallback tier stand until then)."""
+        with self._lock:
+            if not self._fallback or self._intake or self._queue.qsize() or self.stopping.is_set():
+                return
+            waiting = list(self._fallback.items())
+        for path, rule_name in waiting:
+            if not self.pool.best_tier_free(rule_name):
+                continue
+            with self._lock:
+                self._fallback.pop(path, None)
+                self._redo.add(path)
+            if not self.offer(path):
+                with self._lock:
+                    self._redo.discard(path)
+            log.info("job.redo_fallback", path=str(path), rule=rule_name)
+
+    def _publish_endpoints(self) -> None:
+        """Each endpoint's state and requests in flight, for ``mmwatchd status`` (another process) to show."""
+        if self.state is None or self.pool.single:
+            return
+        live.publish(self.state.path.parent, self.pool.rows())
+
     def _new_clients(self, new: Config) -> list[tuple[Endpoint, EndpointConfig, VLMClient]] | None:
         """For each endpoint whose settings the new config changes: the endpoint, its new settings and a client made
         for them. None (logged) when a client cannot be made; the previous config then stays in force."""
@@ -851,11 +901,13 @@ class Daemon:
                     return
                 with self._lock:
                     self._busy[name] = self.clock()
+                self.pool.forget_answer()
                 try:
                     outcome = self._run_job(path, explicit=explicit, force=force)
                 finally:
                     with self._lock:
                         self._busy.pop(name, None)
+                self._note_fallback(outcome)
                 if not self.stopping.is_set() or outcome.status != "retry":
                     self._finish(outcome)
                 with self._lock:

@@ -597,6 +597,7 @@ class PoolClient:
         candidates = pool.allowed(req.rule)
         last: VLMError | None = None
         while True:
+            failed: VLMError | None = None
             endpoint = pool.acquire(candidates)
             if endpoint is None:
                 if last is not None:
@@ -610,7 +611,7 @@ class PoolClient:
                     endpoint.exhausted(exc)
                 else:
                     endpoint.pause(exc)
-                last = exc
+                failed = exc
             except Stopping:
                 raise
             except VLMUnavailable as exc:
@@ -618,12 +619,13 @@ class PoolClient:
                     endpoint.down(exc)
                 elif exc.status not in DYING_STATUSES:
                     raise
-                last = exc
+                failed = exc
             finally:
                 pool.release(endpoint)
-            if last is None:
+            if failed is None:
                 pool._local.endpoint = endpoint
                 return reply if pool.single else replace(reply, endpoint=endpoint.name)
+            last = failed
             candidates = [e for e in candidates if e is not endpoint]
             if not candidates:
                 raise last

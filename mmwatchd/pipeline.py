@@ -674,6 +674,8 @@ class Processor:
             temperature=rule.temperature if rule.temperature is not None else endpoint.temperature,
             schema=rule.schema,
             schema_name=rule.name.replace(".", "_"),
+            rule=rule.name,
+            rule_model=rule.model is not None,
         )
 
     def _budget(self, request: VLMRequest, placeholders: tuple[Part, ...]) -> int:
@@ -772,6 +774,7 @@ class Processor:
             status="ok",
             rule=planned.rule.name,
             model=reply.model or planned.request.model,
+            **({"endpoint": reply.endpoint} if reply.endpoint else {}),
             fingerprint=planned.fingerprint,
             media=self._media_doc(planned),
             response={
