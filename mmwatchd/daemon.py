@@ -306,6 +306,7 @@ class Daemon:
         """Start the workers, the feeder, and the prober that opens the gate (without it, call ``check_endpoint``
         first)."""
         self.isolator.prestart()
+        self.pool.probing = prober
         for i in range(self.pool.concurrency):
             self._workers.append(self._spawn(self._worker, f"mmwatchd-worker-{i}"))
         self._spawn(self._feeder, "mmwatchd-feeder")

@@ -50,6 +50,8 @@ REFUSALS_TO_PAUSE = 3
 #: Answers of a server that is going away (a proxy in front of a dead replica, a server shutting down): the request
 #: goes to another endpoint when there is one.
 DYING_STATUSES = frozenset({502, 503, 504})
+#: A file none of whose endpoints is up tries again after this long (the gates open as soon as a prober sees one).
+NO_ENDPOINT_WAIT_S = 10.0
 #: The label of the single ``endpoint:`` in metrics, status and logs.
 DEFAULT_NAME = "default"
 
@@ -188,6 +190,7 @@ class Endpoint:
         self._refusal: tuple[str, set[Path]] | None = None  # the last refusal's words, and the files it came for
         self._model_warned = False
         self._exhausted_until = float("-inf")  # today's requests are used up until then (on the host's clock)
+        self._quota = ""  # and what was said when they ran out
         self._count_lock = threading.Lock()
         self._fallback_counts: Counter[date] = Counter()  # requests per day while the state store cannot count
         self._meter(client)
@@ -276,13 +279,21 @@ class Endpoint:
         """Today's requests are used up: route elsewhere until the cap resets."""
         with self.pool.cond:
             self._exhausted_until = self.host.clock() + (error.retry_after or 60.0)
+            self._quota = error.message
+
+    def quota_left_in(self) -> float | None:
+        """Seconds until today's requests are no longer used up; None when they are not."""
+        left = self._exhausted_until - self.host.clock()
+        return left if left > 0 else None
 
     # -- the gate ------------------------------------------------------------------------------------------
 
     def down(self, exc: VLMError) -> None:
-        """A request got no answer: close the gate and probe until the endpoint answers again."""
+        """A request got no answer: close the gate and probe until the endpoint answers again. Without probers (a
+        one-shot run) the gate stays open, since nothing would open it again: a request that dies there goes to
+        another endpoint all the same, and the file's tries run out as with one endpoint."""
         with self.pool.cond:
-            if self.status != "up":
+            if self.status != "up" or not self.pool.probing:
                 return
             self.status = "unreachable"
         self.metrics.endpoint_up(False)
@@ -448,6 +459,8 @@ class Pool:
         ms = members(config)
         #: Called (on the prober's thread) when an endpoint's gate opens.
         self.on_up: Callable[[Endpoint], None] | None = None
+        #: Probers run (the service): an endpoint that stops answering is closed until its prober sees it back.
+        self.probing = True
         self.endpoints: list[Endpoint] = [Endpoint(m, make_client(m), self, single=len(ms) == 1) for m in ms]
 
     def __iter__(self) -> Iterator[Endpoint]:
@@ -602,8 +615,7 @@ class PoolClient:
             if endpoint is None:
                 if last is not None:
                     raise last
-                names = ", ".join(e.name for e in candidates)
-                raise NoEndpoint(f"no endpoint this file's rule may use is up ({names}): the file waits for one")
+                raise self._nowhere(candidates)
             try:
                 reply = endpoint.describe(self._for(endpoint, req))
             except (QuotaReached, EndpointRefuses) as exc:
@@ -630,6 +642,21 @@ class PoolClient:
             if not candidates:
                 raise last
             log.info("endpoint.failover", endpoint=endpoint.name, reason=last.message)
+
+    @staticmethod
+    def _nowhere(candidates: Sequence[Endpoint]) -> VLMUnavailable:
+        """Why no endpoint can take the request: today's requests are used up everywhere (wait for the first
+        to reset), or none is up (wait a little: the probers open the gates)."""
+        waits = [e.quota_left_in() for e in candidates]
+        if waits and all(w is not None for w in waits):
+            first = min(waits, key=lambda w: w or 0.0)
+            error: VLMUnavailable = QuotaReached(next(e._quota for e in candidates if e.quota_left_in() == first))
+            error.retry_after = first
+            return error
+        names = ", ".join(e.name for e in candidates)
+        error = NoEndpoint(f"no endpoint this file's rule may use is up ({names}): the file waits for one")
+        error.retry_after = NO_ENDPOINT_WAIT_S
+        return error
 
     def _for(self, endpoint: Endpoint, req: VLMRequest) -> VLMRequest:
         """The request as this endpoint takes it: its own model unless the rule names one."""

@@ -26,8 +26,8 @@ def servers() -> Iterator[dict[str, FakeVLM]]:
     """Three servers of different speed, each listing its own model."""
     made = {
         "fast": FakeVLM(models=["model-fast"], latency_s=0.02),
-        "mid": FakeVLM(models=["model-mid"], latency_s=0.08),
-        "slow": FakeVLM(models=["model-slow"], latency_s=0.25),
+        "mid": FakeVLM(models=["model-mid"], latency_s=0.06),
+        "slow": FakeVLM(models=["model-slow"], latency_s=0.15),
     }
     for s in made.values():
         s.start()
@@ -66,7 +66,7 @@ def test_three_servers_one_killed_mid_run_describe_every_file_once(
 ) -> None:
     """The issue's acceptance run: three servers of different speed, one shut down while it has requests in
     flight. Every file is described exactly once, none fails, and no try is counted against any file."""
-    photos = [make_jpeg(pool_runner.inbox / f"{i:02}.jpg", (48, 32), seed=i) for i in range(30)]
+    photos = [make_jpeg(pool_runner.inbox / f"{i:02}.jpg", (48, 32), seed=i) for i in range(24)]
     with structlog.testing.capture_logs() as logs:
         daemon = pool_runner.start(endpoints=_endpoints(servers), settle_s=0, rescan_interval_s=0)
         # Kill the middle one once it is at work: it has answered some and has requests on the wire.
@@ -119,7 +119,7 @@ def test_a_lower_tier_is_used_only_while_the_better_one_is_down_and_work_returns
 def test_a_rule_uses_only_the_endpoints_it_names_with_their_own_model(
     pool_runner: Runner, servers: dict[str, FakeVLM]
 ) -> None:
-    photos = [make_jpeg(pool_runner.inbox / f"{i}.jpg", (48, 32), seed=i) for i in range(4)]
+    photos = [make_jpeg(pool_runner.inbox / f"{i}.jpg", (48, 32), seed=i) for i in range(3)]
     pool_runner.start(endpoints=_endpoints(servers), rule={"endpoints": ["slow"]}, settle_s=0)
     for p in photos:
         doc = pool_runner.wait_sidecar(p)
@@ -225,3 +225,56 @@ class TestConfig:
         assert (cfg.endpoint.base_url, cfg.endpoint.model) == ("http://gpu:8000/v1", "q")
         assert (cfg.endpoint.max_request_bytes, cfg.endpoint.max_video_frames) == (4_000_000, 8)
         assert [(e.name, e.priority) for e in cfg.endpoints] == [("local", 0), ("cloud", 1)]
+
+
+class TestOneShot:
+    """``once`` and ``scan`` run no probers: an endpoint that stops answering must not hold them up for ever."""
+
+    def _daemon(self, tmp_path: Path, **changes: Any) -> tuple[Any, list[Any]]:
+        from configs import write_config
+
+        from mmwatchd.daemon import Daemon
+        from mmwatchd.vlm import VLMClient
+
+        cfg = config.load(write_config(tmp_path, base_url="http://127.0.0.1:1/v1", **changes))
+        clients: list[VLMClient] = []
+
+        def make(c: config.Config) -> VLMClient:
+            clients.append(VLMClient(c.endpoint, api_key=None))
+            return clients[-1]
+
+        return Daemon(cfg, make(cfg), make_client=make, one_shot_attempts=3), clients
+
+    def test_a_single_endpoint_that_dies_ends_the_run_with_files_not_reached(
+        self, tmp_path: Path, fake_vlm: FakeVLM
+    ) -> None:
+        daemon, clients = self._daemon(tmp_path, endpoint={"base_url": fake_vlm.base_url})
+        try:
+            daemon.probe_once()
+            daemon.start(prober=False)
+            fake_vlm.pause()
+            for i in range(2):
+                daemon.submit(make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (48, 32), seed=i), explicit=True)
+            assert daemon.wait_idle(timeout=60)
+            assert daemon.counts == {"retry": 2}
+        finally:
+            daemon.close()
+            for c in clients:
+                c.close()
+
+    def test_a_request_to_a_dead_endpoint_goes_to_another(self, tmp_path: Path, servers: dict[str, FakeVLM]) -> None:
+        daemon, clients = self._daemon(tmp_path, endpoints=_endpoints(servers))
+        try:
+            daemon.probe_once()
+            daemon.start(prober=False)
+            servers["fast"].pause()
+            photos = [make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (48, 32), seed=i) for i in range(6)]
+            for p in photos:
+                daemon.submit(p, explicit=True)
+            assert daemon.wait_idle(timeout=60)
+            assert daemon.counts == {"ok": 6}
+            assert {_sidecar(p)["endpoint"] for p in photos} <= {"mid", "slow"}
+        finally:
+            daemon.close()
+            for c in clients:
+                c.close()
