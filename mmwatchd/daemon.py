@@ -2,10 +2,10 @@
 gate, request limits, retries that survive restarts, reload, systemd notification, shutdown.
 
 Threads, all owned and joined here: the workers (the endpoints' concurrency added up: requests in flight at most),
-one feeder and one prober per endpoint. watchdog's own threads are owned by ``Watcher``. The calling thread runs the service
-loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the folders
-(startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping the
-watchdog and to stop.
+one feeder and one prober per endpoint. watchdog's own threads are owned by ``Watcher``. The calling thread runs the
+service loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the
+folders (startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping
+the watchdog and to stop.
 
 Stopping (SIGTERM, SIGINT: see :class:`SignalRelay`): nothing new starts. Requests already on the wire finish and
 their sidecars are written; no request leaves after the stop, neither a new one nor a retry of one in flight (every
@@ -279,7 +279,8 @@ class Daemon:
         self.processor = self._processor(config)
 
     def _processor(self, config: Config) -> Processor:
-        return Processor(config, PoolClient(self.pool), clock=self.clock, isolator=self.isolator)  # type: ignore[arg-type]
+        client = PoolClient(self.pool)
+        return Processor(config, client, clock=self.clock, isolator=self.isolator)  # type: ignore[arg-type]
 
     def _client_for(self, config: Config, member: Member) -> VLMClient:
         """The first endpoint uses the client the daemon was given; the others get one made for them."""

@@ -256,9 +256,10 @@ class Endpoint:
             total = self.count(1)
             if cap is not None and total > cap:
                 self.count(-1)
-                key = "endpoint.max_requests_per_day" if not self.fields else f"endpoints[{self.name}].max_requests_per_day"
+                key = f"endpoints[{self.name}]" if self.fields else "endpoint"
                 error = QuotaReached(
-                    f"{key} ({cap}) reached for today; work resumes after midnight (local time), or raise the cap"
+                    f"{key}.max_requests_per_day ({cap}) reached for today; "
+                    "work resumes after midnight (local time), or raise the cap"
                 )
                 error.retry_after = _seconds_to_midnight()
                 raise error
@@ -570,7 +571,9 @@ class Pool:
         with self.cond:
             if self.single:
                 return self.endpoints[0].status
-            return ", ".join(f"{e.name} {e.status.split(' (')[0]} {e.in_flight}/{e.concurrency}" for e in self.endpoints)
+            return ", ".join(
+                f"{e.name} {e.status.split(' (')[0]} {e.in_flight}/{e.concurrency}" for e in self.endpoints
+            )
 
     def word(self) -> str:
         """One word for the whole pool: up when any endpoint is, else the first endpoint's state."""

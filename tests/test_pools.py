@@ -204,8 +204,13 @@ class TestConfig:
         assert "endpoints[2].name: 'a' is already used by endpoints[0]; each name may appear once" in said
 
     def test_a_rule_naming_an_unknown_endpoint(self) -> None:
-        said = self._problems("endpoints: [{name: gpu}, {name: cloud}]\nrules: [{name: r, prompt: x, endpoints: [gpus]}]\n")
-        assert "rules[0].endpoints[0]: no endpoint is named 'gpus' (did you mean 'gpu'?); the endpoints are: gpu, cloud" in said
+        said = self._problems(
+            "endpoints: [{name: gpu}, {name: cloud}]\nrules: [{name: r, prompt: x, endpoints: [gpus]}]\n"
+        )
+        assert (
+            "rules[0].endpoints[0]: no endpoint is named 'gpus' (did you mean 'gpu'?); the endpoints are: gpu, cloud"
+            in said
+        )
         said = self._problems("rules: [{name: r, prompt: x, endpoints: [gpu]}]\n")  # the single endpoint is "default"
         assert "no endpoint is named 'gpu'; the endpoints are: default" in said
 
