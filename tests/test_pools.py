@@ -18,7 +18,7 @@ from running import wait_until
 from test_daemon import Runner
 
 from mmwatchd import config, status
-from mmwatchd.errors import ConfigError
+from mmwatchd.errors import ConfigError, VLMUnavailable
 
 
 @pytest.fixture
@@ -232,6 +232,20 @@ class TestConfig:
         assert [(e.name, e.priority) for e in cfg.endpoints] == [("local", 0), ("cloud", 1)]
 
 
+def test_an_endpoint_out_of_todays_requests_hands_over_to_the_next(
+    pool_runner: Runner, servers: dict[str, FakeVLM]
+) -> None:
+    eps = _endpoints({"fast": servers["fast"], "slow": servers["slow"]}, fast={"max_requests_per_day": 1},
+                     slow={"priority": 1})  # fmt: skip
+    photos = [make_jpeg(pool_runner.inbox / f"{i}.jpg", (48, 32), seed=i) for i in range(3)]
+    daemon = pool_runner.start(endpoints=eps, settle_s=0, rescan_interval_s=0)
+    wait_until(lambda: all(p.with_name(p.name + ".json").exists() for p in photos), timeout=30)
+    assert sorted(_sidecar(p)["endpoint"] for p in photos) == ["fast", "slow", "slow"]
+    assert len(servers["fast"].chat_requests) == 1
+    assert daemon.counts == {"ok": 3}
+    assert pool_runner.state is not None and pool_runner.state.requests_today() == 3  # both endpoints' counts
+
+
 class TestOneShot:
     """``once`` and ``scan`` run no probers: an endpoint that stops answering must not hold them up for ever."""
 
@@ -283,3 +297,66 @@ class TestOneShot:
             daemon.close()
             for c in clients:
                 c.close()
+
+
+class _Host:
+    """What a pool needs from its daemon, for routing alone."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stopping = threading.Event()
+        self.clock = time.monotonic
+        self.wall_clock = time.time
+        self.state = None
+
+    def store(self, what: str, call: Any, *args: Any, **kw: Any) -> Any:
+        return call(*args, **kw)
+
+    def log_once(self, *args: Any, **kw: Any) -> bool:
+        return True
+
+    def current_path(self) -> Path | None:
+        return None
+
+
+def test_routing_best_tier_first_fewest_outstanding_within_it() -> None:
+    from mmwatchd.endpoint import Pool
+    from mmwatchd.metrics import Unmetered
+
+    cfg = config.loads(
+        "endpoints: [{name: a, concurrency: 2}, {name: b, concurrency: 2}, {name: c, priority: 1, concurrency: 1}]\n"
+        "rules: [{name: r, prompt: x}, {name: only_c, prompt: y, endpoints: [c]}]\n"
+    )
+    pool = Pool(cfg, _Host(), Unmetered(), lambda m: object())  # type: ignore[arg-type]
+    a, b, c = pool.endpoints
+    for e in pool:
+        e.up()
+    picks = [pool.acquire(pool.allowed("r")) for _ in range(5)]
+    assert [e.name if e else None for e in picks] == ["a", "b", "a", "b", "c"]  # c only once a and b are full
+    pool.release(b)
+    assert pool.acquire(pool.allowed("r")) is b  # the one with room, although c is up
+    pool.release(a)
+    pool.release(c)
+    assert pool.acquire(pool.allowed("only_c")) is c  # a rule that names its endpoints
+    a.down(VLMUnavailable("gone"))
+    pool.release(c)
+    assert pool.acquire(pool.allowed("r")) is c  # a down: its tier has only b, which is full
+    assert "a unreachable 1/2, b up 2/2, c up 1/1" == pool.summary()
+
+
+def test_the_retry_policy_of_the_service_and_of_one_shot_runs() -> None:
+    from mmwatchd.endpoint import EndpointRefuses, QuotaReached
+    from mmwatchd.errors import SidecarError
+    from mmwatchd.retry import RETRY_BASE_S, RetryPolicy
+
+    service, once = RetryPolicy(), RetryPolicy(3)
+    busy = VLMUnavailable("busy")
+    busy.status = 503
+    assert not service.final(100, busy) and service.records_attempts() and not service.halts(QuotaReached("cap"))
+    assert service.last_attempt(7, 8) and not service.last_attempt(6, 8) and not once.last_attempt(7, 8)
+    assert [once.final(n, busy) for n in (1, 2, 3)] == [False, False, True]
+    assert once.final(1, SidecarError("read-only folder")) and not once.records_attempts()
+    assert once.halts(QuotaReached("cap")) and once.halts(EndpointRefuses("refuses")) and not once.halts(busy)
+    assert RetryPolicy.delay(5, VLMUnavailable("no answer"), None) == RETRY_BASE_S  # the gate holds work meanwhile
+    assert RetryPolicy.delay(1, busy, 120.0) == 120.0  # Retry-After is honoured
