@@ -246,6 +246,25 @@ def test_an_endpoint_out_of_todays_requests_hands_over_to_the_next(
     assert pool_runner.state is not None and pool_runner.state.requests_today() == 3  # both endpoints' counts
 
 
+def test_a_reload_moves_an_endpoint_and_closes_its_old_client(pool_runner: Runner, servers: dict[str, FakeVLM]) -> None:
+    from configs import write_config
+
+    eps = _endpoints({"fast": servers["fast"], "slow": servers["slow"]}, slow={"priority": 1})
+    daemon = pool_runner.start(endpoints=eps, rescan_interval_s=0)
+    old = daemon.pool.get("fast").client  # type: ignore[union-attr]
+    pool_runner.wait_sidecar(make_jpeg(pool_runner.inbox / "1.jpg", (48, 32), seed=1))
+    eps[0].update(base_url=servers["mid"].base_url, model="model-mid")  # "fast" is now served by the mid server
+    write_config(pool_runner.tmp, base_url="http://unused/v1", endpoints=eps, rescan_interval_s=0)
+    daemon.reload_requested.set()
+    wait_until(lambda: daemon.pool.get("fast").client is not old, timeout=20)  # type: ignore[union-attr]
+    doc = pool_runner.wait_sidecar(make_jpeg(pool_runner.inbox / "2.jpg", (48, 32), seed=2))
+    assert (doc["endpoint"], doc["model"]) == ("fast", "model-mid")
+    # The first endpoint's model is in every file's fingerprint: 1.jpg is described again, by the new server.
+    wait_until(lambda: _sidecar(pool_runner.inbox / "1.jpg")["model"] == "model-mid", timeout=20)
+    assert len(servers["mid"].chat_requests) == 2 and len(servers["fast"].chat_requests) == 1
+    wait_until(lambda: old._client.is_closed(), timeout=10)  # type: ignore[attr-defined]
+
+
 class TestOneShot:
     """``once`` and ``scan`` run no probers: an endpoint that stops answering must not hold them up for ever."""
 
