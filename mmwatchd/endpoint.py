@@ -13,6 +13,9 @@ tier the one with the fewest requests outstanding. A request that dies with its 
 connection, a timeout, a 502/503/504) is sent to another endpoint at once, and counts nothing against the file;
 with nowhere else to go, the error is the file's as it would be with one endpoint.
 
+:attr:`Endpoint.concurrency` is the one in-flight limit routing reads, and :meth:`Endpoint.describe` is where each
+of a file's requests is sent to that endpoint: a limit that adapts to the server belongs on the endpoint, there.
+
 Threads: none are started here; the daemon runs each endpoint's :meth:`Endpoint.run_prober` on a thread it owns.
 """
 
@@ -329,7 +332,6 @@ class Endpoint:
         self.metrics.endpoint_up(True)
         if was != "up":
             log.info("endpoint.up", url=self.spec.base_url, **fields, **self.fields)
-            self.pool.came_up(self)
 
     def probe_once(self) -> None:
         """One-shot runs (no prober): probe the endpoint once before work starts.
@@ -458,8 +460,6 @@ class Pool:
         self.cond = threading.Condition()
         self._local = threading.local()  # per worker: the endpoint that answered its last request
         ms = members(config)
-        #: Called (on the prober's thread) when an endpoint's gate opens.
-        self.on_up: Callable[[Endpoint], None] | None = None
         #: Probers run (the service): an endpoint that stops answering is closed until its prober sees it back.
         self.probing = True
         self.endpoints: list[Endpoint] = [Endpoint(m, make_client(m), self, single=len(ms) == 1) for m in ms]
@@ -494,10 +494,6 @@ class Pool:
         best = min(e.priority for e in allowed)
         with self.cond:
             return any(e.priority == best and e.usable() and e.in_flight < e.concurrency for e in allowed)
-
-    def came_up(self, endpoint: Endpoint) -> None:
-        if self.on_up is not None:
-            self.on_up(endpoint)
 
     def wake(self) -> None:
         with self.cond:
@@ -563,6 +559,9 @@ class Pool:
 
     def forget_answer(self) -> None:
         self._local.endpoint = None
+
+    def answered(self, endpoint: Endpoint) -> None:
+        self._local.endpoint = endpoint
 
     # -- what status shows ---------------------------------------------------------------------------------
 
@@ -638,7 +637,7 @@ class PoolClient:
             finally:
                 pool.release(endpoint)
             if failed is None:
-                pool._local.endpoint = endpoint
+                pool.answered(endpoint)
                 return reply if pool.single else replace(reply, endpoint=endpoint.name)
             last = failed
             candidates = [e for e in candidates if e is not endpoint]
