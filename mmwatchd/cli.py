@@ -520,7 +520,7 @@ def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False):
 
     state = _state(cfg)
     daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS,  # type: ignore[arg-type]
-                    metrics=metrics)  # fmt: skip
+                    metrics=metrics, make_client=lambda c: _LazyClient(c, state))  # type: ignore[arg-type,return-value]  # fmt: skip
     if start:
         _start_one_shot(daemon)
     return daemon

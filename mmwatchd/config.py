@@ -19,7 +19,15 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from mmwatchd.errors import ConfigError
-from mmwatchd.model import ActionSpec, Config, KeyPath, check_globs, dotted, locate
+from mmwatchd.model import (
+    ActionSpec,
+    Config,
+    EndpointConfig,
+    KeyPath,
+    check_globs,
+    dotted,
+    locate,
+)
 from mmwatchd.templates import check_template, template_fields
 
 _ADAPTER = TypeAdapter(Config)
@@ -102,9 +110,15 @@ def loads(text: str, *, source: Path | None = None) -> Config:
             root["path"] = str(_resolve(root["path"], base))
     if isinstance(data.get("state_dir"), str):
         data["state_dir"] = str(_resolve(data["state_dir"], base))
-    endpoint = data.get("endpoint")
-    if isinstance(endpoint, dict) and isinstance(endpoint.get("api_key_file"), str):
-        endpoint["api_key_file"] = str(_resolve(endpoint["api_key_file"], base))
+    named = data.get("endpoints")
+    for endpoint in [data.get("endpoint"), *(named if isinstance(named, list) else [])]:
+        if isinstance(endpoint, dict) and isinstance(endpoint.get("api_key_file"), str):
+            endpoint["api_key_file"] = str(_resolve(endpoint["api_key_file"], base))
+    if "endpoint" in data and "endpoints" in data:
+        problems.append(
+            f"{locate(source, key_positions, ('endpoints',))}: give either endpoint: (one endpoint) or endpoints: "
+            f"(several, each with a name), not both; move the endpoint: settings into an entry of endpoints:"
+        )
     side = data.get("sidecar")
     if isinstance(side, dict) and isinstance(side.get("dir"), str):
         side["dir"] = str(_resolve(side["dir"], base))
@@ -129,7 +143,23 @@ def loads(text: str, *, source: Path | None = None) -> Config:
     problems.extend(_cross_checks(cfg, source, positions))
     if problems:
         raise ConfigError(problems)
-    return _with(cfg, source=source, positions=positions)
+    return _with(cfg, source=source, positions=positions, endpoint=encode_for(cfg))
+
+
+def encode_for(cfg: Config) -> EndpointConfig:
+    """``endpoint`` as the rest of the program reads it. With ``endpoints:``: the first one listed, but with the
+    smallest request and frame limits of them all, so that one encoding fits whichever endpoint a file is routed to
+    (and a file that fails over to another endpoint is not encoded again)."""
+    if not cfg.endpoints:
+        return cfg.endpoint
+    first = cfg.endpoints[0]
+    frames = [e.max_video_frames for e in cfg.endpoints if e.max_video_frames is not None]
+    values = {f.name: getattr(first, f.name) for f in fields(EndpointConfig)}
+    values.update(
+        max_request_bytes=min(e.max_request_bytes for e in cfg.endpoints),
+        max_video_frames=min(frames) if frames else None,
+    )
+    return EndpointConfig(**values)
 
 
 def _resolve(raw: str, base: Path) -> Path:
@@ -278,6 +308,7 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
     unique: tuple[tuple[str, str, tuple[Any, ...]], ...] = (
         ("rules", "name", tuple(r.name for r in cfg.rules)),
         ("watch", "path", tuple(r.path for r in cfg.watch)),
+        ("endpoints", "name", tuple(e.name for e in cfg.endpoints)),
     )
     for section, key, values in unique:
         first: dict[Any, int] = {}
@@ -315,9 +346,22 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
                 problems.append(
                     f"{locate(source, positions, ('rules', i, 'reference_images', j))}: {ref} is not a readable file"
                 )
-    if cfg.endpoint.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.endpoint.api_key_env):
-        problems.append(
-            f"{locate(source, positions, ('endpoint', 'api_key_env'))}: must be the NAME of an environment "
-            "variable (like OPENAI_API_KEY), not the key itself"
-        )
+    names = list(dict.fromkeys(e.name for e in cfg.endpoints)) or ["default"]
+    for i, rule in enumerate(cfg.rules):
+        for j, name in enumerate(rule.endpoints):
+            if name not in names:
+                hint = difflib.get_close_matches(name, names, n=1)
+                problems.append(
+                    f"{locate(source, positions, ('rules', i, 'endpoints', j))}: no endpoint is named {name!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; the endpoints are: {', '.join(names)}"
+                )
+    keyed: list[tuple[KeyPath, EndpointConfig]] = [(("endpoint",), cfg.endpoint)]
+    keyed += [(("endpoints", i), e) for i, e in enumerate(cfg.endpoints)]
+    for where, endpoint in keyed:
+        if endpoint.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", endpoint.api_key_env):
+            problems.append(
+                f"{locate(source, positions, (*where, 'api_key_env'))}: must be the NAME of an environment "
+                "variable (like OPENAI_API_KEY), not the key itself"
+            )
     return problems

@@ -1,20 +1,26 @@
 """The running service: intake (startup scan, watcher, periodic rescan), a bounded queue, N workers, the endpoint
 gate, request limits, retries that survive restarts, reload, systemd notification, shutdown.
 
-Threads, all owned and joined here: the workers (``endpoint.concurrency`` of them: requests in flight at most), one
-feeder and one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs the service
-loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the folders
-(startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping the
-watchdog and to stop.
+Threads, all owned and joined here: the workers (the endpoints' concurrency added up: requests in flight at most),
+one feeder and one prober per endpoint. watchdog's own threads are owned by ``Watcher``. The calling thread runs the
+service loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the
+folders (startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping
+the watchdog and to stop.
 
 Stopping (SIGTERM, SIGINT: see :class:`SignalRelay`): nothing new starts. Requests already on the wire finish and
 their sidecars are written; no request leaves after the stop, neither a new one nor a retry of one in flight (every
-HTTP request passes :meth:`Daemon._before_request`, the SDK's own retries included).
+HTTP request passes its endpoint's :meth:`~mmwatchd.endpoint.Endpoint.before_request`, the SDK's own retries
+included).
+
+The endpoints themselves (their clients, request meters, gates, probers, refusal pauses, and the routing between
+several of them) live in :mod:`mmwatchd.endpoint`; how a file's failed tries end is :mod:`mmwatchd.retry`'s
+policy. This module is the service loop around them.
 
 Failures are kept apart:
 
-- the endpoint is unreachable: the gate closes, workers hold their jobs, and the prober retries ``GET /models`` with
-  a capped backoff; nothing fails, however long the outage;
+- the endpoint is unreachable: its gate closes, its requests go to another endpoint when there is one, else workers
+  hold their jobs, and its prober retries ``GET /models`` with a capped backoff; nothing fails, however long the
+  outage;
 - the server answered 408/409/5xx for a file: the file is retried with exponential backoff and jitter (honouring
   ``Retry-After``); after ``endpoint.max_attempts`` such answers it gets an error sidecar, so no file can make the
   daemon pay for requests forever;
@@ -31,62 +37,66 @@ Failures are kept apart:
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import os
 import queue
-import random
 import signal
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import date, datetime, timedelta
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from mmwatchd import search
+from mmwatchd import endpoint as endpoint_mod
+from mmwatchd import live, search
 from mmwatchd import sidecar as sidecar_mod
-from mmwatchd.model import Config
+from mmwatchd.endpoint import (
+    Endpoint,
+    EndpointRefuses,
+    Member,
+    Pool,
+    PoolClient,
+    members,
+)
 from mmwatchd.errors import (
     ConfigError,
     SidecarError,
     StateError,
     VLMError,
     VLMMisconfigured,
-    VLMRejected,
     VLMUnavailable,
 )
 from mmwatchd.index import DoneIndex
 from mmwatchd.isolate import Isolator
 from mmwatchd.log import get_logger
 from mmwatchd.metrics import Metrics, Unmetered, endpoint_name
-from mmwatchd.model import Reply, VLMRequest
+from mmwatchd.model import Config
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Pipeline
 from mmwatchd.progress import Snapshot
+from mmwatchd.retry import RetryPolicy
 from mmwatchd.rules import rel_to_roots
+from mmwatchd.settle import StabilityTracker
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
-from mmwatchd.settle import StabilityTracker
 from mmwatchd.walk import log_scan_error, wanted
 from mmwatchd.watch import Watcher
 
 if TYPE_CHECKING:
+    from mmwatchd.model import EndpointConfig
     from mmwatchd.vlm import VLMClient
-    from mmwatchd.servers import EndpointKnowledge
 
 log = get_logger()
 
-#: Backoff for transient failures of one file, and for probing a down endpoint.
-RETRY_BASE_S = 2.0
-RETRY_MAX_S = 600.0
-PROBE_MAX_S = 30.0
-#: While paused for endpoint-wide refusals: the first trial request after this long, then doubling up to the max.
-TRIAL_FIRST_S = 30.0
-TRIAL_MAX_S = 900.0
-#: This many different files refused in a row with the same status and message pause work (see the module doc).
-REFUSALS_TO_PAUSE = 3
+#: While an endpoint is paused for endpoint-wide refusals: the first trial request after this long (read when the
+#: probers start).
+TRIAL_FIRST_S = endpoint_mod.TRIAL_FIRST_S
+#: Kept here for callers that import it from the daemon.
+RateLimiter = endpoint_mod.RateLimiter
 #: A sidecar temp file whose writer cannot be seen to be gone is taken as left by a killed process at this age.
 STALE_TEMP_S = 60.0
 #: When this process started, as file times count (temp files older than this cannot be its own).
@@ -94,97 +104,6 @@ _STARTED = time.time()
 #: How often STATUS= is refreshed for systemd at least (and at most once a second when it changes).
 STATUS_EVERY_S = 5.0
 STATUS_MIN_S = 1.0
-
-
-class QuotaReached(VLMUnavailable):
-    """endpoint.max_requests_per_day is used up: work waits for the next day."""
-
-    kind = "quota"
-
-    @property
-    def counts_against_file(self) -> bool:
-        return False
-
-
-class Stopping(VLMUnavailable):
-    """The daemon is stopping: the request was not sent (the file is picked up again by the next start)."""
-
-    kind = "stopping"
-
-    @property
-    def counts_against_file(self) -> bool:
-        return False
-
-
-class EndpointRefuses(VLMMisconfigured):
-    """Different files refused in a row with the same words: the endpoint's configuration, not the files."""
-
-    kind = "endpoint_refuses"
-
-
-class RateLimiter:
-    """At most ``per_minute`` request starts in any 60 s window (a sliding log: exact, and small at these rates)."""
-
-    def __init__(self, per_minute: int | None, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_minute = per_minute
-        self.clock = clock
-        self._starts: list[float] = []
-        self._lock = threading.Lock()
-        #: Workers waiting for a slot right now (progress shows "rate-limited" meanwhile).
-        self.waiting = 0
-
-    def acquire(self, stop: threading.Event) -> bool:
-        """Wait for a slot; False when ``stop`` was set first."""
-        if self.per_minute is None:
-            return True
-        while True:
-            with self._lock:
-                now = self.clock()
-                self._starts = [t for t in self._starts if t > now - 60.0]
-                if len(self._starts) < self.per_minute:
-                    self._starts.append(now)
-                    return True
-                wait = self._starts[0] + 60.0 - now
-                self.waiting += 1
-            try:
-                if stop.wait(max(0.01, wait)):
-                    return False
-            finally:
-                with self._lock:
-                    self.waiting -= 1
-
-
-class _MeteredClient:
-    """The VLM client as workers see it: every HTTP request it sends passes :meth:`Daemon._before_request` (limits,
-    the daily count, the stop), and refusals are judged for being endpoint-wide."""
-
-    def __init__(self, client: VLMClient, daemon: Daemon) -> None:
-        self.client = client
-        self.daemon = daemon
-        # A client that cannot report each HTTP request (an injected SDK client) is metered once per describe.
-        self._per_describe = not getattr(client, "counts_every_request", False)
-        if not self._per_describe:
-            client.before_request = daemon._before_request
-            client.observer = daemon.metrics
-
-    @property
-    def knowledge(self) -> EndpointKnowledge | None:
-        """What the endpoint takes (video.mode: auto), shared with the client."""
-        return getattr(self.client, "knowledge", None)
-
-    def describe(self, req: VLMRequest) -> Reply:
-        d = self.daemon
-        if self._per_describe:
-            d._before_request()
-        try:
-            with d.metrics.describing():
-                reply = self.client.describe(req)
-        except VLMRejected as exc:
-            d._refused(exc)  # raises EndpointRefuses instead once the refusals are endpoint-wide
-            raise
-        d.metrics.replied(reply)
-        d._accepted()
-        return reply
 
 
 class SignalRelay:
@@ -273,12 +192,6 @@ def _decoder_limits(config: Config) -> dict[str, Any]:
     return {"timeout_s": config.limits.decode_timeout_s, "memory_bytes": config.limits.decode_memory_mb * 2**20}
 
 
-def _seconds_to_midnight() -> float:
-    now = datetime.now()
-    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time())
-    return (midnight - now).total_seconds() + 1
-
-
 class Daemon:
     def __init__(
         self,
@@ -299,7 +212,7 @@ class Daemon:
         is what file mtimes are compared with (is a file found by a scan still being written?). ``metrics``: keep
         Prometheus metrics even without ``metrics.listen`` (``scan --metrics-textfile``)."""
         self.config = config
-        self.client = client
+        self.client = client  # the first endpoint's (each endpoint's own is in self.pool)
         self.state = state
         self.notifier = notifier or Notifier({})
         self._reload_config = reload
@@ -307,11 +220,16 @@ class Daemon:
         self.clock = clock
         self.wall_clock = wall_clock
         self.one_shot_attempts = one_shot_attempts
-        self.limiter = RateLimiter(config.endpoint.requests_per_minute, clock=clock)
+        self.policy = RetryPolicy(one_shot_attempts)
+        self.metrics: Metrics | Unmetered = Unmetered()
+        self._local = threading.local()  # the path a worker is on, for the refusal check
+        self._lock = threading.Lock()
+        self._logged: set[tuple[Path | None, str]] = set()
+        concurrency = sum(m.spec.concurrency for m in members(config))  # workers: requests in flight at most
         # Decoders (C libraries fed untrusted files) run in their own processes: one that hangs, crashes or
         # balloons costs only its file. Both cores decode while requests are in flight.
         self.isolator = Isolator(
-            workers=max(1, min(config.endpoint.concurrency, os.cpu_count() or 1)),
+            workers=max(1, min(concurrency, os.cpu_count() or 1)),
             preload=("mmwatchd.encode",),
             **_decoder_limits(config),
         )
@@ -323,9 +241,8 @@ class Daemon:
         #: Set (with ``stopping``) when a one-shot run cannot go on: the daily cap, an endpoint refusing everything.
         self.halted: str | None = None
         self._queue: queue.Queue[tuple[Path, bool, bool] | None] = queue.Queue(
-            maxsize=max(64, 16 * config.endpoint.concurrency)
+            maxsize=max(64, 16 * concurrency)
         )
-        self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Condition(self._lock)  # the feeder waits here for intake, scans, retries, stops
         self._pending: set[Path] = set()  # settling, queued, in flight, or waiting to retry
@@ -349,31 +266,40 @@ class Daemon:
         self._busy: dict[str, float] = {}  # worker name → when its current job started
         self._jobs: dict[str, Path] = {}  # worker name → its current path
         self._workers: list[threading.Thread] = []
-        self._logged: set[tuple[Path | None, str]] = set()
-        self._gate = threading.Event()  # set while the endpoint is believed reachable (and not paused)
-        self._endpoint = "checking"  # for STATUS=: checking, up, unreachable, paused
-        self._probe_now = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._model_warned = False
-        self._local = threading.local()  # the path a worker is on, for the refusal check
-        self._refusal: tuple[str, set[Path]] | None = None  # the last refusal's words, and the files it came for
-        self._paused: str | None = None  # the server's words while paused for endpoint-wide refusals
-        self._trial = False  # while paused: one job may go through as a trial
-        self._count_lock = threading.Lock()
-        self._fallback_counts: Counter[date] = Counter()  # requests per day while the state store cannot count
+        self._fallback: dict[Path, str] = {}  # answered by a lower tier under redo_fallback → its rule
+        self._redo: set[Path] = set()  # to describe again although its sidecar is fresh
         self._users: Counter[Pipeline] = Counter()  # jobs running under each processor (config, client)
-        self._retired: dict[Pipeline, VLMClient] = {}  # replaced by a reload: closed once no job uses them
-        self.metrics: Metrics | Unmetered = Unmetered()
+        self._retired: dict[Pipeline, list[VLMClient]] = {}  # replaced by a reload: closed once no job uses them
         if metrics or config.metrics is not None:
             self.metrics = Metrics(
-                endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.config.endpoint.concurrency
+                endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.pool.endpoints[0].concurrency
             )
+        self.pool = Pool(config, self, self.metrics, lambda m: self._client_for(config, m))
         self.processor = self._processor(config)
 
     def _processor(self, config: Config) -> Pipeline:
-        return Pipeline(
-            config, _MeteredClient(self.client, self), clock=self.clock, isolator=self.isolator  # type: ignore[arg-type]
-        )
+        client = PoolClient(self.pool)
+        return Pipeline(config, client, clock=self.clock, isolator=self.isolator)  # type: ignore[arg-type]
+
+    def _client_for(self, config: Config, member: Member) -> VLMClient:
+        """The first endpoint uses the client the daemon was given; the others get one made for them."""
+        if member.name == members(config)[0].name:
+            return self.client
+        if self._make_client is None:
+            raise ValueError("a daemon with several endpoints needs make_client")
+        return self._make_client(replace(config, endpoint=member.spec))
+
+    # -- what the endpoints need from the daemon (see mmwatchd.endpoint.Host) --------------------------------
+
+    def store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return self._store(what, call, *args, **kw)
+
+    def log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
+        return self._log_once(path, reason, event, level, **fields)
+
+    def current_path(self) -> Path | None:
+        return getattr(self._local, "path", None)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -381,11 +307,14 @@ class Daemon:
         """Start the workers, the feeder, and the prober that opens the gate (without it, call ``check_endpoint``
         first)."""
         self.isolator.prestart()
-        for i in range(self.config.endpoint.concurrency):
+        self.pool.probing = prober
+        for i in range(self.pool.concurrency):
             self._workers.append(self._spawn(self._worker, f"mmwatchd-worker-{i}"))
         self._spawn(self._feeder, "mmwatchd-feeder")
         if prober:
-            self._spawn(self._prober, "mmwatchd-prober")
+            for endpoint in self.pool:
+                suffix = "" if self.pool.single else f"-{endpoint.name}"
+                self._spawn(functools.partial(endpoint.run_prober, TRIAL_FIRST_S), f"mmwatchd-prober{suffix}")
 
     def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -397,8 +326,7 @@ class Daemon:
         """Take no more work: nothing new starts and no request leaves from now on (callable from any thread; the
         owner still calls :meth:`stop`, or leaves :meth:`run`, to wait for what is in flight)."""
         self.stopping.set()
-        self._gate.set()  # wake workers held at the gate so they can leave
-        self._probe_now.set()
+        self.pool.wake()  # wake workers held at the gate, and the probers, so they can leave
         with self._lock:
             self._wake.notify_all()
             self._idle.notify_all()
@@ -439,17 +367,20 @@ class Daemon:
         self.metrics.close()
         # No request leaves after the stop, retries included: one already on the wire ends within timeout_s (plus
         # the SDK's short wait when it was about to retry, and the sidecar write).
-        deadline = time.monotonic() + (grace_s if grace_s is not None else self.config.endpoint.timeout_s + 15)
+        deadline = time.monotonic() + (grace_s if grace_s is not None else max(e.spec.timeout_s for e in self.pool) + 15)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in self._threads if t.is_alive()]
         self._threads.clear()
         with self._lock:
-            retired, self._retired = list(self._retired.values()), {}
+            retired = [c for clients in self._retired.values() for c in clients]
+            self._retired = {}
         with self._search_lock:
             index, self._search = self._search, None
         for client in retired:
             _close(client)
+        if self.state is not None and not self.pool.single:
+            live.withdraw(self.state.path.parent)
         if index is not None:
             index.close()
         if dropped:
@@ -459,8 +390,29 @@ class Daemon:
 
     def _request_bound(self) -> float:
         """How long one request may take at most, the SDK's quick retries included."""
-        ep = self.config.endpoint
-        return ep.timeout_s * (ep.max_retries + 1) + 10.0 * ep.max_retries
+        return max(e.spec.timeout_s * (e.spec.max_retries + 1) + 10.0 * e.spec.max_retries for e in self.pool)
+
+    def check_endpoint(self) -> None:
+        """Probe every endpoint once: open the gates of those that answer; raise VLMError when none does."""
+        self._each_endpoint(lambda e: e.check())
+
+    def probe_once(self) -> None:
+        """One-shot runs (no prober): probe the endpoints once before work starts; raises (unreachable, a bad key
+        or model) when no endpoint can take work, so the command says so at once instead of once per file."""
+        self._each_endpoint(lambda e: e.probe_once())
+
+    def _each_endpoint(self, probe: Callable[[Endpoint], None]) -> None:
+        failed: VLMError | None = None
+        for endpoint in self.pool:
+            try:
+                probe(endpoint)
+            except VLMError as exc:
+                if self.pool.single:
+                    raise
+                failed = failed or exc
+                log.warning("endpoint.unreachable", url=endpoint.spec.base_url, reason=exc.message, **endpoint.fields)
+        if failed is not None and not any(e.status == "up" for e in self.pool):
+            raise failed
 
     def close(self) -> None:
         """Stop, and close the state store (one-shot runs own theirs)."""
@@ -655,7 +607,10 @@ class Daemon:
                         self._wake.wait(self._feed_wait())
                         continue
                 if path is not None:
-                    self._put(path)
+                    with self._lock:
+                        redo = path in self._redo
+                        self._redo.discard(path)
+                    self._put(path, force=redo)
                     continue
                 assert walk is not None
                 item = next(walk, None)
@@ -743,7 +698,9 @@ class Daemon:
                 line = self._status_line()
                 if (line != status and now - last_status >= STATUS_MIN_S) or now - last_status >= self.status_every_s:
                     self.notifier.status(line)
+                    self._publish_endpoints()
                     status, last_status = line, now
+                self._redo_fallbacks()
         finally:
             self.request_stop()
             self.notifier.stopping()
@@ -780,11 +737,11 @@ class Daemon:
             retrying = len(self._retries)
             waiting = max(0, len(self._pending) - busy - retrying)
             c = dict(self.counts)
-            endpoint = self._endpoint
             walking = self._walking
+        endpoints = ("endpoint " if self.pool.single else "endpoints ") + self.pool.summary()
         line = (
             f"{waiting} queued, {busy} in flight, {c.get('ok', 0)} done, {c.get('error', 0)} failed, "
-            f"{retrying} retrying; endpoint {endpoint}"
+            f"{retrying} retrying; {endpoints}"
         )
         return line + ("; scanning" if walking else "")
 
@@ -796,9 +753,9 @@ class Daemon:
             failed = self.counts["error"] + self.counts["retry"]
             total = None if self._walks or self._scan_wanted is not None else done + len(self._pending)
             in_flight = len(self._busy)
-            endpoint = self._endpoint
             rate_limited = self.clock() < self._rate_limited_until
-        if self.limiter.waiting or (rate_limited and endpoint == "up"):
+        endpoint = self.pool.word()
+        if self.pool.rate_waiting() or (rate_limited and endpoint == "up"):
             endpoint = "rate-limited"
         elif endpoint == "unreachable":
             endpoint = "waiting for the endpoint"
@@ -818,26 +775,24 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return watcher
         old = self.config
-        old_client = self.client
-        if new.endpoint != old.endpoint and self._make_client is not None:
-            try:
-                self.client = self._make_client(new)
-            except ConfigError as exc:  # e.g. an api_key_file others can read
-                log.error("config.reload_failed", problems=exc.problems, note="the previous config stays in force")
-                self.notifier.ready(self._status_line())
-                return watcher
-            self.limiter = RateLimiter(new.endpoint.requests_per_minute, clock=self.clock)
-            if new.endpoint.concurrency != old.endpoint.concurrency:
-                log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
+        changed = self._new_clients(new)
+        if changed is None:
+            self.notifier.ready(self._status_line())
+            return watcher
         self.isolator.set_limits(**_decoder_limits(new))  # decoders under other limits are replaced once idle
         self.config = new
+        old_clients = [endpoint.client for endpoint, _, _ in changed]
+        for endpoint, spec, client in changed:
+            endpoint.use(spec, client)
+        self.pool.config = new
+        self.client = self.pool.endpoints[0].client
         processor = self._processor(new)
         with self._lock:
             replaced, self.processor = self.processor, processor
-            if self.client is not old_client:
-                self._retired[replaced] = old_client  # closed once no job runs under it
+            if old_clients:
+                self._retired.setdefault(replaced, []).extend(old_clients)  # closed once no job runs under it
             idle = [p for p in self._retired if not self._users[p]]
-            to_close = [self._retired.pop(p) for p in idle]
+            to_close = [c for p in idle for c in self._retired.pop(p)]
         for client in to_close:
             _close(client)
         with self._settle_lock:
@@ -850,11 +805,82 @@ class Daemon:
             else:
                 watcher.stop()
                 watcher = replacement
-        self._resume("reload")  # a pause for endpoint-wide refusals: the new config may be the fix
+        for endpoint in self.pool:
+            endpoint.resume("reload")  # a pause for endpoint-wide refusals: the new config may be the fix
         log.info("config.reloaded", rules=[r.name for r in new.rules], roots=[str(r.path) for r in new.watch])
         self.notifier.ready(self._status_line())
         self.request_scan()  # new rules or prompts may apply to files already there
         return watcher
+
+    # -- answers from a fallback tier ------------------------------------------------------------------------
+
+    def _note_fallback(self, outcome: Outcome) -> None:
+        """Remember a file a lower tier than its rule's best answered, when the rule wants it described again."""
+        answered = self.pool.answered_by()
+        if outcome.status != "ok" or answered is None or self.pool.single:
+            return
+        rule = next((r for r in self.config.rules if r.name == outcome.rule), None)
+        if rule is None or not rule.redo_fallback:
+            return
+        best = min(e.priority for e in self.pool.allowed(rule.name))
+        with self._lock:
+            if answered.priority > best:
+                self._fallback[outcome.path] = rule.name
+            else:
+                self._fallback.pop(outcome.path, None)
+
+    def _redo_fallbacks(self) -> None:
+        """Once nothing else waits and an endpoint of a remembered file's best tier is up with room, describe the
+        file again there (the service loop calls this; answers from a fallback tier stand until then)."""
+        with self._lock:
+            if not self._fallback or self._intake or self._queue.qsize() or self.stopping.is_set():
+                return
+            waiting = list(self._fallback.items())
+        for path, rule_name in waiting:
+            if not self.pool.best_tier_free(rule_name):
+                continue
+            with self._lock:
+                self._fallback.pop(path, None)
+                self._redo.add(path)
+            if not self.offer(path):
+                with self._lock:
+                    self._redo.discard(path)
+            log.info("job.redo_fallback", path=str(path), rule=rule_name)
+
+    def _publish_endpoints(self) -> None:
+        """Each endpoint's state and requests in flight, for ``mmwatchd status`` (another process) to show."""
+        if self.state is None or self.pool.single:
+            return
+        live.publish(self.state.path.parent, self.pool.rows())
+
+    def _new_clients(self, new: Config) -> list[tuple[Endpoint, EndpointConfig, VLMClient]] | None:
+        """For each endpoint whose settings the new config changes: the endpoint, its new settings and a client made
+        for them. None (logged) when a client cannot be made; the previous config then stays in force."""
+        out: list[tuple[Endpoint, EndpointConfig, VLMClient]] = []
+        wanted = {m.name: m for m in members(new)}
+        if set(wanted) != {e.name for e in self.pool}:
+            log.warning("config.restart_needed", key="endpoints", note="added or removed endpoints apply after a restart")
+        for endpoint in self.pool:
+            member = wanted.get(endpoint.name)
+            if member is None:
+                continue
+            endpoint.priority = member.priority
+            if member.spec == endpoint.spec:
+                continue
+            if member.spec.concurrency != endpoint.spec.concurrency:
+                key = "endpoint.concurrency" if self.pool.single else f"endpoints[{endpoint.name}].concurrency"
+                log.warning("config.restart_needed", key=key, note="applies after a restart")
+            if self._make_client is None:
+                continue
+            try:
+                client = self._make_client(replace(new, endpoint=member.spec))
+            except ConfigError as exc:  # e.g. an api_key_file others can read
+                log.error("config.reload_failed", problems=exc.problems, note="the previous config stays in force")
+                for _, _, made in out:
+                    _close(made)
+                return None
+            out.append((endpoint, member.spec, client))
+        return out
 
     # -- workers ---------------------------------------------------------------------------------------------
 
@@ -873,15 +899,17 @@ class Daemon:
                 path, explicit, force = item
                 with self._lock:
                     self._jobs[name] = path
-                if not self._pass_gate():
+                if not self.pool.pass_gate():
                     return
                 with self._lock:
                     self._busy[name] = self.clock()
+                self.pool.forget_answer()
                 try:
                     outcome = self._run_job(path, explicit=explicit, force=force)
                 finally:
                     with self._lock:
                         self._busy.pop(name, None)
+                self._note_fallback(outcome)
                 if not self.stopping.is_set() or outcome.status != "retry":
                     self._finish(outcome)
                 with self._lock:
@@ -896,25 +924,8 @@ class Daemon:
                     self._pending.discard(lost)  # once/scan must not wait for it; the next scan finds it
                 self._idle.notify_all()
 
-    def _pass_gate(self) -> bool:
-        """Wait until the endpoint is believed up and work is not paused (while paused, one job at a time goes
-        through as a trial); False when stopping."""
-        while True:
-            while not self._gate.wait(0.5):
-                if self.stopping.is_set():
-                    return False
-            if self.stopping.is_set():
-                return False
-            with self._lock:
-                if self._paused is None:
-                    return True
-                if self._trial:
-                    self._trial = False
-                    return True
-                self._gate.clear()
-
     def _attempts_so_far(self, path: Path) -> int:
-        if self.one_shot_attempts is not None:
+        if self.policy.one_shot:
             with self._lock:
                 return self._attempts[path]
         if self.state is None:
@@ -927,9 +938,8 @@ class Daemon:
             self._users[processor] += 1
         self._local.path = path
         try:
-            last = (
-                self.one_shot_attempts is None
-                and self._attempts_so_far(path) + 1 >= self.config.endpoint.max_attempts
+            last = not self.policy.one_shot and self.policy.last_attempt(
+                self._attempts_so_far(path), self.config.endpoint.max_attempts
             )
             return processor.process(path, explicit=explicit, force=force, last_attempt=last)
         except Exception as exc:  # the one per-job boundary: a bug must not kill the worker
@@ -939,11 +949,11 @@ class Daemon:
             self._local.path = None
             with self._lock:
                 self._users[processor] -= 1
-                retired = self._retired.pop(processor, None) if not self._users[processor] else None
+                retired = self._retired.pop(processor, []) if not self._users[processor] else []
                 if not self._users[processor]:
                     del self._users[processor]
-            if retired is not None:
-                _close(retired)
+            for client in retired:
+                _close(client)
 
     def _store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """A state-store call that must not stop the work: the store is a cache beside the sidecars. A failure
@@ -966,31 +976,22 @@ class Daemon:
         error = outcome.error
         if outcome.status == "retry":
             counted = not isinstance(error, VLMUnavailable) or error.counts_against_file
-            if isinstance(error, EndpointRefuses):
-                self._pause(error)
-            if self.one_shot_attempts is not None:
+            policy = self.policy
+            if policy.one_shot:
                 with self._lock:
                     self._attempts[path] += 1
                     attempts = self._attempts[path]
-                # A folder that cannot take sidecars will not take them a few seconds later either: say so now.
-                final = attempts >= self.one_shot_attempts or isinstance(error, (VLMMisconfigured, SidecarError))
-                if isinstance(error, QuotaReached | EndpointRefuses):
-                    self._halt(error.message)
             else:
-                final = False
                 attempts = self._attempts_so_far(path)
-                unreachable = isinstance(error, VLMUnavailable) and error.status is None
-                if unreachable and not isinstance(error, QuotaReached | Stopping | VLMMisconfigured):
-                    self._endpoint_down(error)  # type: ignore[arg-type]
                 if isinstance(error, VLMMisconfigured) and not isinstance(error, EndpointRefuses):
                     self._log_once(None, error.message, "endpoint.misconfigured")
+            final = policy.final(attempts, error)
+            if error is not None and policy.halts(error):
+                self._halt(error.message)
             if not final:
-                backoff = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, attempts - 1)) * random.uniform(0.8, 1.2)
-                retry_in = max(backoff, outcome.retry_after or 0.0)
+                retry_in = policy.delay(attempts, error, outcome.retry_after)
                 rate_limited = isinstance(error, VLMUnavailable) and error.status == 429
-                if isinstance(error, VLMUnavailable) and error.status is None and outcome.retry_after is None:
-                    retry_in = RETRY_BASE_S  # the gate holds work until the endpoint is back; no need to wait longer
-                if self.state is not None and counted and self.one_shot_attempts is None:
+                if self.state is not None and counted and policy.records_attempts():
                     self._store(
                         "record a retry", self.state.record_attempt,
                         path, root=root_key, kind=error.kind if error else "internal", message=outcome.reason,
@@ -1037,8 +1038,8 @@ class Daemon:
                     self._rate_limited_until = max(self._rate_limited_until, due)
                 self._wake.notify_all()
             self._idle.notify_all()
-        if self._paused is not None and self.one_shot_attempts is None:
-            self._probe_now.set()  # while paused, each finished trial schedules the next one
+        if not self.policy.one_shot:
+            self.pool.trial_finished()  # while paused, each finished trial schedules the next one
 
     def _index_for_search(self, outcome: Outcome) -> None:
         """Put the sidecar just written into the search index (``<state dir>/search.sqlite3``), so ``mmwatchd
@@ -1105,181 +1106,6 @@ class Daemon:
                 first = key not in self._logged
                 self._logged.add(key)
             (log.info if first else log.debug)("job.skipped", **fields)
-
-    # -- the endpoint gate -----------------------------------------------------------------------------------
-
-    def _endpoint_down(self, exc: VLMError) -> None:
-        if self._gate.is_set() and self._paused is None:
-            self._gate.clear()
-            self.metrics.endpoint_up(False)
-            with self._lock:
-                self._endpoint = "unreachable"
-            log.warning("endpoint.down", url=self.config.endpoint.base_url, reason=exc.message)
-            self._probe_now.set()
-
-    def check_endpoint(self) -> None:
-        """One probe: open the gate when the endpoint answers; raise VLMError when it does not."""
-        models = self.client.list_models()
-        model = self.config.endpoint.model
-        wanted_models = {r.model for r in self.config.rules if r.model} | {model}
-        missing = sorted(m for m in wanted_models if models and m not in models)
-        if missing and not self._model_warned:
-            self._model_warned = True
-            log.warning(
-                "endpoint.model_not_listed",
-                models=missing,
-                available=models[:20],
-                hint="check endpoint.model (for Ollama: ollama pull <model>)",
-            )
-        self._up(models=len(models))
-
-    def _up(self, **fields: object) -> None:
-        with self._lock:
-            if self._paused is not None:
-                return
-            was = self._endpoint
-            self._endpoint = "up"
-        self.metrics.endpoint_up(True)
-        if not self._gate.is_set() or was != "up":
-            self._gate.set()
-            log.info("endpoint.up", url=self.config.endpoint.base_url, **fields)
-
-    def probe_once(self) -> None:
-        """One-shot runs (no prober): probe the endpoint once before work starts.
-
-        Unreachable, or a bad key or model: raises, so the command says so at once instead of once per file. An
-        endpoint that answers ``/models`` with some other error is up: the work goes ahead.
-        """
-        try:
-            self.check_endpoint()
-        except VLMError as exc:
-            if exc.retryable:
-                raise
-            self._models_refused(exc)
-
-    def _models_refused(self, exc: VLMError) -> None:
-        # It answered, so it is up; some gateways simply have no /models. Requests will tell.
-        self._log_once(None, exc.message, "endpoint.models_refused", level="warning")
-        self._up()
-
-    def _prober(self) -> None:
-        delay = 1.0
-        trial_delay = TRIAL_FIRST_S
-        self._probe_now.set()
-        while not self.stopping.is_set():
-            self._probe_now.wait()
-            if self.stopping.is_set():
-                return
-            self._probe_now.clear()
-            if self._paused is not None:
-                # Paused for endpoint-wide refusals: /models answers all the same, so the test is one real request.
-                if self.stopping.wait(trial_delay * random.uniform(0.8, 1.2)):
-                    return
-                trial_delay = min(TRIAL_MAX_S, trial_delay * 2)
-                with self._lock:
-                    if self._paused is None:
-                        continue
-                    self._trial = True
-                self._gate.set()
-                continue
-            trial_delay = TRIAL_FIRST_S
-            try:
-                self.check_endpoint()
-            except VLMMisconfigured as exc:
-                self._log_once(None, exc.message, "endpoint.misconfigured")
-                self.stopping.wait(min(PROBE_MAX_S, delay * 4))
-                self._probe_now.set()
-                continue
-            except VLMUnavailable as exc:
-                with self._lock:
-                    self._endpoint = "unreachable"
-                if delay == 1.0:
-                    log.error("endpoint.unreachable", url=self.config.endpoint.base_url, reason=exc.message)
-                self.stopping.wait(delay * random.uniform(0.8, 1.2))
-                delay = min(PROBE_MAX_S, delay * 2)
-                self._probe_now.set()
-                continue
-            except VLMError as exc:
-                self._models_refused(exc)
-            delay = 1.0
-
-    # -- every HTTP request ----------------------------------------------------------------------------------
-
-    def _before_request(self) -> None:
-        """Runs on a worker just before each chat request leaves (SDK retries and the JSON re-ask included):
-        nothing leaves once stopping; the rate limit applies; the daily cap is reserved, atomically."""
-        if self.stopping.is_set() or not self.limiter.acquire(self.stopping):
-            raise Stopping("mmwatchd is stopping: the request was not sent")
-        cap = self.config.endpoint.max_requests_per_day
-        with self._count_lock:  # threads of this process; count_request's transaction covers other processes
-            total = self._count(1)
-            if cap is not None and total > cap:
-                self._count(-1)
-                error = QuotaReached(
-                    f"endpoint.max_requests_per_day ({cap}) reached for today; "
-                    "work resumes after midnight (local time), or raise the cap"
-                )
-                error.retry_after = _seconds_to_midnight()
-                raise error
-
-    def _count(self, n: int) -> int:
-        """Add ``n`` to today's request count and return the new total (from memory while the store fails)."""
-        if self.state is not None:
-            total = self._store("count a request", self.state.count_request, n)
-            if total is not None:
-                return int(total)
-        today = date.fromtimestamp(self.wall_clock())
-        self._fallback_counts[today] += n
-        return self._fallback_counts[today]
-
-    # -- endpoint-wide refusals ------------------------------------------------------------------------------
-
-    def _refused(self, exc: VLMRejected) -> None:
-        """The server refused a request (a 4xx that is not about the key, model or size). The same words for
-        :data:`REFUSALS_TO_PAUSE` different files in a row, or again while paused, mean every request would be
-        refused: raise :class:`EndpointRefuses`, which leaves no error sidecar and pauses the work."""
-        path = getattr(self._local, "path", None)
-        with self._lock:
-            if self._refusal is None or self._refusal[0] != exc.message:
-                self._refusal = (exc.message, set())
-            if path is not None:
-                self._refusal[1].add(path)
-            endpoint_wide = self._paused is not None or len(self._refusal[1]) >= REFUSALS_TO_PAUSE
-        if endpoint_wide:
-            raise EndpointRefuses(
-                f"the endpoint refuses every request the same way ({REFUSALS_TO_PAUSE} different files in a row): "
-                f"{exc.message}. Fix the endpoint or the config (a rule's schema, max_tokens, the model), then "
-                "reload (systemctl reload mmwatchd)"
-            ) from exc
-
-    def _accepted(self) -> None:
-        with self._lock:
-            self._refusal = None
-        if self._paused is not None:
-            self._resume("a request went through")
-
-    def _pause(self, error: EndpointRefuses) -> None:
-        with self._lock:
-            first = self._paused is None
-            self._paused = error.message
-            self._endpoint = "paused (it refuses every request; see the log)"
-            self._gate.clear()
-        if first:
-            log.error("endpoint.refusing", reason=error.message,
-                      note="work is paused: no error sidecars meanwhile; a trial request is sent now and then")  # fmt: skip
-            self._probe_now.set()
-
-    def _resume(self, why: str) -> None:
-        with self._lock:
-            if self._paused is None:
-                return
-            self._paused = None
-            self._trial = False
-            self._endpoint = "up"
-        log.info("endpoint.resumed", why=why)
-        self._gate.set()
-        self._probe_now.set()
-
 
 def _close(client: Any) -> None:
     """Close a VLM client that is no longer used (its connection pool)."""

@@ -11,6 +11,7 @@ Labels never carry file paths (unbounded, and private): files are counted by out
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,10 +36,10 @@ NO_ANSWER = "none"
 
 
 def endpoint_name(config: Config) -> str:
-    """The ``endpoint`` label. The single ``endpoint:`` of today's config is "default"; named endpoints will use
-    their names (this is the one place that changes)."""
-    del config
-    return "default"
+    """The ``endpoint`` label of the first endpoint: the single ``endpoint:`` is "default", named ``endpoints:``
+    go by their names (each endpoint reports under its own through :meth:`Metrics.for_endpoint`)."""
+    named = getattr(config, "endpoints", ())
+    return str(named[0].name) if named else "default"
 
 
 class Metrics:
@@ -75,8 +76,8 @@ class Metrics:
         )
         Gauge("mmwatchd_queue_files", "Files queued for a worker.", registry=r).set_function(queued)
         self._in_flight = Gauge("mmwatchd_in_flight_requests", "Files whose request is under way.", ["endpoint"], registry=r)
-        limit_gauge = Gauge("mmwatchd_concurrency_limit", "Files described at once at most.", ["endpoint"], registry=r)
-        limit_gauge.labels(endpoint).set_function(limit)
+        self._limit = Gauge("mmwatchd_concurrency_limit", "Files described at once at most.", ["endpoint"], registry=r)
+        self._limit.labels(endpoint).set_function(limit)
         self._up = Gauge("mmwatchd_endpoint_up", "1 while the endpoint is believed up.", ["endpoint"], registry=r)
         self._up.labels(endpoint).set(0)
         Gauge("mmwatchd_build_info", "The mmwatchd version.", ["version"], registry=r).labels(__version__).set(1)
@@ -87,6 +88,19 @@ class Metrics:
         self._local = threading.local()  # per worker: when its request left, while no answer has come
         self._server: Any = None
         self._thread: threading.Thread | None = None
+
+    def for_endpoint(self, name: str, limit: Callable[[], int]) -> Metrics:
+        """The same metrics, reported under another endpoint's label (one per endpoint of a pool)."""
+        if name == self.endpoint:
+            return self
+        view = copy.copy(self)  # shares the registry, the series and the per-thread request state
+        view.endpoint = name
+        self._limit.labels(name).set_function(limit)
+        self._up.labels(name).set(0)
+        self._in_flight.labels(name)
+        self._bytes.labels(name)
+        self._duration.labels(name)
+        return view
 
     # -- what the daemon reports ---------------------------------------------------------------------------
 
@@ -171,6 +185,9 @@ class Metrics:
 class Unmetered:
     """What a daemon without metrics reports to: nothing is kept, and prometheus_client (about 80 ms of start-up) is
     never imported. Same calls as :class:`Metrics`."""
+
+    def for_endpoint(self, name: str, limit: Callable[[], int]) -> Unmetered:
+        return self
 
     def finished(self, outcome: Outcome) -> None:
         pass

@@ -232,6 +232,19 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NamedEndpoint(EndpointConfig):
+    """One of several endpoints (``endpoints:``): the settings of ``endpoint:``, a name, and a priority tier."""
+
+    __pydantic_config__ = _STRICT
+
+    #: What rules, status, metrics and sidecars call it.
+    name: Annotated[str, MinLen(1), _Pattern(r"^[\w.-]+$")]
+    #: Lower is better: an endpoint of a higher number takes requests only while every endpoint of the better tiers
+    #: (that the file's rule may use) is down, paused, out of today's requests or saturated.
+    priority: Annotated[int, Ge(0), Le(1000)] = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WatchRoot:
     """One watched folder."""
 
@@ -265,6 +278,10 @@ class VLMRequest:
     #: JSON schema for the reply; sent as ``response_format`` and used to validate the answer.
     schema: Mapping[str, Any] | None = None
     schema_name: str = "description"
+    #: The rule it is for (which endpoints may take it), and whether the rule names its model (else each endpoint
+    #: of a pool is asked with its own). Neither is sent.
+    rule: str | None = None
+    rule_model: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,6 +298,8 @@ class Reply:
     source: str = "content"
     #: How many calls it took (a reply that was not valid JSON is asked for once more).
     attempts: int = 1
+    #: Which of several endpoints answered (None with a single ``endpoint:``).
+    endpoint: str | None = None
 
 
 #: ``auto``: ``video_url`` for endpoints that take it, ``images`` for the rest (see :mod:`mmwatchd.servers`).
@@ -517,6 +536,11 @@ class Rule:
     on_error: ActionSpec | None = None
     #: Map the model's keywords onto a person's own tags (and offer them through {vocabulary}).
     keywords: KeywordsSpec | None = None
+    #: The ``endpoints:`` this rule may use, by name (none: every one).
+    endpoints: tuple[Annotated[str, MinLen(1)], ...] = ()
+    #: Describe again, once one of them is back, the files a lower priority tier than the best this rule may use
+    #: answered (off: a fallback's answer counts as done).
+    redo_fallback: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -541,7 +565,11 @@ KeyPath = tuple[str | int, ...]
 class Config:
     __pydantic_config__ = _STRICT
 
+    #: The model endpoint. With ``endpoints:`` it is derived (see config.py): the first endpoint listed, with the
+    #: smallest ``max_request_bytes`` and ``max_video_frames`` of them all, which is what files are encoded for.
     endpoint: EndpointConfig = EndpointConfig()
+    #: Several endpoints, instead of ``endpoint:`` (see README, "Several endpoints").
+    endpoints: tuple[NamedEndpoint, ...] = ()
     watch: tuple[WatchRoot, ...] = ()
     #: Quiet time before a file counts as complete.
     settle_s: Annotated[float, Ge(0), Le(3600)] = 2.0

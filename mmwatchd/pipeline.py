@@ -633,6 +633,8 @@ class Pipeline:
             temperature=rule.temperature if rule.temperature is not None else endpoint.temperature,
             schema=rule.schema,
             schema_name=rule.name.replace(".", "_"),
+            rule=rule.name,
+            rule_model=rule.model is not None,
         )
 
     def _budget(self, request: VLMRequest, placeholders: tuple[Part, ...]) -> int:
@@ -721,6 +723,7 @@ class Pipeline:
             status="ok",
             rule=planned.rule.name,
             model=reply.model or planned.request.model,
+            **({"endpoint": reply.endpoint} if reply.endpoint else {}),
             fingerprint=planned.fingerprint,
             media=self._media_doc(planned),
             response={

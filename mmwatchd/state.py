@@ -439,22 +439,27 @@ class State:
 
     # -- request counter ---------------------------------------------------------------------------------------
 
-    def count_request(self, n: int = 1) -> int:
-        """Add ``n`` to today's request count (local date) and return the new total."""
+    def count_request(self, n: int = 1, *, endpoint: str | None = None) -> int:
+        """Add ``n`` to today's request count (local date) and return the new total. A named endpoint of several
+        has its own count, under ``<day>/<name>`` (which still sorts by day, so old days are pruned alike)."""
         today = self._today()
+        key = today.isoformat() + (f"/{endpoint}" if endpoint else "")
         with self._write() as db:
             db.execute(
                 "INSERT INTO requests (day, n) VALUES (?, ?) ON CONFLICT (day) DO UPDATE SET n = n + excluded.n",
-                (today.isoformat(), n),
+                (key, n),
             )
             db.execute("DELETE FROM requests WHERE day < ?", ((today - timedelta(days=REQUEST_DAYS_KEPT)).isoformat(),))
-            total: int = db.execute("SELECT n FROM requests WHERE day = ?", (today.isoformat(),)).fetchone()[0]
+            total: int = db.execute("SELECT n FROM requests WHERE day = ?", (key,)).fetchone()[0]
         return total
 
     def requests_today(self) -> int:
         with self._read() as db:
-            row = db.execute("SELECT n FROM requests WHERE day = ?", (self._today().isoformat(),)).fetchone()
-        return int(row[0]) if row else 0
+            today = self._today().isoformat()
+            row = db.execute(  # every endpoint's count (see count_request)
+                "SELECT SUM(n) FROM requests WHERE day = ? OR day LIKE ?", (today, today + "/%")
+            ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def _today(self) -> date:
         return date(*time.localtime(self.clock())[:3])

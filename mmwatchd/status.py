@@ -17,6 +17,7 @@ from typing import Any, Literal
 from mmwatchd import outputs as outputs_mod
 from mmwatchd import rules, sidecar
 from mmwatchd.done import Answer, Record, is_done
+from mmwatchd.live import published
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
 from mmwatchd.media import looked_at
@@ -66,7 +67,9 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
             for e in state.last_errors(errors)
         ],
         "requests_today": state.requests_today(),
-        "max_requests_per_day": cfg.endpoint.max_requests_per_day,
+        "max_requests_per_day": cfg.endpoint.max_requests_per_day if not cfg.endpoints else None,
+        # Several endpoints: each one's state and requests in flight, as the running service last published them.
+        **({"endpoints": published(state.path.parent)} if cfg.endpoints else {}),
     }
 
 
@@ -117,6 +120,11 @@ def render(report: dict[str, Any]) -> str:
         )
     cap = report["max_requests_per_day"]
     lines.append(f"requests today: {report['requests_today']}" + (f" of {cap}" if cap else ""))
+    for e in report.get("endpoints") or []:
+        lines.append(f"endpoint {e['name']} (priority {e['priority']}): {e['status']}, "
+                     f"{e['in_flight']} of {e['concurrency']} in flight")  # fmt: skip
+    if "endpoints" in report and report["endpoints"] is None:
+        lines.append("endpoints: the service is not running (their state is shown while it runs)")
     if report["retrying"]:
         lines.append("retrying:")
         for r in report["retrying"]:

@@ -36,6 +36,8 @@ def write_config(folder: Path, *, base_url: str, inbox: Path | None = None, **ch
         "state_dir": str(folder / "state"),
     }
     doc["endpoint"].update(changes.pop("endpoint", {}))
+    if "endpoints" in changes:  # several named endpoints instead of the one
+        del doc["endpoint"]
     doc.update(changes)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

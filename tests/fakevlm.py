@@ -155,6 +155,8 @@ class FakeVLM:
         #: POST requests being answered right now, and the most there ever were at once.
         self.in_flight = 0
         self.peak_in_flight = 0
+        #: Chat answers written out in full (a request dropped by ``stop()`` mid-answer is not one).
+        self.answered = 0
         self._requests: list[Recorded] = []
         self._script: deque[Scripted] = deque()
         self._refused: list[Recorded] = []
@@ -417,6 +419,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+        if self.command == "POST" and self.path == "/v1/chat/completions" and item.status == 200:
+            with fake._cond:
+                fake.answered += 1
         if item.on_answered is not None:
             self.wfile.flush()
             item.on_answered()

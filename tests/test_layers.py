@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.templates",
         "mmwatchd.isobmff",
         "mmwatchd.vocabulary",
+        "mmwatchd.live",
     ),
     # Every frozen value: the config specs and what passes between stages.
     ("mmwatchd.model",),
@@ -62,8 +63,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     # Reading what was written: search, status, the gallery.
     ("mmwatchd.search", "mmwatchd.status", "mmwatchd.gallery", "mmwatchd.progress", "mmwatchd.metrics"),
-    # The model endpoint: what each server takes, the request body, the client, the endpoint check.
-    ("mmwatchd.servers", "mmwatchd.wire", "mmwatchd.vlm", "mmwatchd.doctor"),
+    # The model endpoint: what each server takes, the request body, the client, the endpoint check; the endpoints
+    # as the daemon runs them (meter, gate, prober, routing) and how a file's failed tries end.
+    ("mmwatchd.servers", "mmwatchd.wire", "mmwatchd.vlm", "mmwatchd.doctor", "mmwatchd.endpoint", "mmwatchd.retry"),
     # One file, start to end.
     ("mmwatchd.pipeline",),
     # The service: queue, workers, watchers, signals.
