@@ -1040,6 +1040,10 @@ class Daemon:
         if self._paused is not None and self.one_shot_attempts is None:
             self._probe_now.set()  # while paused, each finished trial schedules the next one
 
+    def finish(self, outcome: Outcome) -> None:
+        """Record an outcome reached outside the workers (a batch backfill's answers) as a worker's is recorded."""
+        self._finish(outcome)
+
     def _index_for_search(self, outcome: Outcome) -> None:
         """Put the sidecar just written into the search index (``<state dir>/search.sqlite3``), so ``mmwatchd
         search`` finds it without a refresh. The index is a cache of the sidecars: when it cannot be written, a

@@ -21,7 +21,8 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
@@ -35,6 +36,8 @@ from .servers import EndpointKnowledge, KnowledgeStore, root_url
 from .wire import build_body, plain, redact_text, request_bytes
 
 __all__ = ["NO_KEY", "VLMClient"]
+
+T = TypeVar("T")
 
 #: Sent as the bearer token when no key is configured: the SDK insists on one, local servers ignore it.
 NO_KEY = "sk-no-key-needed"
@@ -277,6 +280,66 @@ class VLMClient:
             f"model {req.model!r} at {self._url} gave an unusable reply twice: {problem}; "
             f"the reply began: {self._snippet(text)}"
         )
+
+    # -- batches (the OpenAI Batch API; mmwatchd.backfill) ----------------------------------------------------------
+
+    def reply_from(self, completion: Any, *, model: str, schema: Mapping[str, Any] | None) -> Reply:
+        """A batch output line's chat completion as :meth:`describe` would have returned it. An unusable reply is
+        VLMBadReply at once: there is no second ask inside a batch (the caller sends the file the online way)."""
+        if not isinstance(completion, dict):
+            raise VLMBadReply(f"a batch answered {self._snippet(json.dumps(completion))}, not a chat completion")
+        text, source, finish_reason = self._answer(completion)
+        data, wrong = _judge(text, schema)
+        if wrong is not None:
+            raise VLMBadReply(f"model {model!r} at {self._url} gave an unusable reply in a batch: {wrong}")
+        usage = completion.get("usage")
+        return Reply(
+            text=text, data=data, model=str(completion.get("model") or model), finish_reason=finish_reason,
+            usage=dict(usage) if isinstance(usage, Mapping) else None, latency_s=0.0, source=source, attempts=1,
+        )  # fmt: skip
+
+    def error_from(self, status: int, body: Any) -> VLMUnavailable | VLMRejected:
+        """A batch line's HTTP error (``status`` and the error object of its body) translated exactly as the same
+        answer to an online request is (:meth:`_status_error`)."""
+        import httpx2
+
+        request = httpx2.Request("POST", f"{self._url}/chat/completions")
+        error = body.get("error", body) if isinstance(body, Mapping) else body
+        exc = openai.APIStatusError(
+            f"HTTP {status}", response=httpx2.Response(status, request=request), body=error
+        )
+        return self._status_error(exc, None)
+
+    def upload_batch(self, path: Path) -> str:
+        """Upload a JSONL shard (``purpose: batch``); its file id."""
+        with open(path, "rb") as f:
+            uploaded = self._call(lambda: self._client.files.create(file=(path.name, f), purpose="batch"))
+        return str(uploaded.id)
+
+    def create_batch(self, file_id: str, *, metadata: Mapping[str, str]) -> dict[str, Any]:
+        """Start a batch of chat completions over an uploaded shard, to be done within 24 hours."""
+        batch = self._call(lambda: self._client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=dict(metadata),
+        ))  # fmt: skip
+        return dict(batch.model_dump())
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(lambda: self._client.batches.retrieve(batch_id)).model_dump())
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(lambda: self._client.batches.cancel(batch_id)).model_dump())
+
+    def file_content(self, file_id: str) -> bytes:
+        """A file's bytes (a batch's output or error file)."""
+        return bytes(self._call(lambda: self._client.files.content(file_id)).content)
+
+    def _call(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc, None) from exc
+        except openai.APIConnectionError as exc:
+            raise self._connection_error(exc) from exc
 
     # -- one call ------------------------------------------------------------------------------------------------
 
