@@ -22,7 +22,9 @@ import json
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -198,7 +200,8 @@ class Backfill:
         self.poll(wait=False)
         self.write_shards(self.shard_dir, mode="api")
         for row in self._open("written"):  # new shards, and any a stopped run wrote but did not send
-            self._submit(row)
+            if row.endpoint == self.endpoint_label:
+                self._submit(row)
         if wait:
             self.poll(wait=True)
         self.describe_online()
@@ -238,6 +241,8 @@ class Backfill:
             elif row.remote_id is None:
                 self.state.update_batch(row.id, status="dropped", message="cancelled before it was sent")
                 self.state.forget_batch_items(row.id)
+                if row.mode == "api":
+                    Path(row.shard).unlink(missing_ok=True)
             else:
                 continue
             done.append(row)
@@ -253,10 +258,9 @@ class Backfill:
         busy = self.state.batched_paths(OPEN) | {str(p) for p in self.summary.online}
         writer = _ShardWriter(self, folder, mode)
         try:
-            for path in self.daemon.needing_work():
-                if str(path) in busy:
-                    continue
-                prepared = self.daemon.processor.prepare(path)
+            todo = (path for path in self.daemon.needing_work() if str(path) not in busy)
+            for prepared in self._prepare_all(todo):
+                path = prepared.path
                 if isinstance(prepared, Outcome):
                     self._prepared_outcome(prepared)
                 elif writer.add(prepared):
@@ -268,6 +272,20 @@ class Backfill:
             writer.close()
         self.summary.shards += [Path(row.shard) for row in writer.closed]
         return writer.closed
+
+    def _prepare_all(self, paths: Iterator[Path]) -> Iterator[Prepared | Outcome]:
+        """Each file's request, in walk order, encoded by as many decoder processes at once as the daemon has (a
+        window of them in memory at a time: each holds its base64)."""
+        processor = self.daemon.processor
+        workers = max(1, self.daemon.isolator.workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmwatchd-prepare") as pool:
+            window: deque[Future[Prepared | Outcome]] = deque()
+            for path in paths:
+                window.append(pool.submit(processor.prepare, path))
+                if len(window) >= 2 * workers:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
 
     def _prepared_outcome(self, outcome: Outcome) -> None:
         if outcome.status == "retry":
@@ -293,7 +311,7 @@ class Backfill:
         while True:
             pending = 0
             for row in self._open():
-                if row.mode != "api" or row.remote_id is None:
+                if row.mode != "api" or row.remote_id is None or row.endpoint != self.endpoint_label:
                     continue
                 batch = self.client.get_batch(row.remote_id)
                 status = str(batch.get("status"))
@@ -343,6 +361,8 @@ class Backfill:
         message = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         self.state.update_batch(row.id, status="applied", message=f"{status}: {message}" if message else status)
         self.state.forget_batch_items(row.id)
+        if row.mode == "api":  # uploaded and answered: our copy is of no more use (exported ones are the user's)
+            Path(row.shard).unlink(missing_ok=True)
         log.info("batch.applied", batch=row.id, **counts)
 
     def _apply_line(self, item: BatchItem, line: dict[str, Any]) -> str:

@@ -337,6 +337,13 @@ class VLMClient:
         try:
             return call()
         except openai.APIStatusError as exc:
+            if exc.status_code in (404, 405):  # Ollama, LM Studio, a plain vLLM server: chat only
+                refused = VLMRejected(self._scrub(
+                    f"{self._url} has no Batch API (HTTP {exc.status_code} at {exc.request.url.path}): send the "
+                    "backlog with mmwatchd scan, or export it for vllm run-batch (mmwatchd backfill --export DIR)"
+                ))  # fmt: skip
+                refused.status = exc.status_code
+                raise refused from exc
             raise self._status_error(exc, None) from exc
         except openai.APIConnectionError as exc:
             raise self._connection_error(exc) from exc

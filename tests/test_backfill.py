@@ -109,6 +109,7 @@ class TestSameAsOnline:
             (row,) = state.batches()
             assert row.status == "applied" and row.remote_id == batch.id and state.batch_items(row.id) == {}
             assert set(state.done_index()) == {str(p) for p in photos}  # the next scan skips them from a stat
+        assert list((tmp_path / "state" / "batches").iterdir()) == []  # uploaded and answered: not kept
         assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
         assert len(fake.chat_requests) == sent
 
@@ -220,7 +221,8 @@ class TestShards:
         with _Run(cfg) as backfill:
             summary = backfill.run()
         sizes = sorted(len(fake.input_lines(b)) for b in fake.batches)
-        assert sizes == [1, 2, 2] and all(p.stat().st_size <= limit for p in summary.shards)
+        assert sizes == [1, 2, 2] and len(summary.shards) == 3
+        assert all(len(fake.files[b.input_file_id]) <= limit for b in fake.batches.values())
         assert all(_sidecar(p)["status"] == "ok" for p in photos)
 
         for p in photos:
@@ -298,3 +300,18 @@ class TestCommand:
         assert "--endpoint gpu2: no endpoint of that name" in err and "Traceback" not in err
         assert main(["backfill", "-c", str(cfg), "--status", "--endpoint", "default"]) == 0
         assert "no batches yet" in capsys.readouterr().out
+
+    def test_an_endpoint_without_a_batch_api_says_what_to_do_instead(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = _config(tmp_path, fake_vlm)
+        _photos(tmp_path / "inbox", 1)
+        assert main(["backfill", "-c", str(cfg), "--batch", "--log-level", "error"]) == 1
+        err = capsys.readouterr().err
+        assert "has no Batch API (HTTP 404 at /v1/files)" in err and "backfill --export" in err, err
+        assert "Traceback" not in err
+        assert main(["backfill", "-c", str(cfg), "--status"]) == 0
+        assert " written " in capsys.readouterr().out  # kept: --cancel drops it, or a later --batch sends it
+        assert main(["backfill", "-c", str(cfg), "--cancel", "--log-level", "error"]) == 0
+        assert main(["backfill", "-c", str(cfg), "--status"]) == 0
+        assert " dropped " in capsys.readouterr().out
