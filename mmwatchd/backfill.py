@@ -396,7 +396,9 @@ class Backfill:
                     return self.client.reply_from(body, model=prepared.model, schema=rule.schema if rule else None)
                 except VLMBadReply as exc:
                     return exc
-            return self.client.error_from(status, body)
+            # vLLM's run-batch leaves the body empty and puts its ErrorResponse (or a plain message) under "error".
+            said = body or line.get("error")
+            return self.client.error_from(status, {"message": said} if isinstance(said, str) else said)
         error = line.get("error")
         said = error.get("message") if isinstance(error, dict) else error
         unanswered = VLMUnavailable(f"the batch did not answer this request: {said or 'no reason given'}")

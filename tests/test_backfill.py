@@ -261,15 +261,25 @@ class TestExportImport:
         output = tmp_path / "out.jsonl"
         with output.open("w") as f:
             for line in reversed(lines):
+                if '\\"drawing.png\\"' in json.dumps(line["body"]):  # vLLM's error line: no body, the error beside
+                    vllm_error = {"error": {"message": "image is too small to encode", "type": "BadRequestError",
+                                            "param": None, "code": 400}}  # fmt: skip
+                    f.write(json.dumps({"id": "vllm-2", "custom_id": line["custom_id"],
+                                        "response": {"status_code": 400, "request_id": "r", "body": None},
+                                        "error": vllm_error}) + "\n")  # fmt: skip
+                    continue
                 fakeline = Recorded(method="POST", path="/v1/chat/completions", headers={}, body=b"",
                                     json=line["body"], content_length=None)  # fmt: skip
                 body = FakeVLM._default(fake, fakeline).json
                 f.write(json.dumps({"id": "vllm-1", "custom_id": line["custom_id"],
                                     "response": {"status_code": 200, "request_id": "r", "body": body},
                                     "error": None}) + "\n")  # fmt: skip
-        assert main(["backfill", "-c", str(cfg), "--import", str(output), "--log-level", "error"]) == 0
-        assert "backfill imported: 3 described" in capsys.readouterr().out
-        assert all(_sidecar(p)["status"] == "ok" for p in photos)
+        assert main(["backfill", "-c", str(cfg), "--import", str(output), "--log-level", "error"]) == 1
+        assert "backfill imported: 2 described, 1 failed" in capsys.readouterr().out
+        assert [_sidecar(p)["status"] for p in photos] == ["ok", "ok", "error"]
+        error = _sidecar(photos[2])["error"]
+        assert error["kind"] == "rejected" and "HTTP 400" in error["message"]
+        assert "image is too small to encode" in error["message"]
         assert fake.chat_requests == [] and fake.batches == {}
         # The same output again: its lines belong to no open shard any more.
         assert main(["backfill", "-c", str(cfg), "--import", str(output), "--log-level", "error"]) == 0
