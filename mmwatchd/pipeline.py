@@ -360,7 +360,9 @@ class Processor:
         return Prepared(
             path=path, body=build_body(planned.request), request_bytes=request_bytes(planned.request),
             identity=before.identity, sha256=sha, kind=kind, rule=rule.name, model=planned.request.model,
-            fingerprint=fingerprint, media=self._media_doc(planned), values={**values, **ctx.raw},
+            fingerprint=fingerprint, media=self._media_doc(planned),
+            # The vocabulary is the rule's, not the file's: apply() renders it again rather than keep a copy per line.
+            values={k: v for k, v in {**values, **ctx.raw}.items() if k != "vocabulary"},
         )  # fmt: skip
 
     def apply(self, prepared: Prepared, answer: Reply | MmwatchdError, *, last_attempt: bool = False) -> Outcome:
@@ -380,6 +382,8 @@ class Processor:
             return Outcome(path=path, status="retry", reason=BATCHED_CHANGED, rule=rule.name)
         ctx.values.clear()
         ctx.values.update({k: v for k, v in prepared.values.items() if k not in ctx.raw})
+        vocabulary = self._vocabularies.get(rule.name)
+        ctx.values["vocabulary"] = vocabulary.render() if vocabulary is not None else ""
         claim: sidecar.Claim | None = None
         reservation: sidecar.Reservation | None = None
         try:

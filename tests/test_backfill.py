@@ -113,6 +113,23 @@ class TestSameAsOnline:
         assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
         assert len(fake.chat_requests) == sent
 
+    def test_the_rules_actions_run_with_the_same_values(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        log = tmp_path / "actions.log"
+        hook = ["sh", "-c", 'printf "%s|%s|%s|%s\\n" "$1" "$2" "$3" "$4" >> "$0"', str(log),
+                "{name}", "{relpath}", "{width}x{height}", "{status}"]  # fmt: skip
+        cfg = _config(tmp_path, fake, rule={"on_success": {"exec": hook}})
+        _photos(tmp_path / "inbox")
+        assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
+        online = sorted(log.read_text().splitlines())
+        assert len(online) == 4 and "p1.jpg|p1.jpg|104x64|ok" in online
+        for side in (tmp_path / "inbox").rglob("*.json"):
+            side.unlink()
+        shutil.rmtree(tmp_path / "state")
+        log.unlink()
+        assert main(["backfill", "-c", str(cfg), "--batch", "--log-level", "error"]) == 0
+        assert sorted(log.read_text().splitlines()) == online
+        assert fake.chat_requests[4:] == []
+
     def test_output_out_of_order_and_the_error_file_follow_the_online_rules(
         self, tmp_path: Path, fake: FakeBatchVLM
     ) -> None:
@@ -325,3 +342,31 @@ class TestCommand:
         assert main(["backfill", "-c", str(cfg), "--cancel", "--log-level", "error"]) == 0
         assert main(["backfill", "-c", str(cfg), "--status"]) == 0
         assert " dropped " in capsys.readouterr().out
+
+
+class TestStateStore:
+    def test_shards_and_their_lines_survive_a_reopen(self, tmp_path: Path) -> None:
+        from mmwatchd.state import BatchItem, BatchRow
+
+        db = tmp_path / FILENAME
+        row = BatchRow("mmw-1", "api", "default", str(tmp_path / "mmw-1.jsonl"), 2, 1234, "written", None, None,
+                       None, None, None, 1.0, 1.0)  # fmt: skip
+        odd = Path(tmp_path / "caf\udce9.jpg")  # a name that is not UTF-8
+        items = [BatchItem(f"mmw-1-0000{i}", "mmw-1", path, 10 + i, 20 + i, 30 + i, 40 + i, f"sha{i}", "fp",
+                           {"rule": "photos", "media": {"kind": "image"}})  # fmt: skip
+                 for i, path in enumerate([tmp_path / "a.jpg", odd])]
+        with State(db) as state:
+            state.add_batch(row, items)
+            state.update_batch("mmw-1", status="in_progress", remote_id="batch_9", input_file_id="file-1")
+            with pytest.raises(ValueError, match="not batch fields"):
+                state.update_batch("mmw-1", shard="elsewhere")
+        with State(db) as state:  # another process
+            (again,) = state.batches()
+            assert (again.status, again.remote_id, again.input_file_id, again.requests) == (
+                "in_progress", "batch_9", "file-1", 2)
+            assert state.batch_items("mmw-1") == {i.custom_id: i for i in items}
+            assert state.batch_items(custom_ids=["mmw-1-00001", "nope"]) == {"mmw-1-00001": items[1]}
+            assert state.batched_paths(["in_progress"]) == {str(tmp_path / "a.jpg"), str(odd)}
+            assert state.batched_paths(["applied"]) == set()
+            state.forget_batch_items("mmw-1")
+            assert state.batch_items("mmw-1") == {} and len(state.batches()) == 1
