@@ -352,8 +352,8 @@ class TestStateStore:
         row = BatchRow("mmw-1", "api", "default", str(tmp_path / "mmw-1.jsonl"), 2, 1234, "written", None, None,
                        None, None, None, 1.0, 1.0)  # fmt: skip
         odd = Path(tmp_path / "caf\udce9.jpg")  # a name that is not UTF-8
-        items = [BatchItem(f"mmw-1-0000{i}", "mmw-1", path, 10 + i, 20 + i, 30 + i, 40 + i, f"sha{i}", "fp",
-                           {"rule": "photos", "media": {"kind": "image"}})  # fmt: skip
+        record = {"rule": "photos", "media": {"kind": "image"}}
+        items = [BatchItem(f"mmw-1-0000{i}", "mmw-1", path, 10 + i, 20 + i, 30 + i, 40 + i, f"sha{i}", "fp", record)
                  for i, path in enumerate([tmp_path / "a.jpg", odd])]
         with State(db) as state:
             state.add_batch(row, items)
