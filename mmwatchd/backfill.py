@@ -313,7 +313,12 @@ class Backfill:
             for row in self._open():
                 if row.mode != "api" or row.remote_id is None or row.endpoint != self.endpoint_label:
                     continue
-                batch = self.client.get_batch(row.remote_id)
+                try:
+                    batch = self.client.get_batch(row.remote_id)
+                except VLMUnavailable as exc:  # a blip in a wait of hours: ask again at the next interval
+                    log.warning("batch.poll_failed", batch=row.id, remote_id=row.remote_id, reason=exc.message)
+                    pending += 1
+                    continue
                 status = str(batch.get("status"))
                 if status != row.status:
                     log.info("batch.status", batch=row.id, remote_id=row.remote_id, status=status,

@@ -207,6 +207,20 @@ class TestResume:
         assert all(_sidecar(p)["status"] == "ok" for p in photos)
         assert fake.chat_requests == []
 
+    def test_a_failed_poll_is_asked_again_at_the_next_interval(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 1)
+        waits: list[float] = []
+        with _Run(cfg) as backfill:
+            backfill.sleep = waits.append
+            backfill.run(wait=False)
+            (batch,) = fake.batches.values()
+            fake.enqueue(status=503, json=error_body("try later"), path=f"/v1/batches/{batch.id}")
+            backfill.run()
+        assert all(_sidecar(p)["status"] == "ok" for p in photos)
+        assert waits and set(waits) == {0.01}  # batch.poll_interval_s between looks, never a real sleep
+        assert batch.looks == fake.polls_to_finish + 1
+
     def test_cancel_then_the_files_go_the_online_way(
         self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
     ) -> None:
