@@ -301,14 +301,10 @@ class VLMClient:
     def error_from(self, status: int, body: Any) -> VLMUnavailable | VLMRejected:
         """A batch line's HTTP error (``status`` and the error object of its body) translated exactly as the same
         answer to an online request is (:meth:`_status_error`)."""
-        import httpx2
-
-        request = httpx2.Request("POST", f"{self._url}/chat/completions")
-        error = body.get("error", body) if isinstance(body, Mapping) else body
-        exc = openai.APIStatusError(
-            f"HTTP {status}", response=httpx2.Response(status, request=request), body=error
-        )
-        return self._status_error(exc, None)
+        error = body.get("error", body) if isinstance(body, Mapping) else body  # unwrapped, as the SDK does
+        code = error.get("code") if isinstance(error, Mapping) else None
+        said = self._server_message(error, "")
+        return self._http_error(status, said, {}, code if isinstance(code, str) else None, None)
 
     def upload_batch(self, path: Path) -> str:
         """Upload a JSONL shard (``purpose: batch``); its file id."""
@@ -418,15 +414,20 @@ class VLMClient:
         return self._unavailable(message, None)
 
     def _status_error(self, exc: openai.APIStatusError, req: VLMRequest | None) -> VLMUnavailable | VLMRejected:
-        status = exc.status_code
-        said = self._server_message(exc)
+        said = self._server_message(exc.body, exc.response.reason_phrase)
+        return self._http_error(exc.status_code, said, exc.response.headers, exc.code, req)
+
+    def _http_error(
+        self, status: int, said: str, headers: Mapping[str, str], code: str | None, req: VLMRequest | None
+    ) -> VLMUnavailable | VLMRejected:
+        """An HTTP error answer (``said``: the server's words, ``code``: its error code), online or in a batch."""
         if status in (408, 409, 429) or status >= 500:
-            retry_after = _retry_after(exc.response.headers)
+            retry_after = _retry_after(headers)
             wait = f"; the server asks to retry after {retry_after:g} s" if retry_after is not None else ""
             busy = f"endpoint {self._url} cannot take the request now (HTTP {status}): {said}{wait}"
             return self._unavailable(busy, retry_after, status)
         refused = f"endpoint {self._url} refused the request (HTTP {status}): {said}"
-        return self._with_status(self._refusal(exc, req, status, said, refused), status, said)
+        return self._with_status(self._refusal(code, req, status, said, refused), status, said)
 
     @staticmethod
     def _with_status(
@@ -438,7 +439,7 @@ class VLMClient:
         return error
 
     def _refusal(
-        self, exc: openai.APIStatusError, req: VLMRequest | None, status: int, said: str, refused: str
+        self, code: str | None, req: VLMRequest | None, status: int, said: str, refused: str
     ) -> VLMRejected | VLMMisconfigured:
         if status == 413:
             size = f" of about {request_bytes(req)} bytes" if req is not None else ""
@@ -457,7 +458,7 @@ class VLMClient:
             else:
                 hint = f"Check the key in ${env}"
             return self._misconfigured(f"{refused}. {hint}", status)
-        if status == 404 and req is not None and ("model" in said.lower() or exc.code == "model_not_found"):
+        if status == 404 and req is not None and ("model" in said.lower() or code == "model_not_found"):
             return self._misconfigured(
                 f"model {req.model!r} not found at {self._url} (HTTP 404): {said}. Pull it "
                 f"(`ollama pull {req.model}`) or check endpoint.model / the rule's model",
@@ -480,9 +481,9 @@ class VLMClient:
         error.status = status
         return error
 
-    def _server_message(self, exc: openai.APIStatusError) -> str:
-        """The server's own words: the error body's message, clipped, without payloads or the key."""
-        body = exc.body  # the SDK has already unwrapped OpenAI's {"error": {...}}
+    def _server_message(self, body: object, reason_phrase: str) -> str:
+        """The server's own words: the error body's message, clipped, without payloads or the key. ``body`` as the
+        SDK gives it: OpenAI's {"error": {...}} already unwrapped."""
         said: str | None = None
         if isinstance(body, Mapping):
             for key in ("message", "detail", "error", "msg"):
@@ -498,7 +499,7 @@ class VLMClient:
         elif isinstance(body, str) and body.strip():
             said = re.sub(r"<[^>]*>", " ", body) if body.lstrip().startswith("<") else body
         if not said:
-            said = exc.response.reason_phrase or "no message"
+            said = reason_phrase or "no message"
         return self._snippet(said, limit=_SERVER_MESSAGE_CHARS, quote=False)
 
     def _snippet(self, text: str, *, limit: int = _REPLY_SNIPPET_CHARS, quote: bool = True) -> str:
