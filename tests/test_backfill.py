@@ -221,6 +221,44 @@ class TestResume:
         assert waits and set(waits) == {0.01}  # batch.poll_interval_s between looks, never a real sleep
         assert batch.looks == fake.polls_to_finish + 1
 
+    def test_answers_for_a_rule_changed_meanwhile_are_not_applied(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 1)
+        with _Run(cfg) as first:
+            first.run(wait=False)
+        cfg = _config(tmp_path, fake, rule={"prompt": "Caption {name} for a photo book."})
+        with _Run(cfg) as second:
+            summary = second.run()
+        assert sorted(summary.online) == sorted(photos) and summary.outcomes == {}
+        assert len(fake.chat_requests) == len(photos)
+        assert all("photo book" in json.dumps(r.json) for r in fake.chat_requests)
+        assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0  # up to date under the new rule
+        assert len(fake.chat_requests) == len(photos)
+
+    def test_a_clip_goes_online_until_the_endpoint_is_known_to_take_video_url(
+        self, tmp_path: Path, fake: FakeBatchVLM
+    ) -> None:
+        from media import make_video
+
+        clips = {"name": "clips", "match": {"kind": "video"}, "prompt": "Describe {name}.",
+                 "video": {"frames": 2, "max_side": 64}}  # fmt: skip
+        photos = {"name": "photos", "match": {"kind": "image"}, "prompt": "Describe {name}."}
+        cfg = _config(tmp_path, fake, rules=[photos, clips])
+        inbox = tmp_path / "inbox"
+        first = make_video(inbox / "first.mp4", (64, 48), frames=4, fps=4)
+        with _Run(cfg) as backfill:
+            summary = backfill.run()
+        assert summary.online == [first] and fake.batches == {}  # the online request asked, and taught it
+        assert _sidecar(first)["media"]["mode"] == "video_url"
+        second = make_video(inbox / "second.mp4", (64, 48), frames=4, fps=4)
+        with _Run(cfg) as backfill:
+            summary = backfill.run()
+        assert summary.online == [] and summary.outcomes == {"ok": 1}
+        (batch,) = fake.batches.values()
+        (line,) = fake.input_lines(batch.id)
+        assert line["body"]["messages"][-1]["content"][1]["type"] == "video_url"
+        assert _sidecar(second)["media"]["mode"] == "video_url"
+
     def test_cancel_then_the_files_go_the_online_way(
         self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
     ) -> None:
