@@ -1,4 +1,4 @@
-"""Command line: ``mmwatchd check | once | scan | run``. Exit codes: 0 success, 1 some file failed, 2 usage/config."""
+"""Command line: ``mmwatchd check | once | scan | backfill | run``. Exit codes: 0 success, 1 some file failed, 2 usage/config."""
 
 from __future__ import annotations
 
@@ -135,6 +135,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-textfile", type=Path, metavar="PATH",
                    help="at the end, write the run's metrics there for node_exporter's textfile collector")  # fmt: skip
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser(
+        "backfill", parents=[common],
+        help="describe the backlog a scan would send through a Batch API, or export it for vllm run-batch / Ray",
+    )  # fmt: skip
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--batch", action="store_true",
+                      help="send the backlog as Batch API batches, wait for them and write the sidecars "
+                      "(resumes the batches a stopped run left)")  # fmt: skip
+    what.add_argument("--export", type=Path, metavar="DIR",
+                      help="write the backlog as JSONL shards into DIR, for vllm run-batch or Ray Data")  # fmt: skip
+    what.add_argument("--import", dest="import_", type=Path, nargs="+", metavar="OUT",
+                      help="apply output files of exported shards (vllm run-batch -o OUT)")  # fmt: skip
+    what.add_argument("--status", action="store_true", help="list the batches and what they hold")
+    what.add_argument("--cancel", action="store_true",
+                      help="cancel the batches under way and drop exported shards not imported yet")  # fmt: skip
+    p.add_argument("--endpoint", metavar="NAME", help="the endpoint to use (default: the config's endpoint)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="with --batch: send the batches and exit; a later backfill --batch collects them")  # fmt: skip
+    p.add_argument("--metrics-textfile", type=Path, metavar="PATH",
+                   help="at the end, write the run's metrics there for node_exporter's textfile collector")  # fmt: skip
+    p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("run", parents=[common], help="scan, then watch the folders until SIGTERM/SIGINT")
     p.set_defaults(func=cmd_run)
@@ -336,6 +358,78 @@ def cmd_scan(args: argparse.Namespace) -> int:
     print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
     if daemon.halted:
         print(f"mmwatchd: scan stopped: {daemon.halted}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from mmwatchd.backfill import Backfill, choose_endpoint, render_status
+
+    cfg = _load(args)
+    choose_endpoint(cfg, args.endpoint)  # a wrong name is an error before anything is read or sent
+    if args.status:
+        with _state(cfg) as state:
+            rows = state.batches()
+            for line in render_status(rows, lambda batch_id: len(state.batch_items(batch_id))):
+                print(line)
+        return EXIT_OK
+    if args.export is not None or args.batch:
+        _require_roots(cfg)
+    daemon = _one_shot_daemon(cfg, start=False, metrics=args.metrics_textfile is not None)
+    try:
+        backfill = Backfill(daemon, endpoint=args.endpoint)
+        if args.cancel:
+            cancelled = backfill.cancel()
+            for row in cancelled:
+                print(f"cancelled {row.id} ({row.requests} requests{', ' + row.remote_id if row.remote_id else ''})")
+            if not cancelled:
+                print("no batch under way")
+            return EXIT_OK
+        if args.export is not None:
+            summary = backfill.export(args.export)
+        elif args.import_:
+            missing = [p for p in args.import_ if not p.is_file()]
+            if missing:
+                for p in missing:
+                    print(f"mmwatchd: backfill --import: {p}: no such file", file=sys.stderr)
+                return EXIT_USAGE
+            summary = backfill.import_outputs(args.import_)
+        else:
+            summary = backfill.run(wait=not args.no_wait)
+    finally:
+        daemon.close()
+    if args.metrics_textfile is not None:
+        try:
+            daemon.metrics.write_textfile(args.metrics_textfile)
+        except OSError as exc:
+            print(f"mmwatchd: cannot write --metrics-textfile {args.metrics_textfile}: {exc.strerror or exc}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
+    _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
+    for shard in summary.shards:
+        print(f"shard    {shard}")
+    if summary.unknown:
+        print(f"mmwatchd: {summary.unknown} output line(s) belong to no batch of this state store (imported before, "
+              "or from another state directory): ignored", file=sys.stderr)  # fmt: skip
+    online = len(dict.fromkeys(summary.online))
+    c, o = daemon.counts, summary.outcomes
+    if args.export is not None:
+        print(f"backfill exported: {summary.batched} requests in {len(summary.shards)} shard(s) under {args.export}; "
+              f"{online} file(s) left for the online path (mmwatchd scan)")  # fmt: skip
+        if summary.shards:
+            print("run each with: vllm run-batch -i SHARD -o OUT --model MODEL; "
+                  "then: mmwatchd backfill --import OUT...")  # fmt: skip
+        return EXIT_OK
+    if args.import_:
+        print(f"backfill imported: {o.get('ok', 0)} described, {o.get('error', 0)} failed, "
+              f"{o.get('skipped', 0)} skipped; {online} file(s) left for the online path (mmwatchd scan)")  # fmt: skip
+        return EXIT_FAILED if o.get("error") else EXIT_OK
+    print(f"backfill done: {summary.batched} batched; {c['ok']} described, {c['error']} failed, "
+          f"{c['retry']} not reached, {c['skipped']} skipped; {online} went the online way")  # fmt: skip
+    if args.no_wait:
+        print("batches under way: mmwatchd backfill --status; collect them with mmwatchd backfill --batch")
+    if daemon.halted:
+        print(f"mmwatchd: backfill stopped: {daemon.halted}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
 

@@ -1041,6 +1041,10 @@ class Daemon:
         if not self.policy.one_shot:
             self.pool.trial_finished()  # while paused, each finished trial schedules the next one
 
+    def finish(self, outcome: Outcome) -> None:
+        """Record an outcome reached outside the workers (a batch backfill's answers) as a worker's is recorded."""
+        self._finish(outcome)
+
     def _index_for_search(self, outcome: Outcome) -> None:
         """Put the sidecar just written into the search index (``<state dir>/search.sqlite3``), so ``mmwatchd
         search`` finds it without a refresh. The index is a cache of the sidecars: when it cannot be written, a

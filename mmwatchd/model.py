@@ -500,6 +500,21 @@ def _listen(value: str) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class BatchSpec:
+    """How ``mmwatchd backfill --batch`` cuts a backlog into Batch API shards and waits for them. OpenAI takes at
+    most 50,000 requests and 200 MB per input file; base64 photos fill the bytes long before the lines."""
+
+    __pydantic_config__ = _STRICT
+
+    #: A shard's JSONL is at most this many bytes.
+    max_file_bytes: Positive = 190_000_000
+    #: ... and at most this many requests.
+    max_requests: Annotated[int, Gt(0), Le(50_000)] = 50_000
+    #: How often a running batch is asked how it is doing.
+    poll_interval_s: PositiveFloat = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsSpec:
     """Where the service serves Prometheus ``/metrics``. Bound to loopback by default: the page says which rules
     and models are in use, which is nobody else's business."""
@@ -584,6 +599,8 @@ class Config:
     progress_interval_s: Annotated[float, Ge(0)] = 30.0
     #: Serve Prometheus /metrics (the service; ``scan --metrics-textfile`` writes the same to a file). Off unless set.
     metrics: MetricsSpec | None = None
+    #: ``mmwatchd backfill --batch``: shard sizes and polling.
+    batch: BatchSpec = BatchSpec()
     #: Where retry counters and history are kept (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/mmwatchd).
     state_dir: Path | None = None
     #: Where the config came from, and where each key sits in it (for messages about values found later).

@@ -78,6 +78,11 @@ SIDECAR_ROOM_BYTES = 16 << 10
 GONE = "file is gone"
 IN_PROGRESS = "in progress: another mmwatchd process is describing it right now"
 CHANGED = "the file changed while it was being described; it will be described again"
+#: Why a batch leaves a file to the online path (see :meth:`Pipeline.prepare` and :meth:`Pipeline.apply`).
+ONLINE_OUTPUTS = "described already; its missing outputs (the XMP sidecar) are written from the answer on record"
+ONLINE_PROBE = "the endpoint has not said whether it takes video_url: the online path asks"
+BATCHED_CHANGED = "the file changed since it was batched: the batch's answer is not for this version"
+RULE_CHANGED = "its rule changed since it was batched: the batch's answer is not for this rule"
 Status = Literal["ok", "error", "retry", "skipped", "planned"]
 
 
@@ -100,7 +105,7 @@ class Outcome:
     action_problems: tuple[str, ...] = ()
     #: For files that have their answer (ok, error, up to date): the version answered and under which rule
     #: fingerprint, for the done-index that lets rescans skip them.
-    media_kind: str | None = None
+    kind: str | None = None
     fingerprint: str | None = None
     version: tuple[int, int] | None = None
     #: Which sidecar the file has for that version, "ok" or "error" (also when it was found up to date).
@@ -120,6 +125,21 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _Context:
+    """One look at a file: its version, where its sidecar goes, its root, and the prompt values (filled in as the
+    look goes on: ``values`` is the one mutable part)."""
+
+    path: Path
+    before: FileVersion
+    side: Path
+    root: Path | None
+    rel: str
+    values: dict[str, object]
+    #: The names as they are, for hooks' argv.
+    raw: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Planned:
     rule: Rule
     request: VLMRequest
@@ -128,6 +148,44 @@ class _Planned:
     fingerprint: str
     #: For a clip under ``video.mode: auto``: how its mode was chosen (the answer teaches the endpoint knowledge).
     decision: VideoDecision | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """One file's request, planned and not sent yet (a Batch API line), and what applying its answer needs later,
+    in this process or another: the version and hash the request was made from, and the sidecar's record of it."""
+
+    path: Path
+    #: The request body exactly as the online path sends it (:func:`mmwatchd.wire.build_body`).
+    body: dict[str, Any] = field(repr=False)
+    request_bytes: int
+    #: (size, mtime_ns, inode, ctime_ns) of the version encoded, and its sha256.
+    identity: tuple[int, int, int, int]
+    sha256: str
+    kind: str
+    rule: str
+    model: str
+    fingerprint: str
+    #: The sidecar's ``media`` record of the request, and the prompt values the rule's actions take.
+    media: dict[str, Any] = field(repr=False)
+    values: dict[str, object] = field(repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """What the state store keeps of it (everything but the body): JSON."""
+        return {
+            "request_bytes": self.request_bytes, "kind": self.kind, "rule": self.rule, "model": self.model,
+            "fingerprint": self.fingerprint, "media": self.media, "values": self.values,
+        }  # fmt: skip
+
+    @classmethod
+    def from_record(
+        cls, path: Path, record: dict[str, Any], *, identity: tuple[int, int, int, int], sha256: str
+    ) -> Prepared:
+        return cls(
+            path=path, body={}, request_bytes=int(record["request_bytes"]), identity=identity, sha256=sha256,
+            kind=str(record["kind"]), rule=str(record["rule"]), model=str(record["model"]),
+            fingerprint=str(record["fingerprint"]), media=dict(record["media"]), values=dict(record["values"]),
+        )  # fmt: skip
 
 
 class Pipeline:
@@ -176,53 +234,20 @@ class Pipeline:
         """
         started = self.clock()
         path = Path(os.path.abspath(path))
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return Outcome(path=path, status="skipped", reason=GONE, gone=True)
-        except OSError as exc:
-            return Outcome(path=path, status="skipped", reason=f"cannot stat: {exc.strerror or exc}")
-        if not stat.S_ISREG(st.st_mode):
-            return Outcome(path=path, status="skipped", reason="not a regular file")
-        root, rel = rules.rel_to_roots(path, self._roots)
-        if not explicit and os.path.islink(path):
-            root_spec = next((r for r in self.config.watch if r.path == root), None)
-            if root_spec is None or not link_allowed(root_spec, path):
-                return Outcome(
-                    path=path, status="skipped",
-                    reason="symlink to a file outside the watched folder (set follow_symlinks: true to allow)",
-                )  # fmt: skip
-        before = FileVersion.of(st)
-        side = self._record.where(path)
+        ctx = self._context(path, explicit=explicit)
+        if isinstance(ctx, Outcome):
+            return ctx
+        before, side, values = ctx.before, ctx.side, ctx.values
         rule: Rule | None = None
         fingerprint = ""
         kind: str | None = None
-        values: dict[str, object] = {
-            # Names are data, never instructions: they go into prompts as quoted strings (JSON escaping, so a
-            # newline or a quote in a file name cannot break out of the quotes).
-            "name": _quoted(path.name),
-            "stem": _quoted(path.stem),
-            "ext": re.sub(r"[^a-z0-9]", "", path.suffix[1:].lower()),
-            "folder": _quoted(path.parent.name),
-            "path": _quoted(str(path)),
-            "relpath": _quoted(rel),
-            "size_bytes": before.size,
-        }
-        # A hook's argv takes each value as one argument, so it gets them as they are.
-        raw = {"name": path.name, "stem": path.stem, "folder": path.parent.name, "path": str(path), "relpath": rel}
         claim: sidecar.Claim | None = None
         reservation: sidecar.Reservation | None = None
         try:
-            kind, problem = self._media_kind(path, before, explicit=explicit)
-            if kind is None:
-                return Outcome(path=path, status="skipped", reason="not a photo or video")
-            values["kind"] = kind
-            rule = rules.match(rel, kind, self.config.rules)
-            if rule is None:
-                return Outcome(path=path, status="skipped", reason=f"no rule matches this {kind}")
-            fingerprint = rules.fingerprint(rule, self.config.endpoint, kind)
-            vocabulary = self._vocabularies.get(rule.name)
-            values["vocabulary"] = vocabulary.render() if vocabulary is not None else ""
+            matched = self._match(ctx, explicit=explicit)
+            if isinstance(matched, Outcome):
+                return matched
+            kind, problem, rule, fingerprint = matched
             if dry_run:
                 if problem is not None:
                     raise problem
@@ -264,59 +289,254 @@ class Pipeline:
             if after != before:
                 return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
             doc = self._ok_doc(path, planned, before, sha, reply, elapsed=self.clock() - started)
-            self._write_outputs(path, doc)
-            reservation.commit(doc)
-            outcome = Outcome(
-                path=path,
-                status="ok",
-                rule=rule.name,
-                request_bytes=request_bytes(planned.request),
-                elapsed_s=self.clock() - started,
-                media_kind=kind,
-                fingerprint=fingerprint,
-                version=before.version,
-                identity=before.identity,
-                answer="ok",
+            return self._commit(ctx, reservation, doc, rule, kind, request_bytes(planned.request), started)
+        except (MediaError, VLMError, SidecarError, OSError) as exc:
+            return self._failed(
+                exc, ctx, reservation, rule, kind, fingerprint, started, last_attempt=last_attempt, dry_run=dry_run
             )
-            return self._act(outcome, rule.on_success, side, root, {**values, **raw})
-        except ForeignSidecar as exc:
-            return Outcome(path=path, status="skipped", reason=exc.message, rule=rule and rule.name, error=exc)
-        except FileNotFoundError:
-            return Outcome(path=path, status="skipped", reason=GONE, rule=rule and rule.name, gone=True)
-        except OSError as exc:  # unreadable now (permissions, I/O error, swapped for a FIFO): not the file's content
-            return Outcome(
-                path=path, status="retry", reason=f"cannot read the file: {exc.strerror or exc}",
-                rule=rule and rule.name,
-            )  # fmt: skip
-        except (MediaError, VLMError, SidecarError) as exc:
-            gave_up = last_attempt and (
-                (isinstance(exc, VLMUnavailable) and exc.counts_against_file) or isinstance(exc, SidecarError)
-            )
-            if exc.retryable and not gave_up:
-                return Outcome(
-                    path=path, status="retry", reason=exc.message, rule=rule and rule.name, error=exc,
-                    elapsed_s=self.clock() - started,
-                )  # fmt: skip
-            if dry_run:
-                return Outcome(path=path, status="error", reason=exc.message, rule=rule and rule.name, error=exc)
-            if isinstance(exc, SidecarError):
-                # No sidecar can record this: the state store does (the daemon keeps final errors there).
-                return Outcome(
-                    path=path, status="error", reason=f"gave up after repeated failures: {exc.message}",
-                    rule=rule and rule.name, error=exc, elapsed_s=self.clock() - started,
-                )  # fmt: skip
-            outcome = self._fail(path, side, reservation, rule, fingerprint, before, exc, started, gave_up=gave_up)
-            if outcome.status == "error" and fingerprint:
-                outcome = replace(outcome, media_kind=kind, fingerprint=fingerprint, version=before.version,
-                                  identity=before.identity, answer="error")  # fmt: skip
-            if outcome.status == "error" and rule is not None:
-                return self._act(outcome, rule.on_error, side, root, {**values, **raw})
-            return outcome
         finally:
             if reservation is not None:
                 reservation.discard()  # nothing to do once committed
             if claim is not None:
                 claim.release()
+
+    # -- batches: the same job in two halves -------------------------------------------------------------------
+
+    def prepare(self, path: Path) -> Prepared | Outcome:
+        """The first half of :meth:`process` for a batch: the request the online path would send, planned under the
+        same budget, without sending it or claiming the sidecar.
+
+        An Outcome instead says why not: ``skipped`` (up to date, not media, no rule, gone), or ``retry``: the
+        online path must take this file, because it has a problem the online path records as an error sidecar,
+        an XMP sidecar to write from the answer on record, a clip whose endpoint has not said whether it takes
+        ``video_url`` (the online path asks and learns), or it changed while it was being encoded.
+        """
+        path = Path(os.path.abspath(path))
+        ctx = self._context(path, explicit=False)
+        if isinstance(ctx, Outcome):
+            return ctx
+        before, values = ctx.before, ctx.values
+        rule: Rule | None = None
+        try:
+            matched = self._match(ctx, explicit=False)
+            if isinstance(matched, Outcome):
+                return matched
+            kind, problem, rule, fingerprint = matched
+            existing = sidecar.read(ctx.side)
+            if self._fresh(path, existing, before, fingerprint):
+                if existing is not None and self._outputs_missing(existing):
+                    return Outcome(path=path, status="retry", reason=ONLINE_OUTPUTS, rule=rule.name)
+                return self._up_to_date(path, existing, before, rule, kind, fingerprint)
+            if problem is not None:
+                raise problem
+            planned = self._plan(path, kind, rule, values, fingerprint)
+            decision, knowledge = planned.decision, self._knowledge()
+            if decision is not None and decision.probe:
+                if knowledge is not None:
+                    knowledge.settle(planned.request.model, decision, accepted=None)
+                return Outcome(path=path, status="retry", reason=ONLINE_PROBE, rule=rule.name)
+            sha = sidecar.sha256_file(path)  # hash, then re-stat: as the online path does
+            after = self._restat(path)
+            if after is None:
+                return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name, gone=True)
+            if after != before:
+                return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
+        except ForeignSidecar as exc:
+            return Outcome(path=path, status="skipped", reason=exc.message, rule=rule.name if rule is not None else None, error=exc)
+        except FileNotFoundError:
+            return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name if rule is not None else None, gone=True)
+        except (MediaError, VLMError, SidecarError, OSError) as exc:
+            reason = exc.message if isinstance(exc, MmwatchdError) else f"cannot read the file: {exc.strerror or exc}"
+            return Outcome(path=path, status="retry", reason=reason, rule=rule.name if rule is not None else None)
+        return Prepared(
+            path=path, body=build_body(planned.request), request_bytes=request_bytes(planned.request),
+            identity=before.identity, sha256=sha, kind=kind, rule=rule.name, model=planned.request.model,
+            fingerprint=fingerprint, media=self._media_doc(planned),
+            # The vocabulary is the rule's, not the file's: apply() renders it again rather than keep a copy per line.
+            values={k: v for k, v in {**values, **ctx.raw}.items() if k != "vocabulary"},
+        )  # fmt: skip
+
+    def apply(self, prepared: Prepared, answer: Reply | MmwatchdError, *, last_attempt: bool = False) -> Outcome:
+        """The second half: give the file the answer to its batched request, as :meth:`process` would have (the
+        same sidecar, XMP sidecar and actions; an error answer classified by the same rules), unless the file or its
+        rule changed since it was batched: then it is ``retry``, for the online path, and the answer is dropped."""
+        started = self.clock()
+        path = prepared.path
+        ctx = self._context(path, explicit=False)
+        if isinstance(ctx, Outcome):
+            return ctx
+        before = ctx.before
+        rule = next((r for r in self.config.rules if r.name == prepared.rule), None)
+        if rule is None or rules.fingerprint(rule, self.config.endpoint, prepared.kind) != prepared.fingerprint:
+            return Outcome(path=path, status="retry", reason=RULE_CHANGED, rule=prepared.rule)
+        if before.identity != prepared.identity:
+            return Outcome(path=path, status="retry", reason=BATCHED_CHANGED, rule=rule.name)
+        ctx.values.clear()
+        ctx.values.update({k: v for k, v in prepared.values.items() if k not in ctx.raw})
+        vocabulary = self._vocabularies.get(rule.name)
+        ctx.values["vocabulary"] = vocabulary.render() if vocabulary is not None else ""
+        claim: sidecar.Claim | None = None
+        reservation: sidecar.Reservation | None = None
+        try:
+            if sidecar.sha256_file(path) != prepared.sha256 or self._restat(path) != before:
+                return Outcome(path=path, status="retry", reason=BATCHED_CHANGED, rule=rule.name)
+            existing = sidecar.read(ctx.side)  # a foreign file there is never replaced
+            if self._fresh(path, existing, before, prepared.fingerprint):  # described meanwhile (by `once`, say)
+                return self._up_to_date(path, existing, before, rule, prepared.kind, prepared.fingerprint)
+            claim = sidecar.claim(ctx.side)
+            if claim is None:
+                return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
+            reservation = sidecar.reserve(ctx.side, size=self._sidecar_room(rule))
+            if isinstance(answer, MmwatchdError):
+                raise answer
+            doc = self._answer_doc(
+                path, before, prepared.sha256, answer, rule=rule.name, model=prepared.model,
+                fingerprint=prepared.fingerprint, media=prepared.media, elapsed=self.clock() - started,
+            )  # fmt: skip
+            return self._commit(ctx, reservation, doc, rule, prepared.kind, prepared.request_bytes, started)
+        except (MediaError, VLMError, SidecarError, OSError) as exc:
+            return self._failed(
+                exc, ctx, reservation, rule, prepared.kind, prepared.fingerprint, started, last_attempt=last_attempt
+            )
+        finally:
+            if reservation is not None:
+                reservation.discard()
+            if claim is not None:
+                claim.release()
+
+
+    def _context(self, path: Path, *, explicit: bool) -> _Context | Outcome:
+        """What every look at ``path`` starts from (its version, sidecar path, root and prompt values), or why there
+        is nothing to look at."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return Outcome(path=path, status="skipped", reason=GONE, gone=True)
+        except OSError as exc:
+            return Outcome(path=path, status="skipped", reason=f"cannot stat: {exc.strerror or exc}")
+        if not stat.S_ISREG(st.st_mode):
+            return Outcome(path=path, status="skipped", reason="not a regular file")
+        root, rel = rules.rel_to_roots(path, self._roots)
+        if not explicit and os.path.islink(path):
+            root_spec = next((r for r in self.config.watch if r.path == root), None)
+            if root_spec is None or not link_allowed(root_spec, path):
+                return Outcome(
+                    path=path, status="skipped",
+                    reason="symlink to a file outside the watched folder (set follow_symlinks: true to allow)",
+                )  # fmt: skip
+        before = FileVersion.of(st)
+        side = self._record.where(path)
+        values: dict[str, object] = {
+            # Names are data, never instructions: they go into prompts as quoted strings (JSON escaping, so a
+            # newline or a quote in a file name cannot break out of the quotes).
+            "name": _quoted(path.name),
+            "stem": _quoted(path.stem),
+            "ext": re.sub(r"[^a-z0-9]", "", path.suffix[1:].lower()),
+            "folder": _quoted(path.parent.name),
+            "path": _quoted(str(path)),
+            "relpath": _quoted(rel),
+            "size_bytes": before.size,
+        }
+        # A hook's argv takes each value as one argument, so it gets them as they are.
+        raw: dict[str, object] = {
+            "name": path.name, "stem": path.stem, "folder": path.parent.name, "path": str(path), "relpath": rel,
+        }  # fmt: skip
+        return _Context(path=path, before=before, side=side, root=root, rel=rel, values=values, raw=raw)
+
+    def _match(
+        self, ctx: _Context, *, explicit: bool
+    ) -> tuple[str, MediaError | None, Rule, str] | Outcome:
+        """The file's kind, the problem that stops it being sent (if any), its rule and that rule's fingerprint;
+        or the skip when it is not media or no rule takes it. Puts ``kind`` and ``vocabulary`` into the values."""
+        kind, problem = self._media_kind(ctx.path, ctx.before, explicit=explicit)
+        if kind is None:
+            return Outcome(path=ctx.path, status="skipped", reason="not a photo or video")
+        ctx.values["kind"] = kind
+        rule = rules.match(ctx.rel, kind, self.config.rules)
+        if rule is None:
+            return Outcome(path=ctx.path, status="skipped", reason=f"no rule matches this {kind}")
+        fingerprint = rules.fingerprint(rule, self.config.endpoint, kind)
+        vocabulary = self._vocabularies.get(rule.name)
+        ctx.values["vocabulary"] = vocabulary.render() if vocabulary is not None else ""
+        return kind, problem, rule, fingerprint
+
+    def _commit(
+        self,
+        ctx: _Context,
+        reservation: sidecar.Reservation,
+        doc: dict[str, Any],
+        rule: Rule,
+        kind: str,
+        sent_bytes: int,
+        started: float,
+    ) -> Outcome:
+        """Apply an answer: the XMP sidecar (when configured), the JSON sidecar into its reservation, the rule's
+        on_success actions. The online and the batch path both end here."""
+        self._write_outputs(ctx.path, doc)
+        reservation.commit(doc)
+        outcome = Outcome(
+            path=ctx.path,
+            status="ok",
+            rule=rule.name,
+            request_bytes=sent_bytes,
+            elapsed_s=self.clock() - started,
+            media_kind=kind,
+            fingerprint=str(doc["fingerprint"]),
+            version=ctx.before.version,
+            identity=ctx.before.identity,
+            answer="ok",
+        )
+        return self._act(outcome, rule.on_success, ctx.side, ctx.root, {**ctx.values, **ctx.raw})
+
+    def _failed(
+        self,
+        exc: MediaError | VLMError | SidecarError | OSError,
+        ctx: _Context,
+        reservation: sidecar.Reservation | None,
+        rule: Rule | None,
+        kind: str | None,
+        fingerprint: str,
+        started: float,
+        *,
+        last_attempt: bool,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """What a problem makes of the file: a skip, a retry, or an error sidecar and the on_error actions. The one
+        classification for a problem found on the way and for an error answer, online or from a batch."""
+        path, side, before = ctx.path, ctx.side, ctx.before
+        name = rule.name if rule is not None else None
+        if isinstance(exc, ForeignSidecar):
+            return Outcome(path=path, status="skipped", reason=exc.message, rule=name, error=exc)
+        if isinstance(exc, FileNotFoundError):
+            return Outcome(path=path, status="skipped", reason=GONE, rule=name, gone=True)
+        if isinstance(exc, OSError):  # unreadable now (permissions, I/O error, swapped for a FIFO): not the content
+            return Outcome(
+                path=path, status="retry", reason=f"cannot read the file: {exc.strerror or exc}",
+                rule=name,
+            )  # fmt: skip
+        gave_up = last_attempt and (
+            (isinstance(exc, VLMUnavailable) and exc.counts_against_file) or isinstance(exc, SidecarError)
+        )
+        if exc.retryable and not gave_up:
+            return Outcome(
+                path=path, status="retry", reason=exc.message, rule=name, error=exc,
+                elapsed_s=self.clock() - started,
+            )  # fmt: skip
+        if dry_run:
+            return Outcome(path=path, status="error", reason=exc.message, rule=name, error=exc)
+        if isinstance(exc, SidecarError):
+            # No sidecar can record this: the state store does (the daemon keeps final errors there).
+            return Outcome(
+                path=path, status="error", reason=f"gave up after repeated failures: {exc.message}",
+                rule=name, error=exc, elapsed_s=self.clock() - started,
+            )  # fmt: skip
+        outcome = self._fail(path, side, reservation, rule, fingerprint, before, exc, started, gave_up=gave_up)
+        if outcome.status == "error" and fingerprint:
+            outcome = replace(outcome, media_kind=kind, fingerprint=fingerprint, version=before.version,
+                              identity=before.identity, answer="error")  # fmt: skip
+        if outcome.status == "error" and rule is not None:
+            return self._act(outcome, rule.on_error, side, ctx.root, {**ctx.values, **ctx.raw})
+        return outcome
 
     @staticmethod
     def _fresh(path: Path, doc: dict[str, Any] | None, st: FileVersion, fingerprint: str) -> bool:
@@ -718,14 +938,33 @@ class Pipeline:
     def _ok_doc(
         self, path: Path, planned: _Planned, st: FileVersion, sha256: str, reply: Reply, *, elapsed: float
     ) -> dict[str, Any]:
+        return self._answer_doc(
+            path, st, sha256, reply, rule=planned.rule.name, model=planned.request.model,
+            fingerprint=planned.fingerprint, media=self._media_doc(planned), elapsed=elapsed,
+        )  # fmt: skip
+
+    def _answer_doc(
+        self,
+        path: Path,
+        st: FileVersion,
+        sha256: str,
+        reply: Reply,
+        *,
+        rule: str,
+        model: str,
+        fingerprint: str,
+        media: dict[str, Any],
+        elapsed: float,
+    ) -> dict[str, Any]:
+        """The ok sidecar, from what was sent (``media``: see :meth:`_media_doc`) and what came back."""
         doc = self._header(path, st, sha256)
         doc.update(
             status="ok",
-            rule=planned.rule.name,
-            model=reply.model or planned.request.model,
+            rule=rule,
+            model=reply.model or model,
             **({"endpoint": reply.endpoint} if reply.endpoint else {}),
-            fingerprint=planned.fingerprint,
-            media=self._media_doc(planned),
+            fingerprint=fingerprint,
+            media=media,
             response={
                 "text": reply.text,
                 "data": reply.data,

@@ -109,6 +109,41 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # and the done-index instead.
         "DROP TABLE done_counts",
     ),
+    (
+        # Batch backfill (mmwatchd.backfill): each shard sent to a Batch API or exported for vllm run-batch / Ray,
+        # and what each of its lines is for: the file, the version and hash its request was made from, and the
+        # sidecar's record of the request (JSON), so an answer days later, in another process, is applied as the
+        # online path would have, or not at all when the file changed.
+        """CREATE TABLE batches (
+            id TEXT PRIMARY KEY,
+            mode TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            shard TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            remote_id TEXT,
+            input_file_id TEXT,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            message TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )""",
+        """CREATE TABLE batch_items (
+            custom_id TEXT PRIMARY KEY,
+            batch TEXT NOT NULL,
+            path BLOB NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            ino INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            record TEXT NOT NULL
+        )""",
+        "CREATE INDEX batch_items_batch ON batch_items (batch)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -152,6 +187,46 @@ class ErrorRow:
     kind: str
     message: str
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """One shard of a batch backfill (see :mod:`mmwatchd.backfill`)."""
+
+    id: str
+    #: "api" (sent to a Batch API) or "export" (written for vllm run-batch / Ray Data).
+    mode: str
+    endpoint: str
+    shard: str
+    requests: int
+    bytes: int
+    #: written, submitted (then the API's own: validating, in_progress, finalizing, ...), completed, applied,
+    #: cancelling, cancelled, failed, expired.
+    status: str
+    remote_id: str | None
+    input_file_id: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    message: str | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One line of a shard: which file, which version of it (size, mtime, inode, ctime, sha256) under which rule
+    fingerprint, and ``record``: what applying its answer needs (:meth:`mmwatchd.pipeline.Prepared.record`)."""
+
+    custom_id: str
+    batch: str
+    path: Path
+    size: int
+    mtime_ns: int
+    ino: int
+    ctime_ns: int
+    sha256: str
+    fingerprint: str
+    record: dict[str, Any]
 
 
 #: The system service's config folder and its ``StateDirectory=mmwatchd`` (see systemd/mmwatchd.service).
@@ -436,6 +511,86 @@ class State:
                 "SELECT path, root, kind, message, at FROM errors ORDER BY id DESC LIMIT ?", (max(0, limit),)
             ).fetchall()
         return [ErrorRow(_path(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    # -- batch backfill ----------------------------------------------------------------------------------------
+
+    _BATCH_COLUMNS = (
+        "id, mode, endpoint, shard, requests, bytes, status, remote_id, input_file_id, output_file_id, "
+        "error_file_id, message, created, updated"
+    )
+
+    def add_batch(self, batch: BatchRow, items: Iterable[BatchItem]) -> None:
+        """Record a shard and its lines, in one transaction: a shard is known with all its lines or not at all."""
+        with self._write() as db:
+            db.execute(
+                f"INSERT INTO batches ({self._BATCH_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                (batch.id, batch.mode, batch.endpoint, batch.shard, batch.requests, batch.bytes, batch.status,
+                 batch.remote_id, batch.input_file_id, batch.output_file_id, batch.error_file_id, batch.message,
+                 batch.created, batch.updated),
+            )  # fmt: skip
+            db.executemany(
+                """INSERT INTO batch_items (custom_id, batch, path, size, mtime_ns, ino, ctime_ns, sha256, fingerprint,
+                   record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                ((i.custom_id, batch.id, os.fsencode(i.path), i.size, i.mtime_ns, i.ino, i.ctime_ns, i.sha256,
+                  i.fingerprint, json.dumps(i.record)) for i in items),
+            )  # fmt: skip
+
+    _BATCH_FIELDS = frozenset(
+        {"status", "remote_id", "input_file_id", "output_file_id", "error_file_id", "message"}
+    )
+
+    def update_batch(self, batch_id: str, **fields: str | None) -> None:
+        """Set some of a shard's status, remote id, file ids and message."""
+        unknown = set(fields) - self._BATCH_FIELDS
+        if unknown:
+            raise ValueError(f"not batch fields: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE batches SET {sets}, updated = ? WHERE id = ?", (*fields.values(), self.clock(), batch_id)
+            )
+
+    def batches(self) -> list[BatchRow]:
+        """Every shard, oldest first."""
+        with self._read() as db:
+            rows = db.execute(f"SELECT {self._BATCH_COLUMNS} FROM batches ORDER BY created, id").fetchall()
+        return [BatchRow(*row) for row in rows]
+
+    def batch_items(self, batch_id: str | None = None, *, custom_ids: Iterable[str] = ()) -> dict[str, BatchItem]:
+        """A shard's lines by custom_id (``batch_id``), or the lines with these ``custom_ids`` from any shard."""
+        query = (
+            "SELECT custom_id, batch, path, size, mtime_ns, ino, ctime_ns, sha256, fingerprint, record FROM batch_items"
+        )
+        with self._read() as db:
+            if batch_id is not None:
+                rows = db.execute(f"{query} WHERE batch = ?", (batch_id,)).fetchall()
+            else:
+                rows = []
+                wanted = list(custom_ids)
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start : start + 500]
+                    rows += db.execute(
+                        f"{query} WHERE custom_id IN ({', '.join('?' * len(chunk))})", chunk
+                    ).fetchall()
+        return {
+            r[0]: BatchItem(r[0], r[1], _path(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9])) for r in rows
+        }
+
+    def batched_paths(self, statuses: Iterable[str]) -> set[str]:
+        """Paths with a line in a shard whose status is one of ``statuses`` (the ones still waiting for answers)."""
+        wanted = list(statuses)
+        with self._read() as db:
+            rows = db.execute(
+                f"""SELECT DISTINCT i.path FROM batch_items i JOIN batches b ON b.id = i.batch
+                    WHERE b.status IN ({', '.join('?' * len(wanted))})""",
+                wanted,
+            ).fetchall()
+        return {os.fsdecode(r[0]) for r in rows}
+
+    def forget_batch_items(self, batch_id: str) -> None:
+        """Drop a finished shard's lines (the shard's row stays, for ``backfill --status``)."""
+        with self._write() as db:
+            db.execute("DELETE FROM batch_items WHERE batch = ?", (batch_id,))
 
     # -- request counter ---------------------------------------------------------------------------------------
 

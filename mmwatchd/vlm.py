@@ -21,7 +21,8 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
@@ -35,6 +36,8 @@ from .servers import EndpointKnowledge, KnowledgeStore, root_url
 from .wire import build_body, plain, redact_text, request_bytes
 
 __all__ = ["NO_KEY", "VLMClient"]
+
+T = TypeVar("T")
 
 #: Sent as the bearer token when no key is configured: the SDK insists on one, local servers ignore it.
 NO_KEY = "sk-no-key-needed"
@@ -274,6 +277,69 @@ class VLMClient:
             f"the reply began: {self._snippet(text)}"
         )
 
+    # -- batches (the OpenAI Batch API; mmwatchd.backfill) ----------------------------------------------------------
+
+    def reply_from(self, completion: Any, *, model: str, schema: Mapping[str, Any] | None) -> Reply:
+        """A batch output line's chat completion as :meth:`describe` would have returned it. An unusable reply is
+        VLMBadReply at once: there is no second ask inside a batch (the caller sends the file the online way)."""
+        if not isinstance(completion, dict):
+            raise VLMBadReply(f"a batch answered {self._snippet(json.dumps(completion))}, not a chat completion")
+        text, source, finish_reason = self._answer(completion)
+        data, wrong = _judge(text, schema)
+        if wrong is not None:
+            raise VLMBadReply(f"model {model!r} at {self._url} gave an unusable reply in a batch: {wrong}")
+        usage = completion.get("usage")
+        return Reply(
+            text=text, data=data, model=str(completion.get("model") or model), finish_reason=finish_reason,
+            usage=dict(usage) if isinstance(usage, Mapping) else None, latency_s=0.0, source=source, attempts=1,
+        )  # fmt: skip
+
+    def error_from(self, status: int, body: Any) -> VLMUnavailable | VLMRejected:
+        """A batch line's HTTP error (``status`` and the error object of its body) translated exactly as the same
+        answer to an online request is (:meth:`_status_error`)."""
+        error = body.get("error", body) if isinstance(body, Mapping) else body  # unwrapped, as the SDK does
+        code = error.get("code") if isinstance(error, Mapping) else None
+        said = self._server_message(error, "")
+        return self._http_error(status, said, {}, code if isinstance(code, str) else None, None)
+
+    def upload_batch(self, path: Path) -> str:
+        """Upload a JSONL shard (``purpose: batch``); its file id."""
+        with open(path, "rb") as f:
+            uploaded = self._call(lambda: self._client.files.create(file=(path.name, f), purpose="batch"))
+        return str(uploaded.id)
+
+    def create_batch(self, file_id: str, *, metadata: Mapping[str, str]) -> dict[str, Any]:
+        """Start a batch of chat completions over an uploaded shard, to be done within 24 hours."""
+        batch = self._call(lambda: self._client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=dict(metadata),
+        ))  # fmt: skip
+        return dict(batch.model_dump())
+
+    def get_batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(lambda: self._client.batches.retrieve(batch_id)).model_dump())
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(lambda: self._client.batches.cancel(batch_id)).model_dump())
+
+    def file_content(self, file_id: str) -> bytes:
+        """A file's bytes (a batch's output or error file)."""
+        return bytes(self._call(lambda: self._client.files.content(file_id)).content)
+
+    def _call(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except openai.APIStatusError as exc:
+            if exc.status_code in (404, 405):  # Ollama, LM Studio, a plain vLLM server: chat only
+                refused = VLMRejected(self._scrub(
+                    f"{self._url} has no Batch API (HTTP {exc.status_code} at {exc.request.url.path}): send the "
+                    "backlog with mmwatchd scan, or export it for vllm run-batch (mmwatchd backfill --export DIR)"
+                ))  # fmt: skip
+                refused.status = exc.status_code
+                raise refused from exc
+            raise self._status_error(exc, None) from exc
+        except openai.APIConnectionError as exc:
+            raise self._connection_error(exc) from exc
+
     # -- one call ------------------------------------------------------------------------------------------------
 
     def _create(self, body: dict[str, Any], req: VLMRequest) -> dict[str, Any]:
@@ -344,15 +410,20 @@ class VLMClient:
         return self._unavailable(message, None)
 
     def _status_error(self, exc: openai.APIStatusError, req: VLMRequest | None) -> VLMUnavailable | VLMRejected:
-        status = exc.status_code
-        said = self._server_message(exc)
+        said = self._server_message(exc.body, exc.response.reason_phrase)
+        return self._http_error(exc.status_code, said, exc.response.headers, exc.code, req)
+
+    def _http_error(
+        self, status: int, said: str, headers: Mapping[str, str], code: str | None, req: VLMRequest | None
+    ) -> VLMUnavailable | VLMRejected:
+        """An HTTP error answer (``said``: the server's words, ``code``: its error code), online or in a batch."""
         if status in (408, 409, 429) or status >= 500:
-            retry_after = _retry_after(exc.response.headers)
+            retry_after = _retry_after(headers)
             wait = f"; the server asks to retry after {retry_after:g} s" if retry_after is not None else ""
             busy = f"endpoint {self._url} cannot take the request now (HTTP {status}): {said}{wait}"
             return self._unavailable(busy, retry_after, status)
         refused = f"endpoint {self._url} refused the request (HTTP {status}): {said}"
-        return self._with_status(self._refusal(exc, req, status, said, refused), status, said)
+        return self._with_status(self._refusal(code, req, status, said, refused), status, said)
 
     @staticmethod
     def _with_status(
@@ -364,7 +435,7 @@ class VLMClient:
         return error
 
     def _refusal(
-        self, exc: openai.APIStatusError, req: VLMRequest | None, status: int, said: str, refused: str
+        self, code: str | None, req: VLMRequest | None, status: int, said: str, refused: str
     ) -> VLMRejected | VLMMisconfigured:
         if status == 413:
             size = f" of about {request_bytes(req)} bytes" if req is not None else ""
@@ -383,7 +454,7 @@ class VLMClient:
             else:
                 hint = f"Check the key in ${env}"
             return self._misconfigured(f"{refused}. {hint}", status)
-        if status == 404 and req is not None and ("model" in said.lower() or exc.code == "model_not_found"):
+        if status == 404 and req is not None and ("model" in said.lower() or code == "model_not_found"):
             return self._misconfigured(
                 f"model {req.model!r} not found at {self._url} (HTTP 404): {said}. Pull it "
                 f"(`ollama pull {req.model}`) or check endpoint.model / the rule's model",
@@ -406,9 +477,9 @@ class VLMClient:
         error.status = status
         return error
 
-    def _server_message(self, exc: openai.APIStatusError) -> str:
-        """The server's own words: the error body's message, clipped, without payloads or the key."""
-        body = exc.body  # the SDK has already unwrapped OpenAI's {"error": {...}}
+    def _server_message(self, body: object, reason_phrase: str) -> str:
+        """The server's own words: the error body's message, clipped, without payloads or the key. ``body`` as the
+        SDK gives it: OpenAI's {"error": {...}} already unwrapped."""
         said: str | None = None
         if isinstance(body, Mapping):
             for key in ("message", "detail", "error", "msg"):
@@ -424,7 +495,7 @@ class VLMClient:
         elif isinstance(body, str) and body.strip():
             said = re.sub(r"<[^>]*>", " ", body) if body.lstrip().startswith("<") else body
         if not said:
-            said = exc.response.reason_phrase or "no message"
+            said = reason_phrase or "no message"
         return self._snippet(said, limit=_SERVER_MESSAGE_CHARS, quote=False)
 
     def _snippet(self, text: str, *, limit: int = _REPLY_SNIPPET_CHARS, quote: bool = True) -> str:

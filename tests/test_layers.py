@@ -69,7 +69,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # One file, start to end.
     ("mmwatchd.pipeline",),
     # The service: queue, workers, watchers, signals.
-    ("mmwatchd.daemon",),
+    ("mmwatchd.daemon", "mmwatchd.backfill"),
     # The command line.
     ("mmwatchd.cli", "mmwatchd.__main__"),
 )
