@@ -105,7 +105,7 @@ class Outcome:
     action_problems: tuple[str, ...] = ()
     #: For files that have their answer (ok, error, up to date): the version answered and under which rule
     #: fingerprint, for the done-index that lets rescans skip them.
-    kind: str | None = None
+    media_kind: str | None = None
     fingerprint: str | None = None
     version: tuple[int, int] | None = None
     #: Which sidecar the file has for that version, "ok" or "error" (also when it was found up to date).

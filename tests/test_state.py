@@ -283,8 +283,9 @@ class TestHistoryAndCounts:
         db.parent.mkdir()
         conn = sqlite3.connect(db)
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-        conn.execute(f"INSERT INTO schema_version VALUES ({state.SCHEMA_VERSION - 1})")
-        for statement in (step for steps in state.MIGRATIONS[:-1] for step in steps):
+        drop = next(i for i, steps in enumerate(state.MIGRATIONS) if "DROP TABLE done_counts" in steps)
+        conn.execute(f"INSERT INTO schema_version VALUES ({drop})")  # a database from before the drop
+        for statement in (step for steps in state.MIGRATIONS[:drop] for step in steps):
             conn.execute(statement)
         conn.execute("INSERT INTO done_counts (root, ok, error) VALUES ('a', 3, 1)")
         conn.commit()
