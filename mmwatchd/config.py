@@ -315,6 +315,11 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
                 problems.append(
                     f"{locate(source, positions, ('rules', i, 'reference_images', j))}: {ref} is not a readable file"
                 )
+    if cfg.endpoint.max_concurrency is not None and cfg.endpoint.concurrency != "auto":
+        problems.append(
+            f"{locate(source, positions, ('endpoint', 'max_concurrency'))}: applies only with concurrency: auto "
+            f"(concurrency is {cfg.endpoint.concurrency}); set concurrency: auto, or remove max_concurrency"
+        )
     if cfg.endpoint.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.endpoint.api_key_env):
         problems.append(
             f"{locate(source, positions, ('endpoint', 'api_key_env'))}: must be the NAME of an environment "
