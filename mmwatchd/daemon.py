@@ -1,8 +1,9 @@
 """The running service: intake (startup scan, watcher, periodic rescan), a bounded queue, N workers, the endpoint
 gate, request limits, retries that survive restarts, reload, systemd notification, shutdown.
 
-Threads, all owned and joined here: the workers (``endpoint.concurrency`` of them: requests in flight at most), one
-feeder and one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs the service
+Threads, all owned and joined here: the workers (``endpoint.concurrency`` of them: requests in flight at most; with
+``concurrency: auto``, ``max_concurrency`` of them, and :mod:`mmwatchd.limiter` lets as many requests go as the server
+takes), one feeder and one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs the service
 loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the folders
 (startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping the
 watchdog and to stop.
@@ -45,6 +46,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from mmwatchd import limiter as limiter_mod
 from mmwatchd import search
 from mmwatchd import sidecar as sidecar_mod
 from mmwatchd.model import Config
@@ -52,6 +54,7 @@ from mmwatchd.errors import (
     ConfigError,
     SidecarError,
     StateError,
+    VLMBadReply,
     VLMError,
     VLMMisconfigured,
     VLMRejected,
@@ -161,11 +164,12 @@ class _MeteredClient:
     def __init__(self, client: VLMClient, daemon: Daemon) -> None:
         self.client = client
         self.daemon = daemon
+        self._wire = _WireTimes(daemon.metrics, daemon.clock)  # concurrency: auto
         # A client that cannot report each HTTP request (an injected SDK client) is metered once per describe.
         self._per_describe = not getattr(client, "counts_every_request", False)
         if not self._per_describe:
             client.before_request = daemon._before_request
-            client.observer = daemon.metrics
+            client.observer = self._wire
 
     @property
     def knowledge(self) -> EndpointKnowledge | None:
@@ -174,17 +178,70 @@ class _MeteredClient:
 
     def describe(self, req: VLMRequest) -> Reply:
         d = self.daemon
-        if self._per_describe:
-            d._before_request()
+        # concurrency: auto: wait for a slot; release it with what the request says about the server's load.
+        concurrency = d.concurrency
+        if not concurrency.acquire(d.stopping):
+            raise Stopping("mmwatchd is stopping: the request was not sent")
+        self._wire.start()
+        started = d.clock()
+        load: limiter_mod.RequestOutcome = "ignored"
         try:
-            with d.metrics.describing():
-                reply = self.client.describe(req)
+            if self._per_describe:
+                d._before_request()
+            try:
+                with d.metrics.describing():
+                    reply = self.client.describe(req)
+                load = "ok"
+            except VLMBadReply:
+                load = "ok"  # answered in the usual time: a sample all the same
+                raise
+            except VLMUnavailable as exc:
+                load = "ignored" if isinstance(exc, QuotaReached | Stopping) else "dropped"
+                raise
         except VLMRejected as exc:
             d._refused(exc)  # raises EndpointRefuses instead once the refusals are endpoint-wide
             raise
+        finally:
+            rtt = self._wire.rtt() if not self._per_describe else d.clock() - started
+            concurrency.release(rtt, "dropped" if self._wire.overloaded() else load)
         d.metrics.replied(reply)
         d._accepted()
         return reply
+
+
+class _WireTimes:
+    """The VLM client's request observer: passes every request on to the metrics, and keeps, per worker, what
+    ``concurrency: auto`` learns from it: the time from sending the last request to its answer (the SDK's retries
+    and backoff waits, and a wait for the rate limit, are not in it), and whether any answer said the server is
+    overloaded (429, 5xx), which the SDK may have retried into a success."""
+
+    def __init__(self, metrics: Metrics | Unmetered, clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self._local = threading.local()
+
+    def start(self) -> None:
+        self._local.sent = self._local.rtt = None
+        self._local.overloaded = False
+
+    def rtt(self) -> float:
+        rtt = getattr(self._local, "rtt", None)
+        return float("nan") if rtt is None else float(rtt)  # no answer: no sample
+
+    def overloaded(self) -> bool:
+        return bool(getattr(self._local, "overloaded", False))
+
+    def sent(self, nbytes: int) -> None:
+        self._local.sent = self.clock()
+        self.metrics.sent(nbytes)
+
+    def answered(self, status: int) -> None:
+        sent = getattr(self._local, "sent", None)
+        if sent is not None:
+            self._local.rtt = self.clock() - sent
+        if status == 429 or status >= 500:
+            self._local.overloaded = True
+        self.metrics.answered(status)
 
 
 class SignalRelay:
@@ -308,10 +365,14 @@ class Daemon:
         self.wall_clock = wall_clock
         self.one_shot_attempts = one_shot_attempts
         self.limiter = RateLimiter(config.endpoint.requests_per_minute, clock=clock)
+        #: Requests in flight at most: fixed, or found by measuring (concurrency: auto, mmwatchd.limiter).
+        self.concurrency = limiter_mod.for_endpoint(config.endpoint, clock=clock)
+        self._limit_recorded: int | None = None
+        workers = limiter_mod.workers(config.endpoint)
         # Decoders (C libraries fed untrusted files) run in their own processes: one that hangs, crashes or
         # balloons costs only its file. Both cores decode while requests are in flight.
         self.isolator = Isolator(
-            workers=max(1, min(config.endpoint.concurrency, os.cpu_count() or 1)),
+            workers=max(1, min(workers, os.cpu_count() or 1)),
             preload=("mmwatchd.encode",),
             **_decoder_limits(config),
         )
@@ -323,7 +384,7 @@ class Daemon:
         #: Set (with ``stopping``) when a one-shot run cannot go on: the daily cap, an endpoint refusing everything.
         self.halted: str | None = None
         self._queue: queue.Queue[tuple[Path, bool, bool] | None] = queue.Queue(
-            maxsize=max(64, 16 * config.endpoint.concurrency)
+            maxsize=max(64, 16 * workers)
         )
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -366,7 +427,7 @@ class Daemon:
         self.metrics: Metrics | Unmetered = Unmetered()
         if metrics or config.metrics is not None:
             self.metrics = Metrics(
-                endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.config.endpoint.concurrency
+                endpoint_name(config), queued=self._queue.qsize, limit=lambda: self.concurrency.limit
             )
         self.processor = self._processor(config)
 
@@ -381,7 +442,7 @@ class Daemon:
         """Start the workers, the feeder, and the prober that opens the gate (without it, call ``check_endpoint``
         first)."""
         self.isolator.prestart()
-        for i in range(self.config.endpoint.concurrency):
+        for i in range(limiter_mod.workers(self.config.endpoint)):
             self._workers.append(self._spawn(self._worker, f"mmwatchd-worker-{i}"))
         self._spawn(self._feeder, "mmwatchd-feeder")
         if prober:
@@ -437,6 +498,7 @@ class Daemon:
         # not at fault and is picked up again by the next start). Requests on the wire need no decoder any more.
         self.isolator.close()
         self.metrics.close()
+        self._record_limit()
         # No request leaves after the stop, retries included: one already on the wire ends within timeout_s (plus
         # the SDK's short wait when it was about to retry, and the sidecar write).
         deadline = time.monotonic() + (grace_s if grace_s is not None else self.config.endpoint.timeout_s + 15)
@@ -744,6 +806,7 @@ class Daemon:
                 if (line != status and now - last_status >= STATUS_MIN_S) or now - last_status >= self.status_every_s:
                     self.notifier.status(line)
                     status, last_status = line, now
+                    self._record_limit()
         finally:
             self.request_stop()
             self.notifier.stopping()
@@ -786,7 +849,19 @@ class Daemon:
             f"{waiting} queued, {busy} in flight, {c.get('ok', 0)} done, {c.get('error', 0)} failed, "
             f"{retrying} retrying; endpoint {endpoint}"
         )
+        if self.concurrency.auto:  # concurrency: auto: the limit found so far
+            line += f"; concurrency {self.concurrency.limit} (auto, at most {limiter_mod.workers(self.config.endpoint)})"
         return line + ("; scanning" if walking else "")
+
+    def _record_limit(self) -> None:
+        """concurrency: auto: keep the limit found so far where ``mmwatchd status`` reads it (when it changed)."""
+        limit = self.concurrency.limit
+        if not self.concurrency.auto or self.state is None or limit == self._limit_recorded:
+            return
+        self._limit_recorded = limit
+        ep = self.config.endpoint
+        record = {"limit": limit, "max": limiter_mod.workers(ep), "at": self.wall_clock()}
+        self._store("record the concurrency limit", self.state.remember_endpoint, limiter_mod.state_key(ep), record)
 
     def progress(self) -> Snapshot:
         """The numbers a progress bar or line shows (see :mod:`mmwatchd.progress`). The total is every file
@@ -827,7 +902,9 @@ class Daemon:
                 self.notifier.ready(self._status_line())
                 return watcher
             self.limiter = RateLimiter(new.endpoint.requests_per_minute, clock=self.clock)
-            if new.endpoint.concurrency != old.endpoint.concurrency:
+            if (new.endpoint.concurrency, new.endpoint.max_concurrency) != (
+                old.endpoint.concurrency, old.endpoint.max_concurrency
+            ):
                 log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
         self.isolator.set_limits(**_decoder_limits(new))  # decoders under other limits are replaced once idle
         self.config = new

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from mmwatchd.model import EndpointConfig
@@ -213,6 +214,12 @@ def workers(endpoint: EndpointConfig) -> int:
     if endpoint.concurrency == "auto":
         return endpoint.max_concurrency or DEFAULT_MAX_CONCURRENCY
     return endpoint.concurrency
+
+
+def state_key(endpoint: EndpointConfig) -> str:
+    """Where the service keeps the limit it found, for ``mmwatchd status`` (the state database's endpoint table)."""
+    parts = urlsplit(endpoint.base_url)
+    return "concurrency " + urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def for_endpoint(endpoint: EndpointConfig, *, clock: Callable[[], float] = time.monotonic) -> FixedLimit | AutoLimiter:

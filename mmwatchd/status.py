@@ -14,7 +14,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
-from mmwatchd import rules, sidecar
+from mmwatchd import limiter, rules, sidecar
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
 from mmwatchd.media import looked_at
@@ -66,6 +66,22 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
         ],
         "requests_today": state.requests_today(),
         "max_requests_per_day": cfg.endpoint.max_requests_per_day,
+        "concurrency": _concurrency(cfg, state),
+    }
+
+
+def _concurrency(cfg: Config, state: State) -> dict[str, Any] | int:
+    """The fixed concurrency, or for ``auto`` the limit the service found last (None until it has run)."""
+    ep = cfg.endpoint
+    if ep.concurrency != "auto":
+        return ep.concurrency
+    found = state.endpoint_capabilities(limiter.state_key(ep)) or {}
+    limit, at = found.get("limit"), found.get("at")
+    return {
+        "auto": True,
+        "max": limiter.workers(ep),
+        "limit": limit if isinstance(limit, int) else None,
+        "at": _iso(at) if isinstance(at, int | float) else None,
     }
 
 
@@ -124,6 +140,10 @@ def render(report: dict[str, Any]) -> str:
         )
     cap = report["max_requests_per_day"]
     lines.append(f"requests today: {report['requests_today']}" + (f" of {cap}" if cap else ""))
+    conc = report["concurrency"]
+    if isinstance(conc, dict):
+        found = "not found yet" if conc["limit"] is None else f"{conc['limit']} in flight, as of {conc['at']}"
+        lines.append(f"concurrency: auto (at most {conc['max']}): {found}")
     if report["retrying"]:
         lines.append("retrying:")
         for r in report["retrying"]:
