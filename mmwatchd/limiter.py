@@ -13,7 +13,8 @@ do, from the latency alone:
   While nothing queues that is a rise by the allowance; once requests queue it settles where about ``allowance``
   requests wait at the server (``limit x (1 - gradient) = allowance``): the server is kept full, and a request
   waits at most a fraction of one answer's time. At a limit of 2 or 3 the allowance is 1, so a server that takes
-  two at once sees three in flight at most.
+  two at once sees three in flight at most. Until the first window that shows a queue, a limit of 4 or more grows
+  by half each window instead (slow start), so a wide server is found in a few round trips.
 - A window in which the limit was never reached (not enough work) does not raise it: it proves nothing about more.
 - A request dropped by the server (429, 5xx, a timeout, a reset connection) cuts the limit by :data:`BACKOFF`, once
   per round trip (drops of requests sent before the cut do not cut again).
@@ -51,7 +52,7 @@ INITIAL_LIMIT = 2
 MIN_WINDOW = 4
 #: The limit is multiplied by this on a dropped request.
 BACKOFF = 0.75
-#: Slow start (growing by half per window) from this limit on, while the gradient stays above this.
+#: Slow start (growing by half each window) from this limit on, while the gradient stays above this.
 SLOW_START_FROM = 4
 SLOW_START_GRADIENT = 0.9
 #: How often one window runs at half the limit to measure the unloaded latency afresh.
