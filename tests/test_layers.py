@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.templates",
         "mmwatchd.isobmff",
         "mmwatchd.vocabulary",
+        "mmwatchd.limiter",
     ),
     # Every frozen value: the config specs and what passes between stages.
     ("mmwatchd.model",),
