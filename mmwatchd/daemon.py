@@ -837,9 +837,16 @@ class Daemon:
             self._logged.add(key)
         return first
 
+    def _in_flight(self) -> int:
+        """Files being worked on (called with the lock held). With concurrency: auto, only those whose request is on
+        the wire: the other workers are encoding, or waiting for the limit with their request ready."""
+        if isinstance(self.concurrency, limiter_mod.AutoLimiter):
+            return min(len(self._busy), self.concurrency.in_flight)
+        return len(self._busy)
+
     def _status_line(self) -> str:
         with self._lock:
-            busy = len(self._busy)
+            busy = self._in_flight()
             retrying = len(self._retries)
             waiting = max(0, len(self._pending) - busy - retrying)
             c = dict(self.counts)
@@ -870,7 +877,7 @@ class Daemon:
             done = sum(self.counts.values())
             failed = self.counts["error"] + self.counts["retry"]
             total = None if self._walks or self._scan_wanted is not None else done + len(self._pending)
-            in_flight = len(self._busy)
+            in_flight = self._in_flight()
             endpoint = self._endpoint
             rate_limited = self.clock() < self._rate_limited_until
         if self.limiter.waiting or (rate_limited and endpoint == "up"):

@@ -122,3 +122,22 @@ class TestService:
         wait_until(side.exists)
         assert json.loads(side.read_text())["status"] == "error"
         assert d.concurrency.limit == INITIAL_LIMIT
+
+    def test_in_flight_counts_requests_on_the_wire_not_workers_waiting_for_the_limit(
+        self, daemon: tuple[Daemon, list[str]], fake_vlm: FakeVLM, tmp_path: Path
+    ) -> None:
+        """Five files, 32 workers, a limit of 2: two requests are held at the server, three files wait."""
+        d, _ = daemon
+        hold = threading.Event()
+        for _ in range(5):
+            fake_vlm.enqueue(json=chat_completion("a photo"), hold=hold, path="/v1/chat/completions")
+        photos = [make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (64, 48), seed=i) for i in range(5)]
+        try:
+            wait_until(lambda: fake_vlm.in_flight == INITIAL_LIMIT and d.progress().total == 5)
+            assert d.progress().in_flight == INITIAL_LIMIT
+            assert d._status_line().startswith(f"3 queued, {INITIAL_LIMIT} in flight, 0 done")
+        finally:
+            hold.set()
+        for p in photos:
+            wait_until(p.with_name(p.name + ".json").exists)
+        assert fake_vlm.peak_in_flight == INITIAL_LIMIT
