@@ -2,11 +2,11 @@
 gate, request limits, retries that survive restarts, reload, systemd notification, shutdown.
 
 Threads, all owned and joined here: the workers (``endpoint.concurrency`` of them: requests in flight at most; with
-``concurrency: auto``, ``max_concurrency`` of them, and :mod:`mmwatchd.limiter` lets as many requests go as the server
-takes), one feeder and one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling thread runs the service
-loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the folders
-(startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping the
-watchdog and to stop.
+``concurrency: auto``, ``max_concurrency`` of them, and :mod:`mmwatchd.limiter` lets as many requests go as the
+server takes), one feeder and one endpoint prober. watchdog's own threads are owned by ``Watcher``. The calling
+thread runs the service loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the
+feeder walks the folders (startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the
+loop free to ping the watchdog and to stop.
 
 Stopping (SIGTERM, SIGINT: see :class:`SignalRelay`): nothing new starts. Requests already on the wire finish and
 their sidecars are written; no request leaves after the stop, neither a new one nor a retry of one in flight (every
@@ -856,19 +856,19 @@ class Daemon:
             f"{waiting} queued, {busy} in flight, {c.get('ok', 0)} done, {c.get('error', 0)} failed, "
             f"{retrying} retrying; endpoint {endpoint}"
         )
-        if self.concurrency.auto:  # concurrency: auto: the limit found so far
-            line += f"; concurrency {self.concurrency.limit} (auto, at most {limiter_mod.workers(self.config.endpoint)})"
+        if isinstance(self.concurrency, limiter_mod.AutoLimiter):  # the limit found so far
+            line += f"; concurrency {self.concurrency.limit} (auto, at most {self.concurrency.max_limit})"
         return line + ("; scanning" if walking else "")
 
     def _record_limit(self) -> None:
         """concurrency: auto: keep the limit found so far where ``mmwatchd status`` reads it (when it changed)."""
-        limit = self.concurrency.limit
-        if not self.concurrency.auto or self.state is None or limit == self._limit_recorded:
+        auto = self.concurrency
+        if not isinstance(auto, limiter_mod.AutoLimiter) or self.state is None or auto.limit == self._limit_recorded:
             return
-        self._limit_recorded = limit
-        ep = self.config.endpoint
-        record = {"limit": limit, "max": limiter_mod.workers(ep), "at": self.wall_clock()}
-        self._store("record the concurrency limit", self.state.remember_endpoint, limiter_mod.state_key(ep), record)
+        self._limit_recorded = limit = auto.limit
+        record = {"limit": limit, "max": auto.max_limit, "at": self.wall_clock()}
+        key = limiter_mod.state_key(self.config.endpoint)
+        self._store("record the concurrency limit", self.state.remember_endpoint, key, record)
 
     def progress(self) -> Snapshot:
         """The numbers a progress bar or line shows (see :mod:`mmwatchd.progress`). The total is every file
