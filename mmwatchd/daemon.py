@@ -909,10 +909,9 @@ class Daemon:
                 self.notifier.ready(self._status_line())
                 return watcher
             self.limiter = RateLimiter(new.endpoint.requests_per_minute, clock=self.clock)
-            if (new.endpoint.concurrency, new.endpoint.max_concurrency) != (
-                old.endpoint.concurrency, old.endpoint.max_concurrency
-            ):
-                log.warning("config.restart_needed", key="endpoint.concurrency", note="applies after a restart")
+            for key in ("concurrency", "max_concurrency"):  # the worker threads, and the limiter
+                if getattr(new.endpoint, key) != getattr(old.endpoint, key):
+                    log.warning("config.restart_needed", key=f"endpoint.{key}", note="applies after a restart")
         self.isolator.set_limits(**_decoder_limits(new))  # decoders under other limits are replaced once idle
         self.config = new
         processor = self._processor(new)
