@@ -15,6 +15,7 @@ from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_jpeg
 from prometheus_client.parser import text_string_to_metric_families
 from running import wait_until
+from test_daemon import Runner
 
 from mmwatchd import config
 from mmwatchd.cli import main
@@ -141,3 +142,20 @@ class TestService:
         for p in photos:
             wait_until(p.with_name(p.name + ".json").exists)
         assert fake_vlm.peak_in_flight == INITIAL_LIMIT
+
+
+def test_a_reload_that_changes_max_concurrency_says_it_needs_a_restart(tmp_path: Path, fake_vlm: FakeVLM) -> None:
+    runner = Runner(tmp_path, fake_vlm)
+    try:
+        d = runner.start(endpoint={"concurrency": "auto", "max_concurrency": 8})
+        write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": "auto", "max_concurrency": 16})
+        with structlog.testing.capture_logs() as logs:
+            d.reload_requested.set()
+            wait_until(lambda: any(e["event"] == "config.reloaded" for e in logs))
+        needed = [e["key"] for e in logs if e["event"] == "config.restart_needed"]
+        assert needed == ["endpoint.max_concurrency"]
+        assert d.config.endpoint.max_concurrency == 16
+        assert "(auto, at most 8)" in d._status_line()  # the running limiter and workers are the old ones
+        assert len(d._workers) == 8
+    finally:
+        runner.close()
