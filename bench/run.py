@@ -22,6 +22,8 @@ Rows (``--only`` takes the name or the number; repeatable):
               the whole command vs a walk+stat (see search.py)
 9 raw         camera RAW samples (../shared/media/raw) through ``mmwatchd once --dry-run``: the embedded preview vs a
               half-size demosaic of the same files, as whole commands and in-process (see raw.py)
+10 concurrency ``concurrency: auto`` through ``mmwatchd scan`` against a server that batches like a GPU server (see
+              concurrency.py)
 
 Times are best of 3 (images), of 2-3 (video, see video.py) or single runs (the CLI rows, which are long enough).
 Inputs are generated from fixed seeds and cached (see :mod:`inputs`; ``$MMWATCHD_BENCH_CACHE``), so a second run
@@ -61,8 +63,9 @@ for extra in (BENCH, ROOT):
 
 import inputs
 from server import FixedLatencyServer, self_check
+from concurrency import row_concurrency  # noqa: F401 (row 10, run by name)
 
-ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search", "raw")
+ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search", "raw", "concurrency")
 LATENCY_S = 0.2
 
 

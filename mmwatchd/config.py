@@ -359,6 +359,11 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
     keyed: list[tuple[KeyPath, EndpointConfig]] = [(("endpoint",), cfg.endpoint)]
     keyed += [(("endpoints", i), e) for i, e in enumerate(cfg.endpoints)]
     for where, endpoint in keyed:
+        if endpoint.max_concurrency is not None and endpoint.concurrency != "auto":
+            problems.append(
+                f"{locate(source, positions, (*where, 'max_concurrency'))}: applies only with concurrency: auto "
+                f"(concurrency is {endpoint.concurrency}); set concurrency: auto, or remove max_concurrency"
+            )
         if endpoint.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", endpoint.api_key_env):
             problems.append(
                 f"{locate(source, positions, (*where, 'api_key_env'))}: must be the NAME of an environment "

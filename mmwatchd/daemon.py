@@ -52,6 +52,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from mmwatchd import endpoint as endpoint_mod
+from mmwatchd import limiter as limiter_mod
 from mmwatchd import live, search
 from mmwatchd import sidecar as sidecar_mod
 from mmwatchd.endpoint import (
@@ -225,7 +226,9 @@ class Daemon:
         self._local = threading.local()  # the path a worker is on, for the refusal check
         self._lock = threading.Lock()
         self._logged: set[tuple[Path | None, str]] = set()
-        concurrency = sum(m.spec.concurrency for m in members(config))  # workers: requests in flight at most
+        self._limits_recorded: dict[str, int] = {}  # endpoint → the concurrency: auto limit status last saw
+        # Workers: requests in flight at most (with concurrency: auto, max_concurrency: the limiter lets fewer go).
+        concurrency = sum(limiter_mod.workers(m.spec) for m in members(config))
         # Decoders (C libraries fed untrusted files) run in their own processes: one that hangs, crashes or
         # balloons costs only its file. Both cores decode while requests are in flight.
         self.isolator = Isolator(
@@ -308,7 +311,7 @@ class Daemon:
         first)."""
         self.isolator.prestart()
         self.pool.probing = prober
-        for i in range(self.pool.concurrency):
+        for i in range(self.pool.workers):
             self._workers.append(self._spawn(self._worker, f"mmwatchd-worker-{i}"))
         self._spawn(self._feeder, "mmwatchd-feeder")
         if prober:
@@ -365,6 +368,7 @@ class Daemon:
         # not at fault and is picked up again by the next start). Requests on the wire need no decoder any more.
         self.isolator.close()
         self.metrics.close()
+        self._record_limit()
         # No request leaves after the stop, retries included: one already on the wire ends within timeout_s (plus
         # the SDK's short wait when it was about to retry, and the sidecar write).
         deadline = time.monotonic() + (grace_s if grace_s is not None else max(e.spec.timeout_s for e in self.pool) + 15)
@@ -699,6 +703,7 @@ class Daemon:
                 if (line != status and now - last_status >= STATUS_MIN_S) or now - last_status >= self.status_every_s:
                     self.notifier.status(line)
                     self._publish_endpoints()
+                    self._record_limit()
                     status, last_status = line, now
                 self._redo_fallbacks()
         finally:
@@ -731,9 +736,16 @@ class Daemon:
             self._logged.add(key)
         return first
 
+    def _in_flight(self) -> int:
+        """Files being worked on (called with the lock held). With concurrency: auto, only those whose request is on
+        the wire: the other workers are encoding, or waiting for the limit with their request ready."""
+        if any(e.limit.auto for e in self.pool):
+            return min(len(self._busy), sum(e.in_flight for e in self.pool))
+        return len(self._busy)
+
     def _status_line(self) -> str:
         with self._lock:
-            busy = len(self._busy)
+            busy = self._in_flight()
             retrying = len(self._retries)
             waiting = max(0, len(self._pending) - busy - retrying)
             c = dict(self.counts)
@@ -743,7 +755,23 @@ class Daemon:
             f"{waiting} queued, {busy} in flight, {c.get('ok', 0)} done, {c.get('error', 0)} failed, "
             f"{retrying} retrying; {endpoints}"
         )
+        for e in self.pool:  # the limit concurrency: auto has found so far
+            if e.limit.auto:
+                named = "" if self.pool.single else f" {e.name}"
+                line += f"; concurrency{named} {e.concurrency} (auto, at most {e.workers})"
         return line + ("; scanning" if walking else "")
+
+    def _record_limit(self) -> None:
+        """concurrency: auto: keep the limit found so far where ``mmwatchd status`` reads it (when it changed)."""
+        if self.state is None:
+            return
+        for e in self.pool:
+            if not e.limit.auto or e.concurrency == self._limits_recorded.get(e.name):
+                continue
+            self._limits_recorded[e.name] = limit = e.concurrency
+            record = {"limit": limit, "max": e.workers, "at": self.wall_clock()}
+            self._store("record the concurrency limit", self.state.remember_endpoint, limiter_mod.state_key(e.spec),
+                        record)  # fmt: skip
 
     def progress(self) -> Snapshot:
         """The numbers a progress bar or line shows (see :mod:`mmwatchd.progress`). The total is every file
@@ -752,7 +780,7 @@ class Daemon:
             done = sum(self.counts.values())
             failed = self.counts["error"] + self.counts["retry"]
             total = None if self._walks or self._scan_wanted is not None else done + len(self._pending)
-            in_flight = len(self._busy)
+            in_flight = self._in_flight()
             rate_limited = self.clock() < self._rate_limited_until
         endpoint = self.pool.word()
         if self.pool.rate_waiting() or (rate_limited and endpoint == "up"):
@@ -867,9 +895,10 @@ class Daemon:
             endpoint.priority = member.priority
             if member.spec == endpoint.spec:
                 continue
-            if member.spec.concurrency != endpoint.spec.concurrency:
-                key = "endpoint.concurrency" if self.pool.single else f"endpoints[{endpoint.name}].concurrency"
-                log.warning("config.restart_needed", key=key, note="applies after a restart")
+            for name in ("concurrency", "max_concurrency"):  # the worker threads, and the limiter
+                if getattr(member.spec, name) != getattr(endpoint.spec, name):
+                    key = f"endpoint.{name}" if self.pool.single else f"endpoints[{endpoint.name}].{name}"
+                    log.warning("config.restart_needed", key=key, note="applies after a restart")
             if self._make_client is None:
                 continue
             try:

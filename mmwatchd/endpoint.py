@@ -31,7 +31,8 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mmwatchd.errors import VLMError, VLMMisconfigured, VLMRejected, VLMUnavailable
+from mmwatchd import limiter as limiter_mod
+from mmwatchd.errors import VLMBadReply, VLMError, VLMMisconfigured, VLMRejected, VLMUnavailable
 from mmwatchd.log import get_logger
 
 if TYPE_CHECKING:
@@ -165,6 +166,41 @@ def _seconds_to_midnight() -> float:
     return (midnight - now).total_seconds() + 1
 
 
+class WireTimes:
+    """An endpoint client's request observer: passes every request on to the metrics, and keeps, per worker, what
+    ``concurrency: auto`` learns from it: the time from sending the last request to its answer (the SDK's retries
+    and backoff waits, and a wait for the rate limit, are not in it), and whether any answer said the server is
+    overloaded (429, 5xx), which the SDK may have retried into a success."""
+
+    def __init__(self, metrics: Metrics | Unmetered, clock: Callable[[], float]) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self._local = threading.local()
+
+    def start(self) -> None:
+        self._local.sent = self._local.rtt = None
+        self._local.overloaded = False
+
+    def rtt(self) -> float:
+        rtt = getattr(self._local, "rtt", None)
+        return float("nan") if rtt is None else float(rtt)  # no answer: no sample
+
+    def overloaded(self) -> bool:
+        return bool(getattr(self._local, "overloaded", False))
+
+    def sent(self, nbytes: int) -> None:
+        self._local.sent = self.clock()
+        self.metrics.sent(nbytes)
+
+    def answered(self, status: int) -> None:
+        sent = getattr(self._local, "sent", None)
+        if sent is not None:
+            self._local.rtt = self.clock() - sent
+        if status == 429 or status >= 500:
+            self._local.overloaded = True
+        self.metrics.answered(status)
+
+
 class Endpoint:
     """One model endpoint: its client, meter, gate, prober state and requests in flight (see the module doc).
 
@@ -179,7 +215,10 @@ class Endpoint:
         self.host = pool.host
         self.client = client
         self.limiter = RateLimiter(member.spec.requests_per_minute, clock=pool.host.clock)
+        #: Requests in flight here at most: fixed, or found by measuring (concurrency: auto, mmwatchd.limiter).
+        self.limit = limiter_mod.for_endpoint(member.spec, clock=pool.host.clock)
         self.metrics: Metrics | Unmetered = pool.metrics.for_endpoint(member.name, lambda: self.concurrency)
+        self._wire = WireTimes(self.metrics, pool.host.clock)
         #: Fields every log line about this endpoint carries (none while it is the only one: logs stay as they were).
         self.fields: dict[str, object] = {} if single else {"endpoint": member.name}
         #: checking, up, unreachable, or paused (it refuses every request; see the log).
@@ -203,7 +242,7 @@ class Endpoint:
         self._per_describe = not getattr(client, "counts_every_request", False)
         if not self._per_describe:
             client.before_request = self.before_request
-            client.observer = self.metrics
+            client.observer = self._wire
 
     def use(self, spec: EndpointConfig, client: VLMClient) -> None:
         """A reload changed this endpoint's settings: requests from now on go through ``client`` and new limits."""
@@ -214,8 +253,13 @@ class Endpoint:
 
     @property
     def concurrency(self) -> int:
-        """Requests in flight here at most."""
-        return self.spec.concurrency
+        """Requests in flight here at most: the fixed number, or the limit ``concurrency: auto`` has found so far."""
+        return self.limit.limit
+
+    @property
+    def workers(self) -> int:
+        """Worker threads this endpoint's requests may need: the fixed number, or ``max_concurrency``."""
+        return limiter_mod.workers(self.spec)
 
     @property
     def knowledge(self) -> EndpointKnowledge | None:
@@ -235,15 +279,30 @@ class Endpoint:
     # -- one request ---------------------------------------------------------------------------------------
 
     def describe(self, req: VLMRequest) -> Reply:
-        """Send one file's request here: metered, its refusals judged for being endpoint-wide."""
-        if self._per_describe:
-            self.before_request()
+        """Send one file's request here (routing has taken a slot of :attr:`limit` for it): metered, its refusals
+        judged for being endpoint-wide, and what it says about the server's load given back to the limit."""
+        self._wire.start()
+        started = self.host.clock()
+        load: limiter_mod.RequestOutcome = "ignored"
         try:
-            with self.metrics.describing():
-                reply = self.client.describe(req)
+            if self._per_describe:
+                self.before_request()
+            try:
+                with self.metrics.describing():
+                    reply = self.client.describe(req)
+                load = "ok"
+            except VLMBadReply:
+                load = "ok"  # answered in the usual time: a sample all the same
+                raise
+            except VLMUnavailable as exc:
+                load = "ignored" if isinstance(exc, QuotaReached | Stopping) else "dropped"
+                raise
         except VLMRejected as exc:
             self.refused(exc)  # raises EndpointRefuses instead once the refusals are endpoint-wide
             raise
+        finally:
+            rtt = self.host.clock() - started if self._per_describe else self._wire.rtt()
+            self.limit.release(rtt, "dropped" if self._wire.overloaded() else load)
         self.metrics.replied(reply)
         self.accepted()
         return reply
@@ -472,9 +531,10 @@ class Pool:
         return len(self.endpoints) == 1
 
     @property
-    def concurrency(self) -> int:
-        """Requests in flight at most, over every endpoint: how many workers the daemon runs."""
-        return sum(e.concurrency for e in self.endpoints)
+    def workers(self) -> int:
+        """How many workers the daemon runs: every endpoint's fixed concurrency, or its ``max_concurrency`` for
+        ``auto``, added up."""
+        return sum(e.workers for e in self.endpoints)
 
     def get(self, name: str) -> Endpoint | None:
         return next((e for e in self.endpoints if e.name == name), None)
@@ -543,6 +603,7 @@ class Pool:
                     free = [e for e in usable if e.priority == tier and e.in_flight < e.concurrency]
                     if free:
                         best = min(free, key=lambda e: e.in_flight)
+                        best.limit.take()
                         best.in_flight += 1
                         best._granted = False
                         return best

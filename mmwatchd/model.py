@@ -197,6 +197,18 @@ class ImageFacts:
     frames: int = 1
 
 
+def _concurrency(value: object) -> object:
+    """``concurrency``: a number of requests, or ``auto`` (one message, where a union would give two)."""
+    if value == "auto":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"must be a whole number of requests in flight, or auto, got {value!r}")  # noqa: TRY004 (pydantic reports ValueErrors)
+    if not 1 <= value <= 256:
+        bound = "greater than or equal to 1" if value < 1 else "less than or equal to 256"
+        raise ValueError(f"must be {bound}, got {value} (or auto, to find the server's capacity)")
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointConfig:
     """Where and how to call the model."""
@@ -211,7 +223,10 @@ class EndpointConfig:
     api_key_env: str | None = None
     #: Or a file holding the key; it must not be readable by other users (chmod 600).
     api_key_file: Path | None = None
-    concurrency: Annotated[int, Ge(1), Le(256)] = 4
+    #: Requests in flight at most, or ``auto``: found by measuring the server's latency (mmwatchd.limiter).
+    concurrency: Annotated[int | Literal["auto"], _Before(_concurrency)] = 4
+    #: With ``concurrency: auto``: the most it may find (and the worker threads); None: 32.
+    max_concurrency: Annotated[int, Ge(1), Le(256)] | None = None
     timeout_s: PositiveFloat = 120.0
     #: Cap on the whole HTTP request body, JSON included.
     max_request_bytes: Annotated[int, Ge(1024)] = 20_000_000

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmwatchd import outputs as outputs_mod
-from mmwatchd import rules, sidecar
+from mmwatchd import limiter, rules, sidecar
 from mmwatchd.done import Answer, Record, is_done
 from mmwatchd.live import published
 from mmwatchd.errors import ForeignSidecar, SidecarError
@@ -70,6 +70,23 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
         "max_requests_per_day": cfg.endpoint.max_requests_per_day if not cfg.endpoints else None,
         # Several endpoints: each one's state and requests in flight, as the running service last published them.
         **({"endpoints": published(state.path.parent)} if cfg.endpoints else {}),
+        "concurrency": _concurrency(cfg, state),
+    }
+
+
+def _concurrency(cfg: Config, state: State) -> dict[str, Any] | int:
+    """The (first) endpoint's fixed concurrency, or for ``auto`` the limit the service found last (None until it
+    has run)."""
+    ep = cfg.endpoint
+    if ep.concurrency != "auto":
+        return ep.concurrency
+    found = state.endpoint_capabilities(limiter.state_key(ep)) or {}
+    limit, at = found.get("limit"), found.get("at")
+    return {
+        "auto": True,
+        "max": limiter.workers(ep),
+        "limit": limit if isinstance(limit, int) else None,
+        "at": _iso(at) if isinstance(at, int | float) else None,
     }
 
 
@@ -120,6 +137,10 @@ def render(report: dict[str, Any]) -> str:
         )
     cap = report["max_requests_per_day"]
     lines.append(f"requests today: {report['requests_today']}" + (f" of {cap}" if cap else ""))
+    conc = report["concurrency"]
+    if isinstance(conc, dict):
+        found = "not found yet" if conc["limit"] is None else f"{conc['limit']} in flight, as of {conc['at']}"
+        lines.append(f"concurrency: auto (at most {conc['max']}): {found}")
     for e in report.get("endpoints") or []:
         lines.append(f"endpoint {e['name']} (priority {e['priority']}): {e['status']}, "
                      f"{e['in_flight']} of {e['concurrency']} in flight")  # fmt: skip

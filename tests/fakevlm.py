@@ -138,9 +138,14 @@ class FakeVLM:
         max_body_bytes: int | None = None,
         shape: Shape = "generic",
         latency_s: float = 0.0,
+        capacity: int | None = None,
     ) -> None:
         #: Every chat answer not scripted takes this long, like a model at work (a long scan, a progress bar).
         self.latency_s = latency_s
+        #: Like a batching GPU server: at most this many answers are worked on at once (each for its delay); the rest
+        #: wait their turn, so latency is flat up to the capacity and grows past it. None: no limit.
+        self.capacity = capacity
+        self._slots = threading.Semaphore(capacity or 1)
         #: Listed by GET /v1/models; a chat request for another model gets Ollama's 404 (an empty list accepts any).
         self.models = list(models)
         #: Answer to every json_schema request while no scripted response is queued (None: derived from the schema).
@@ -399,9 +404,18 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.closing.is_set():
                 self.close_connection = True
                 return  # closed while held: drop the connection without answering
-        if item.delay_s and self.server.closing.wait(item.delay_s):
-            self.close_connection = True
-            return  # closed while waiting: drop the connection without answering
+        batched = item.delay_s and fake.capacity is not None and self.command == "POST"
+        while batched and not fake._slots.acquire(timeout=0.02):
+            if self.server.closing.is_set():
+                self.close_connection = True
+                return  # closed while queued: drop the connection without answering
+        try:
+            if item.delay_s and self.server.closing.wait(item.delay_s):
+                self.close_connection = True
+                return  # closed while waiting: drop the connection without answering
+        finally:
+            if batched:
+                fake._slots.release()
         if item.disconnect:
             self.close_connection = True
             return

@@ -249,3 +249,28 @@ class TestApiKey:
         (creds / "GATEWAY_KEY").write_text("sk-gateway\n")
         assert api_key(named, {"CREDENTIALS_DIRECTORY": str(creds)}) == "sk-gateway"
         assert api_key(named, {"CREDENTIALS_DIRECTORY": str(creds), "GATEWAY_KEY": "sk-env"}) == "sk-env"
+
+
+class TestConcurrency:
+    def test_auto_and_its_maximum(self, tmp_path: Path) -> None:
+        f = tmp_path / "c.yaml"
+        f.write_text("endpoint:\n  concurrency: auto\n  max_concurrency: 12\n" + MINIMAL)
+        cfg = config.load(f)
+        assert cfg.endpoint.concurrency == "auto" and cfg.endpoint.max_concurrency == 12
+
+    @pytest.mark.parametrize(
+        ("value", "said"),
+        [
+            ("fast", "must be a whole number of requests in flight, or auto, got 'fast'"),
+            ("2.5", "must be a whole number of requests in flight, or auto, got 2.5"),
+            ("300", "must be less than or equal to 256, got 300 (or auto, to find the server's capacity)"),
+        ],
+    )
+    def test_one_clear_message_for_a_bad_value(self, tmp_path: Path, value: str, said: str) -> None:
+        out = problems(f"endpoint:\n  concurrency: {value}\n" + MINIMAL, tmp_path)
+        assert out == [f"{tmp_path / 'c.yaml'}:2:16: endpoint.concurrency: {said}"]
+
+    def test_a_maximum_without_auto_is_an_error(self, tmp_path: Path) -> None:
+        out = problems("endpoint:\n  concurrency: 4\n  max_concurrency: 16\n" + MINIMAL, tmp_path)
+        said = "applies only with concurrency: auto (concurrency is 4); set concurrency: auto, or remove max_concurrency"
+        assert out == [f"{tmp_path / 'c.yaml'}:3:20: endpoint.max_concurrency: {said}"]

@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.isobmff",
         "mmwatchd.vocabulary",
         "mmwatchd.live",
+        "mmwatchd.limiter",
     ),
     # Every frozen value: the config specs and what passes between stages.
     ("mmwatchd.model",),
