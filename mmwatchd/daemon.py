@@ -756,9 +756,9 @@ class Daemon:
             f"{retrying} retrying; {endpoints}"
         )
         for e in self.pool:  # the limit concurrency: auto has found so far
-            if e.limit.auto:
+            if isinstance(e.limit, limiter_mod.AutoLimiter):
                 named = "" if self.pool.single else f" {e.name}"
-                line += f"; concurrency{named} {e.concurrency} (auto, at most {e.workers})"
+                line += f"; concurrency{named} {e.concurrency} (auto, at most {e.limit.max_limit})"
         return line + ("; scanning" if walking else "")
 
     def _record_limit(self) -> None:
@@ -766,10 +766,10 @@ class Daemon:
         if self.state is None:
             return
         for e in self.pool:
-            if not e.limit.auto or e.concurrency == self._limits_recorded.get(e.name):
+            if not isinstance(e.limit, limiter_mod.AutoLimiter) or e.concurrency == self._limits_recorded.get(e.name):
                 continue
             self._limits_recorded[e.name] = limit = e.concurrency
-            record = {"limit": limit, "max": e.workers, "at": self.wall_clock()}
+            record = {"limit": limit, "max": e.limit.max_limit, "at": self.wall_clock()}
             self._store("record the concurrency limit", self.state.remember_endpoint, limiter_mod.state_key(e.spec),
                         record)  # fmt: skip
 

@@ -111,7 +111,7 @@ class TestService:
         wait_until(side.exists)
         assert json.loads(side.read_text())["status"] == "ok"
         assert len(fake_vlm.chat_requests) == 2
-        assert d.concurrency.limit == 1  # released before the sidecar was written
+        assert d.pool.endpoints[0].concurrency == 1  # released before the sidecar was written
 
     def test_a_refusal_says_nothing_about_the_load(
         self, daemon: tuple[Daemon, list[str]], fake_vlm: FakeVLM, tmp_path: Path
@@ -122,7 +122,7 @@ class TestService:
         side = photo.with_name("a.jpg.json")
         wait_until(side.exists)
         assert json.loads(side.read_text())["status"] == "error"
-        assert d.concurrency.limit == INITIAL_LIMIT
+        assert d.pool.endpoints[0].concurrency == INITIAL_LIMIT
 
     def test_in_flight_counts_requests_on_the_wire_not_workers_waiting_for_the_limit(
         self, daemon: tuple[Daemon, list[str]], fake_vlm: FakeVLM, tmp_path: Path
