@@ -266,11 +266,9 @@ def cmd_once(args: argparse.Namespace) -> int:
     cfg = _load(args)
     paths = [Path(f) for f in args.files]
     if args.dry_run:
-        processor = Processor(cfg, None)
         plans = []
         failed = False
-        for p in paths:
-            outcome = processor.process(p, explicit=True, dry_run=True)
+        for p, outcome in zip(paths, _dry_run(cfg, paths), strict=True):
             if outcome.plan is not None:
                 plans.append({"status": "planned", "request_bytes": outcome.request_bytes, **outcome.plan})
             else:
@@ -297,6 +295,22 @@ def cmd_once(args: argparse.Namespace) -> int:
         print(f"mmwatchd: stopped: {daemon.halted}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if missing or any(o.failed for o in daemon.outcomes) else EXIT_OK
+
+
+def _dry_run(cfg: Config, paths: list[Path]) -> list[Outcome]:
+    """Plan ``paths`` as the daemon would, in its decoder processes (a damaged file cannot take the command down),
+    on as many of them at once as there are cores, files and ``endpoint.concurrency`` allow; in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmwatchd.isolate import Isolator
+
+    workers = max(1, min(len(paths), cfg.endpoint.concurrency, os.cpu_count() or 1))
+    with Isolator(workers=workers, timeout_s=cfg.limits.decode_timeout_s, preload=("mmwatchd.encode",),
+                  memory_bytes=cfg.limits.decode_memory_mb * 2**20) as isolator:  # fmt: skip
+        isolator.prestart()
+        processor = Processor(cfg, None, isolator=isolator)
+        with ThreadPoolExecutor(workers, thread_name_prefix="mmwatchd-plan") as pool:
+            return list(pool.map(lambda p: processor.process(p, explicit=True, dry_run=True), paths))
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
