@@ -9,7 +9,8 @@ Rows (``--only`` takes the name or the number; repeatable):
 2 video       16 frames from a 2-minute 1080p H.264 clip vs decoding every frame; keyframes_only; RSS growth on
               a clip four times longer (see video.py)
 3 throughput  small JPEGs through ``mmwatchd scan`` against a server answering after a fixed 0.2 s, concurrency 8,
-              vs the ideal files x latency / concurrency; whole command, and first request to last reply
+              vs the ideal files x latency / concurrency; whole command, first request to last reply, and start to
+              first request vs a process that only imports the openai SDK and makes its client
 4 latency     ``mmwatchd run`` at the default settle_s (2 s): end of a file's write to its request arriving at the
               server, for a write+close, a rename into place, and a hard link (no close-after-write event)
 5 rescan      ``mmwatchd scan`` over a large tree whose sidecars are all up to date vs a bare scandir+stat walk of
@@ -420,35 +421,54 @@ def row_video(report: Report, size: Size, work: Path) -> None:
 # -------------------------------------------------------------------------------------------------- 3. throughput
 
 
+_BARE_SDK = "import openai; openai.OpenAI(api_key='bench', base_url={url!r})"
+
+
 def row_throughput(report: Report, size: Size, work: Path) -> None:
-    n, concurrency = size.throughput_files, 8
-    progress(f"3. throughput: {n} files 640x480, {LATENCY_S} s server, concurrency {concurrency}")
+    n, concurrency, rounds = size.throughput_files, 8, size.image_rounds
+    progress(f"3. throughput: {n} files 640x480, {LATENCY_S} s server, concurrency {concurrency}, {rounds} rounds")
     files = inputs.small(n)
+    runs: list[tuple[Child, list[Any], float]] = []  # (scan, its hits, first request after start)
+    bare: list[float] = []
     with FixedLatencyServer(LATENCY_S) as srv:
         extra, parallel = self_check(srv, concurrency)
-        srv.reset()
-        folder = work / "throughput"
-        inbox = folder / "inbox"
-        inputs.link_into(files, inbox)
-        config = write_config(folder, base_url=srv.base_url, inbox=inbox, concurrency=concurrency)
-        child = run_child(mmwatchd("scan", "-c", str(config)), cwd=folder, timeout=600)
-        check_scan(child, "throughput")
-        hits = srv.hits
+        # Interleaved with the scans: a process that only imports the SDK and makes its client, the floor for
+        # when the first request can leave (every request goes through that client).
+        sdk = [sys.executable, "-c", _BARE_SDK.format(url=srv.base_url)]
+        for i in range(rounds):
+            bare.append(run_child(sdk, cwd=work, timeout=120).wall_s)
+            srv.reset()
+            folder = work / f"throughput-{i}"
+            inbox = folder / "inbox"
+            inputs.link_into(files, inbox)
+            config = write_config(folder, base_url=srv.base_url, inbox=inbox, concurrency=concurrency)
+            child = run_child(mmwatchd("scan", "-c", str(config)), cwd=folder, timeout=600)
+            check_scan(child, "throughput")
+            hits = srv.hits
+            runs.append((child, hits, min(h.started for h in hits) - child.started))
     ideal = n * LATENCY_S / concurrency
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    wall = med([c.wall_s for c, _, _ in runs])
     report.add(Row("3a", f"{n} files 640x480 through `mmwatchd scan`, {LATENCY_S} s/request, concurrency 8",
-                   fmt_s(child.wall_s), f"{fmt_s(ideal)} (ideal: files x latency / concurrency)",
-                   child.wall_s / ideal, 1.1, "<= 1.1x"))  # fmt: skip
-    first = min(h.started for h in hits)
-    last = max(h.answered for h in hits)
-    steady = last - first
+                   fmt_s(wall), f"{fmt_s(ideal)} (ideal: files x latency / concurrency)",
+                   wall / ideal, 1.15, "<= 1.15x"))  # fmt: skip
+    steady = med([max(h.answered for h in hits) - min(h.started for h in hits) for _, hits, _ in runs])
     report.add(Row("3b", "same, first request to last reply only", fmt_s(steady), fmt_s(ideal),
                    steady / ideal, 1.1, "<= 1.1x"))  # fmt: skip
+    first, sdk_s = med([f for _, _, f in runs]), med(bare)
+    report.add(Row("3c", "same, start of the command to its first request",
+                   fmt_s(first), f"{fmt_s(sdk_s)} (a process that imports openai and makes its client)",
+                   first / sdk_s, 1.0, "<= 1.0x"))  # fmt: skip
+    child, hits, _ = runs[-1]
     busy = sum(h.answered - h.started for h in hits)
     names = {h.name for h in hits}
+    last = max(h.answered for h in hits)
     report.note(
-        f"3: {len(hits)} requests for {len(names)} files ({scan_summary(child)}); startup to first request "
-        f"{fmt_s(first - child.started)}, last reply to exit {fmt_s(child.ended - last)}; requests in flight at the "
-        f"server on average {busy / steady:.2f} of {concurrency}; server self-check: {parallel} requests at once, median {extra * 1000:.1f} ms beyond the delay"
+        f"3: medians of {rounds} scans interleaved with the bare SDK process; last scan: {len(hits)} requests for "
+        f"{len(names)} files ({scan_summary(child)}), last reply to exit {fmt_s(child.ended - last)}, requests in "
+        f"flight at the server on average {busy / (last - min(h.started for h in hits)):.2f} of {concurrency}; "
+        f"first request after {', '.join(fmt_s(f) for _, _, f in runs)}, bare SDK {', '.join(fmt_s(b) for b in bare)}; "
+        f"server self-check: {parallel} requests at once, median {extra * 1000:.1f} ms beyond the delay"
     )
 
 
