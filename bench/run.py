@@ -447,7 +447,7 @@ def row_throughput(report: Report, size: Size, work: Path) -> None:
             hits = srv.hits
             runs.append((child, hits, min(h.started for h in hits) - child.started))
     ideal = n * LATENCY_S / concurrency
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = statistics.median
     wall = med([c.wall_s for c, _, _ in runs])
     report.add(Row("3a", f"{n} files 640x480 through `mmwatchd scan`, {LATENCY_S} s/request, concurrency 8",
                    fmt_s(wall), f"{fmt_s(ideal)} (ideal: files x latency / concurrency)",
