@@ -137,6 +137,18 @@ class TestOnce:
         assert "decoding needed more than 64 MB (limits.decode_memory_mb)" in plans[1]["reason"]
         assert [p["media"]["parts"][0]["width"] for p in plans if p["status"] == "planned"] == [300, 301, 302]
 
+    def test_once_starts_no_more_decoder_processes_than_files(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        from mmwatchd import config
+        from mmwatchd.cli import _one_shot_daemon
+
+        cfg = config.load(write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 4}))
+        for files, decoders in ((1, 1), (0, 1), (None, min(4, os.cpu_count() or 1))):
+            daemon = _one_shot_daemon(cfg, start=False, decoders=files)
+            try:
+                assert daemon.isolator.workers == decoders, files
+            finally:
+                daemon.close()
+
     def test_once_describes_and_reports(
         self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
     ) -> None:
