@@ -5,7 +5,9 @@
 Rows (``--only`` takes the name or the number; repeatable):
 
 1 images      photos to size-bounded data URLs with ``encode_image`` (max_side 1024) on 2 threads, as the daemon's
-              workers call it, vs (a) the common Pillow recipe one by one and (b) a reduced-scale JPEG decode alone
+              workers call it, vs (a) the common Pillow recipe one by one and (b) a reduced-scale JPEG decode alone;
+              (c) the same at the default 1536 px; (d) the same photos through ``mmwatchd once --dry-run`` (decoder
+              processes and all), less that command's start-up, vs the decode alone
 2 video       16 frames from a 2-minute 1080p H.264 clip vs decoding every frame; keyframes_only; RSS growth on
               a clip four times longer (see video.py)
 3 throughput  small JPEGs through ``mmwatchd scan`` against a server answering after a fixed 0.2 s, concurrency 8,
