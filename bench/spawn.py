@@ -108,7 +108,10 @@ def main() -> int:
         time.sleep(0.05)
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
-    result = {"rc": rc, "wall_s": wall, "started": started, "ended": time.time(), "maxrss": usage.ru_maxrss * 1024}
+    # wait4's usage covers the command and every descendant it reaped (the forkserver reaps the decoder processes).
+    cpu = usage.ru_utime + usage.ru_stime
+    result = {"rc": rc, "wall_s": wall, "cpu_s": cpu, "started": started, "ended": time.time(),
+              "maxrss": usage.ru_maxrss * 1024}  # fmt: skip
     if tree:
         result.update(tree_rss=sampler.peak_rss, tree_pss=sampler.peak_pss, tree_hwm_sum=sum(sampler.hwm.values()),
                       tree_processes=sampler.most, tree_at_peak=sampler.at_peak)  # fmt: skip

@@ -207,11 +207,13 @@ class Daemon:
         wall_clock: Callable[[], float] = time.time,
         one_shot_attempts: int | None = None,
         metrics: bool = False,
+        decoders: int | None = None,
     ) -> None:
         """``one_shot_attempts``: give up on a file after that many transient failures of any kind (``once`` and
         ``scan``, which must end); None for the service. ``reload`` loads the config again on SIGHUP. ``wall_clock``
         is what file mtimes are compared with (is a file found by a scan still being written?). ``metrics``: keep
-        Prometheus metrics even without ``metrics.listen`` (``scan --metrics-textfile``)."""
+        Prometheus metrics even without ``metrics.listen`` (``scan --metrics-textfile``). ``decoders``: at most this
+        many decoder processes (``once`` on fewer files than cores need no more than one each)."""
         self.config = config
         self.client = client  # the first endpoint's (each endpoint's own is in self.pool)
         self.state = state
@@ -232,7 +234,7 @@ class Daemon:
         # Decoders (C libraries fed untrusted files) run in their own processes: one that hangs, crashes or
         # balloons costs only its file. Both cores decode while requests are in flight.
         self.isolator = Isolator(
-            workers=max(1, min(concurrency, os.cpu_count() or 1)),
+            workers=max(1, min(concurrency, os.cpu_count() or 1, decoders or concurrency)),
             preload=("mmwatchd.encode",),
             **_decoder_limits(config),
         )

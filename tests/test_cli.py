@@ -121,6 +121,34 @@ class TestOnce:
         assert fake_vlm.requests == []
         assert not (tmp_path / "inbox" / "a.jpg.json").exists()
 
+    def test_dry_run_decodes_in_decoder_processes_and_keeps_the_order(
+        self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # The plans come from the daemon's decoder processes, under its memory limit (a full-size decode of a
+        # 24 MP photo does not fit in 64 MB), two at a time, and are printed in the order given.
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, limits={"decode_memory_mb": 64},
+                           rule={"image": {"max_side": 6000, "passthrough": False}})  # fmt: skip
+        big = make_jpeg(tmp_path / "inbox" / "big.jpg", (6000, 4000), detail=False)
+        small = [make_jpeg(tmp_path / "inbox" / f"s{i}.jpg", (300 + i, 200)) for i in range(3)]
+        assert main(["once", "-c", str(cfg), "--dry-run", str(small[0]), str(big), *map(str, small[1:])]) == 1
+        plans = json.loads(capsys.readouterr().out)["files"]
+        assert [Path(p["path"]).name for p in plans] == ["s0.jpg", "big.jpg", "s1.jpg", "s2.jpg"]
+        assert [p["status"] for p in plans] == ["planned", "error", "planned", "planned"]
+        assert "decoding needed more than 64 MB (limits.decode_memory_mb)" in plans[1]["reason"]
+        assert [p["media"]["parts"][0]["width"] for p in plans if p["status"] == "planned"] == [300, 301, 302]
+
+    def test_once_starts_no_more_decoder_processes_than_files(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        from mmwatchd import config
+        from mmwatchd.cli import _one_shot_daemon
+
+        cfg = config.load(write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 4}))
+        for files, decoders in ((1, 1), (0, 1), (None, min(4, os.cpu_count() or 1))):
+            daemon = _one_shot_daemon(cfg, start=False, decoders=files)
+            try:
+                assert daemon.isolator.workers == decoders, files
+            finally:
+                daemon.close()
+
     def test_once_describes_and_reports(
         self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
     ) -> None:

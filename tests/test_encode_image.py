@@ -30,7 +30,7 @@ from media import (
     picture,
     XMP_PACKET,
 )
-from PIL import Image, ImageStat
+from PIL import Image, ImageChops, ImageOps, ImageStat
 
 from mmwatchd.encode import encode_image, probe_image
 from mmwatchd.encode.budget import max_payload
@@ -781,3 +781,59 @@ class TestSharedCorpus:
     def test_heic_taken_and_orientation(self) -> None:
         facts = probe_image(SHARED_MEDIA / "images" / "arrow.heic", limits=LIMITS)
         assert (facts.width, facts.height, facts.taken) == (3024, 4032, "2018-07-31 14:52:07")
+
+
+class TestScaledJpegDecode:
+    """JPEGs decode at any M/8 DCT scale (libjpeg-turbo through simplejpeg), not only Pillow's 1/2, 1/4, 1/8."""
+
+    def test_12mp_at_1536_decodes_at_three_eighths_and_skips_the_resize(self, tmp_path: Path) -> None:
+        # 3/8 of 4000x3000 is 1500x1125, 2% under 1536x1152: sent at that size. Pillow's 1/2 scale would have given
+        # 2000x1500, resized to 1536x1152.
+        path = make_jpeg(tmp_path / "big.jpg", (4000, 3000), detail=False, corner=RED)
+        part = encode(path, max_side=1536, passthrough=False)
+        assert (part.width, part.height) == (1500, 1125)
+        assert is_red(mean(decoded(part), (0, 0, 40, 40)))
+
+    @pytest.mark.parametrize(
+        ("kind", "m8"),
+        [("rgb", True), ("orientation-6", True), ("progressive", True), ("grey", True), ("cmyk", False)],
+    )
+    def test_same_picture_as_a_full_pillow_decode(self, tmp_path: Path, kind: str, m8: bool) -> None:
+        # 1600x1200 to 610 px: 3/8 gives 600x450 (within 5% of 610x457, no resize); Pillow's path resizes from
+        # 1/2 scale to 610x457. CMYK stays with Pillow (Adobe's inverted CMYK is its business).
+        make = {
+            "rgb": lambda p: make_jpeg(p, (1600, 1200), corner=RED),
+            "orientation-6": lambda p: make_jpeg(p, (1600, 1200), orientation=6, corner=RED),
+            "progressive": lambda p: make_jpeg(p, (1600, 1200), progressive=True, corner=RED),
+            "grey": lambda p: make_jpeg(p, (1600, 1200), mode="L"),
+            "cmyk": lambda p: make_jpeg(p, (1600, 1200), mode="CMYK", corner=RED),
+        }[kind]
+        path = make(tmp_path / f"{kind}.jpg")
+        img = decoded(encode(path, max_side=610, passthrough=False))
+        assert img.size == ((600, 450) if m8 else (610, 457))
+        with Image.open(path) as im:
+            full = ImageOps.exif_transpose(im).convert(img.mode)
+        reference = full.resize(img.size, Image.Resampling.LANCZOS)
+        diff = ImageStat.Stat(ImageChops.difference(img, reference)).mean
+        # Measured: 3.1/255 (grey 2.3) for both paths, the 1/2-scale-and-resize one and the 3/8 one: the noise in
+        # the picture and quality 85 make most of it.
+        assert max(diff) < 3.6, diff
+        if kind != "grey":
+            assert is_red(mean(img, (0, 0, 20, 20)))
+
+    def test_a_truncated_file_gets_the_same_error_as_before(self, tmp_path: Path) -> None:
+        path = make_truncated(make_jpeg(tmp_path / "t.jpg", (1600, 1200)), keep=0.6)
+        with pytest.raises(DecodeError, match=r"^t-truncated\.jpg: truncated JPEG"):
+            encode(path, max_side=610, passthrough=False)
+
+    def test_in_a_decoder_process_with_and_without_room_for_numpy(self, tmp_path: Path) -> None:
+        from mmwatchd.isolate import Isolator
+
+        path = make_jpeg(tmp_path / "big.jpg", (4000, 3000), detail=False)
+        spec = ImageSpec(max_side=1536, passthrough=False)
+        # Under the default-sized limit the M/8 path runs in the worker; under a 64 MiB one, where importing numpy
+        # would kill the worker (OpenBLAS exits when its buffer does not fit), Pillow's path does the work.
+        for memory_mb, width in ((1024, 1500), (64, 1536)):
+            with Isolator(workers=1, timeout_s=60, memory_bytes=memory_mb * 2**20) as iso:
+                part = iso.call(encode_image, path, spec, budget=BIG, limits=LIMITS, label=path.name)
+            assert part.width == width, memory_mb

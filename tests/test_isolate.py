@@ -357,7 +357,8 @@ class TestPool:
                 busy = pool.submit(iso.call, helpers.tracked, tmp_path, 7, 1.0, label="a.jpg")
                 assert _wait_until(lambda: len(iso.pids()) == 1)
                 (old,) = iso.pids()
-                time.sleep(0.2)  # the call is under way
+                # The call is under way once it has made its file (the worker may still be starting before that).
+                assert _wait_until(lambda: any(tmp_path.iterdir()), timeout_s=30)
                 iso.set_limits(timeout_s=0.5, memory_bytes=GiB // 2)  # shorter than what the call still needs
                 assert busy.result()[:2] == (49, old)
             assert _wait_until(lambda: _gone(old))  # retired after its call, not reused

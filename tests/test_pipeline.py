@@ -371,7 +371,8 @@ class TestDryRun:
         out = env.processor.process(photo, dry_run=True)
         assert out.status == "planned" and out.plan is not None
         (part,) = out.plan["media"]["parts"]
-        assert (part["mime"], part["width"], part["height"]) == ("image/jpeg", 1536, 768)
+        # Decoded at 6/8 scale, 2% under max_side 1536: sent at that size rather than resized.
+        assert (part["mime"], part["width"], part["height"]) == ("image/jpeg", 1500, 750)
         assert out.plan["rule"] == "photos" and out.plan["model"] == "fake-vlm"
         content = out.plan["request"]["messages"][0]["content"]
         assert content[1] == {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,…({part['url_bytes']} bytes)"}}

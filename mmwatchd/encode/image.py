@@ -5,9 +5,10 @@ For one file, in this order:
 1. open: the bytes are sniffed (never the name) and only the matching Pillow plugins may open the file;
 2. limits: ``width*height > limits.max_pixels`` is refused from the header, before any pixel is decoded;
    damaged containers are refused too (a PNG without IEND, an ISO-BMFF box running past the end of the file);
-3. decode the first frame only, at reduced scale where the format has one: JPEG via ``draft()`` at the smallest DCT
-   scale (1/2, 1/4, 1/8), HEIF from the smallest embedded thumbnail, that is at least 95% of the target size, so a
-   50 MP photo never exists in memory at full size;
+3. decode the first frame only, at reduced scale where the format has one: JPEG at the smallest DCT scale (any
+   M/8 through simplejpeg's libjpeg-turbo for YCbCr and grey files, else Pillow's ``draft()`` at 1/2, 1/4, 1/8),
+   HEIF from the smallest embedded thumbnail, that is at least 95% of the target size, so a 50 MP photo never exists
+   in memory at full size;
 4. mode normalisation to L, RGB or RGBA (CMYK, 16-bit and float greys scaled, palettes and transparency keys
    turned into alpha);
 5. one resize to fit ``spec.max_side`` and ``spec.max_pixels`` (never up), skipped when the reduced-scale decode
@@ -27,13 +28,16 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import resource
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import BinaryIO, Final
 
 import pillow_heif
@@ -337,17 +341,100 @@ def fit_size(size: tuple[int, int], spec: ImageSpec) -> tuple[int, int]:
     return fw, fh
 
 
-def _load_scaled(im: Image.Image, size: tuple[int, int], *, slack: float = 0.0) -> Image.Image:
+def _load_scaled(
+    im: Image.Image, size: tuple[int, int], *, slack: float = 0.0, fp: BinaryIO | None = None, file_size: int = 0
+) -> Image.Image:
     """Decode the current frame at reduced scale when the format allows, never below ``(1 - slack) * size``.
 
-    JPEG decodes at the smallest DCT scale (1/2, 1/4, 1/8) that gives at least that size; HEIF decodes the smallest
-    embedded thumbnail that does and is a scaled copy of the image (same mode, aspect, rotation, crop and colour
-    profile; pillow-heif checks), else the image itself. ``size`` is in stored axes.
+    JPEG decodes at the smallest DCT scale that gives at least that size: any M/8 (see :func:`_decode_jpeg_m8`)
+    when ``fp`` (the open file, ``file_size`` bytes) is given, else Pillow's 1/2, 1/4 or 1/8. HEIF decodes the
+    smallest embedded thumbnail that does and is a scaled copy of the image (same mode, aspect, rotation, crop and
+    colour profile; pillow-heif checks), else the image itself. ``size`` is in stored axes.
     """
+    floor = (max(1, math.ceil(size[0] * (1 - slack))), max(1, math.ceil(size[1] * (1 - slack))))
+    if fp is not None and size != im.size:
+        scaled = _decode_jpeg_m8(im, fp, file_size, floor)
+        if scaled is not None:
+            return scaled
     if size != im.size and im.format in ("JPEG", "MPO", "HEIF"):
-        im.draft(im.mode, (max(1, math.ceil(size[0] * (1 - slack))), max(1, math.ceil(size[1] * (1 - slack)))))
+        im.draft(im.mode, floor)
     im.load()
     return im
+
+
+#: Set in a process whose simplejpeg (numpy) import failed or was not tried: its JPEGs take Pillow's 1/2^k path.
+_NO_SIMPLEJPEG: list[str] = []
+#: The smallest private-memory limit (``RLIMIT_DATA``, the decoder's ``limits.decode_memory_mb``) under which
+#: numpy is imported: it was seen to work at 100 MiB and to kill the process at 64 MiB.
+_SIMPLEJPEG_MIN_DATA: Final = 256 * 2**20
+
+
+def _simplejpeg() -> ModuleType | None:
+    """simplejpeg, imported on first use; None where it cannot be imported here.
+
+    Imported late because numpy comes with it (0.1-0.2 s and ~14 MiB per decoder process), which a folder without
+    JPEGs should not pay. OpenBLAS, loaded by numpy, sizes per-thread buffers by the core count at import; under the
+    decoder's ``RLIMIT_DATA`` that can fail or retry for seconds, and nothing here multiplies matrices, so it gets
+    one thread. Even so OpenBLAS exits the process when its buffer does not fit (at a 64 MiB limit), so under
+    :data:`_SIMPLEJPEG_MIN_DATA` it is not tried at all and the Pillow path does the work, as it does where the
+    import fails.
+    """
+    if _NO_SIMPLEJPEG:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    if soft != resource.RLIM_INFINITY and soft < _SIMPLEJPEG_MIN_DATA:
+        _NO_SIMPLEJPEG.append(f"RLIMIT_DATA {soft} bytes")
+        return None
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        import simplejpeg  # type: ignore[import-untyped]  # ships a .pyi but no py.typed
+    except (ImportError, MemoryError) as exc:
+        _NO_SIMPLEJPEG.append(f"{type(exc).__name__}: {exc}")
+        return None
+    module: ModuleType = simplejpeg
+    return module
+
+
+def _decode_jpeg_m8(im: Image.Image, fp: BinaryIO, file_size: int, floor: tuple[int, int]) -> Image.Image | None:
+    """A baseline or progressive YCbCr/greyscale JPEG decoded by libjpeg-turbo at the smallest M/8 scale (1/8, 2/8,
+    3/8, ... 7/8) that is at least ``floor``; None when Pillow should decode it instead.
+
+    Pillow's ``draft()`` offers only 1/2, 1/4 and 1/8: a 4000x3000 photo at ``max_side: 1536`` decodes at 1/2
+    (2000x1500) and is then resized, which costs about as much as the decode; at 3/8 it comes out at 1500x1125, 2%
+    under the target and within :data:`_SLACK`, so the resize is skipped. The pixels are libjpeg-turbo's either way
+    (at a scale both offer they are identical). Only what Pillow would show the same way comes here: ``L`` and
+    ``RGB`` files (CMYK/YCCK, with Adobe's inversion, stay with Pillow), read whole and unchanged; any error or
+    warning (``strict``: a truncated or damaged file, extraneous bytes) sends the file back to Pillow, which then
+    decodes it or raises the error it always raised. Orientation is applied by the caller, ICC profiles are dropped
+    by both paths. Returns None too when M/8 gains nothing over 1/2^k.
+    """
+    if im.format not in ("JPEG", "MPO") or im.mode not in ("L", "RGB") or file_size <= 0:
+        return None
+    width, height = im.size
+    scale = next((m for m in range(1, 9) if -(-width * m // 8) >= floor[0] and -(-height * m // 8) >= floor[1]), 8)
+    if scale in (1, 2, 4, 8):  # Pillow's draft() reaches this scale itself
+        return None
+    sj = _simplejpeg()
+    if sj is None:
+        return None
+    fp.seek(0)
+    data = fp.read(file_size + 1)
+    fp.seek(0)
+    if len(data) != file_size:  # changed while we read it
+        return None
+    # RGBX and L are laid out as Pillow keeps them: frombuffer() wraps the array without a copy.
+    mode = "L" if im.mode == "L" else "RGBX"
+    try:
+        array = sj.decode_jpeg(
+            data, colorspace="GRAY" if mode == "L" else "RGBX", min_width=floor[0], min_height=floor[1], strict=True
+        )
+    except ValueError:
+        return None
+    rows, cols = int(array.shape[0]), int(array.shape[1])
+    if (cols, rows) != (-(-width * scale // 8), -(-height * scale // 8)):  # not the scale predicted: be safe
+        return None
+    img = Image.frombuffer(mode, (cols, rows), array, "raw", mode, 0, 1)
+    return img if mode == "L" else img.convert("RGB")
 
 
 def _near(have: tuple[int, int], want: tuple[int, int], slack: float) -> bool:
@@ -637,7 +724,7 @@ def encode_image(
                 return part
         stored_target = _displayed(target, orientation)  # the same swap maps displayed axes back to stored ones
         with translate_pillow(src.name, src.label):
-            img = _load_scaled(src.im, stored_target, slack=_SLACK)
+            img = _load_scaled(src.im, stored_target, slack=_SLACK, fp=src.fp, file_size=src.file_size)
             img = _normalise(img, src.name)
         if not _near(img.size, stored_target, _SLACK):
             img = img.resize(stored_target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
