@@ -57,7 +57,7 @@ from typing import Any, Final, Self, TypeVar
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, MmwatchdError
 
-__all__ = ["Isolator", "stop_shared_processes"]
+__all__ = ["Isolator", "LazyFunction", "stop_shared_processes"]
 
 T = TypeVar("T")
 
@@ -80,8 +80,8 @@ _STATUS_UNKNOWN: Final = 255
 
 
 @dataclass(frozen=True, slots=True)
-class ByName:
-    """A module-level function, named by module and attribute and imported where it is first called.
+class LazyFunction:
+    """A module-level function, held as its module's and its own name and imported where it is first called.
 
     It pickles as the two names, so a caller can hand a function to the workers without importing its module (and the
     C libraries behind it) itself.
