@@ -494,6 +494,16 @@ class _Pool:
         raise DecodeError(f"{label}: the decoder process could not start: {detail}")
 
 
+#: Private multiprocessing state this module relies on, by object and attribute: Python has no public way to stop the
+#: forkserver or the resource tracker (``ForkServer._stop()`` and ``ResourceTracker._stop()`` are private too, and
+#: wait without a timeout), nor to let a child drop its copy of the forkserver's "alive" pipe. tests/test_isolate.py
+#: checks every name on the Python it runs on, so that a Python that changes them fails the suite, not the service.
+PRIVATE_STDLIB: Final[dict[str, tuple[str, ...]]] = {
+    "multiprocessing.forkserver._forkserver": ("_forkserver_pid", "_forkserver_alive_fd", "_forkserver_address"),
+    "multiprocessing.resource_tracker._resource_tracker": ("_pid", "_fd"),
+}
+
+
 def stop_shared_processes(timeout_s: float = STOP_GRACE_S) -> None:
     """Stop the two helper processes multiprocessing started for the isolators (the forkserver and the resource
     tracker) and wait for them; call it once every :class:`Isolator` is closed, as the process is about to exit.
@@ -502,14 +512,15 @@ def stop_shared_processes(timeout_s: float = STOP_GRACE_S) -> None:
     service manager sees as processes outliving the service: systemd SIGKILLs them at every stop (KillMode=mixed).
     Each is told to go the way it would notice our exit, its pipe is closed, and it is waited for; one that does not
     exit within ``timeout_s`` (a worker still holding the tracker's pipe, say) is killed. Other isolators in this
-    process would lose their workers: this is for the end of the process only.
+    process would lose their workers: this is for the end of the process only. Uses :data:`PRIVATE_STDLIB`.
     """
     server = forkserver._forkserver
-    _end_helper(server, "_forkserver_pid", "_forkserver_alive_fd", timeout_s)
-    for attr in ("_forkserver_address",):
-        if hasattr(server, attr):
-            setattr(server, attr, None)
-    _end_helper(resource_tracker._resource_tracker, "_pid", "_fd", timeout_s)
+    pid_attr, fd_attr, address_attr = PRIVATE_STDLIB["multiprocessing.forkserver._forkserver"]
+    _end_helper(server, pid_attr, fd_attr, timeout_s)
+    if hasattr(server, address_attr):
+        setattr(server, address_attr, None)
+    tracker_pid, tracker_fd = PRIVATE_STDLIB["multiprocessing.resource_tracker._resource_tracker"]
+    _end_helper(resource_tracker._resource_tracker, tracker_pid, tracker_fd, timeout_s)
 
 
 def _end_helper(owner: object, pid_attr: str, fd_attr: str, timeout_s: float) -> None:
@@ -671,7 +682,8 @@ def _release_forkserver() -> None:
 
     The forkserver exits once every holder of its "alive" pipe has closed it, and hands each child a copy so that the
     child could use it in turn. A worker never does; holding the copy would keep the forkserver (its parent) alive
-    after the daemon died, and so the parent-death signal that stops a hung worker would never come.
+    after the daemon died, and so the parent-death signal that stops a hung worker would never come. (One of the
+    :data:`PRIVATE_STDLIB` names.)
     """
     server = forkserver._forkserver
     fd = getattr(server, "_forkserver_alive_fd", None)
