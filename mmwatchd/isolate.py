@@ -195,6 +195,7 @@ class Isolator:
     def call(self, fn: Callable[..., T], /, *args: Any, label: str, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` in a worker process; ``label`` (the file name) starts every error message."""
         pool = self._pool
+        timeout_s = self.timeout_s  # a reload while this call waits for a worker does not shorten it
         request = ForkingPickler.dumps((fn, args, kwargs))  # before taking a worker: an unpicklable call is our bug
         # A worker found dead when it is handed the request (it died while idle) is replaced once; the file cannot
         # have caused that.
@@ -210,15 +211,15 @@ class Isolator:
             break
         reuse = False
         try:
-            reply = self._await(worker, label)
+            reply = self._await(worker, label, timeout_s)
             reuse = reply[0] != "oom"  # a worker that ran out of memory may be left fragmented: start afresh
         finally:
             pool.release(worker, reuse=reuse)
         return self._result(reply, label, worker.pid)
 
-    def _await(self, worker: _Worker, label: str) -> tuple[Any, ...]:
+    def _await(self, worker: _Worker, label: str, timeout_s: float) -> tuple[Any, ...]:
         """The worker's reply to the request just sent, or the error that replaces it."""
-        ready = wait([worker.conn, worker.sentinel], timeout=self.timeout_s)
+        ready = wait([worker.conn, worker.sentinel], timeout=timeout_s)
         if worker.conn in ready:
             try:
                 return worker.conn.recv()  # type: ignore[no-any-return]
@@ -230,7 +231,7 @@ class Isolator:
             if self._pool.closed:
                 raise _stopped(label)
             raise DecodeError(
-                f"{label}: decoding took longer than {self.timeout_s:g} s and was stopped (limits.decode_timeout_s)"
+                f"{label}: decoding took longer than {timeout_s:g} s and was stopped (limits.decode_timeout_s)"
             )
         status = worker.reap()
         if worker.killed_on_close or self._pool.closed:

@@ -358,8 +358,7 @@ class TestPool:
             with ThreadPoolExecutor(max_workers=1) as pool:
                 busy = pool.submit(iso.call, helpers.tracked, tmp_path, 7, 1.0, label="a.jpg")
                 assert _wait_until(lambda: len(iso.pids()) == 1)
-                (old,) = iso.pids()
-                time.sleep(0.2)  # the call is under way
+                (old,) = iso.pids()  # the call is under way: it took the timeout before it took a worker
                 iso.set_limits(timeout_s=0.5, memory_bytes=GiB // 2)  # shorter than what the call still needs
                 assert busy.result()[:2] == (49, old)
             assert _wait_until(lambda: _gone(old))  # retired after its call, not reused
