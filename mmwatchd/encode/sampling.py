@@ -87,10 +87,10 @@ def _timeline(source: Source) -> Timeline:
     """Where the clip starts and how long it is.
 
     The duration comes from the stream, else Matroska's DURATION tag, else the container, else frames / fps (see
-    :func:`_stream_facts`). When all are missing (elementary streams, some live recordings), one pass over the
-    packets (demux only: no decoding, so bounded by the file size at disk speed) measures it from the last
-    timestamp; a stream without any timestamps is sampled by frame number, counted in the same pass, and decoded
-    forward once (it cannot be seeked).
+    ``_stream_facts`` in :mod:`mmwatchd.encode.container`). When all are missing (elementary streams, some live
+    recordings), one pass over the packets (demux only: no decoding, so bounded by the file size at disk speed)
+    measures it from the last timestamp; a stream without any timestamps is sampled by frame number, counted in the
+    same pass, and decoded forward once (it cannot be seeked).
     """
     container, stream = source.container, source.stream
     assert container is not None and stream is not None
@@ -130,7 +130,8 @@ def _sample_count(spec: VideoSpec) -> int:
     Qwen2/2.5-VL (the reason for an ``align``) consume video frames in pairs and pad an odd count by repeating the
     last frame, so an odd last frame costs the bytes of a frame and adds nothing: sample an even count. A clip with
     fewer (and an odd number of) frames sends them all; the server's padding is exactly what padding here would
-    send, without the bytes. Frame dropping for the budget keeps the count even too (see :func:`_fit`).
+    send, without the bytes. Frame dropping for the budget keeps the count even too (see ``_fit`` in
+    :mod:`mmwatchd.encode.video`).
     """
     if spec.align > 1 and spec.mode != "images" and spec.frames > 1:  # ("auto" here is video_url: see encode_video)
         return spec.frames - spec.frames % 2
