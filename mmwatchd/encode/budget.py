@@ -53,6 +53,8 @@ _EXPONENT_RANGE: Final = (0.5, 4.0)
 Budget = Callable[[int], int]
 
 P = TypeVar("P")
+#: (value, measured total, payload).
+_Measured = tuple[float, int, P]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +98,9 @@ class Step:
 
 @dataclass(frozen=True, slots=True)
 class Fitted(Generic[P]):
-    """What :func:`fit` ends with: the parts that fit, or (``fits`` false) the smallest encoding measured.
+    """What :func:`fit` ends with: the parts that fit, or (``fits`` false) the smallest encoding measured."""
 
-    ``payload`` is None only when nothing fits and the smallest total was measured before the last step (a picture
-    whose size step had nothing left to try).
-    """
-
-    payload: P | None
+    payload: P
     total: int
     quality: int | None
     scale: float
@@ -188,10 +186,6 @@ def fit(measure: Callable[[int | None, float], tuple[int, P]], limit: int, *, qu
     return Fitted(smallest[2], smallest[1], quality, smallest[0], tuple(steps), fits=False)
 
 
-#: (value, measured total, payload); the payload is None for a total carried over from an earlier step.
-_Measured = tuple[float, int, P | None]
-
-
 def _same(value: float) -> float:
     return value
 
@@ -212,13 +206,13 @@ class _Knob:
 
 
 def _at_floor(measure: Callable[[], tuple[int, P]], floor: float,
-              limit: int) -> tuple[tuple[float, int, P] | None, _Measured[P]]:  # fmt: skip
+              limit: int) -> tuple[_Measured[P] | None, _Measured[P]]:  # fmt: skip
     total, payload = measure()
     return ((floor, total, payload) if total <= limit else None), (floor, total, payload)
 
 
 def _search(measure: Callable[[float], tuple[int, P]], limit: int, start: _Measured[P], knob: _Knob, tuning: Tuning,
-            trials: int) -> tuple[tuple[float, int, P] | None, _Measured[P]]:  # fmt: skip
+            trials: int) -> tuple[_Measured[P] | None, _Measured[P]]:  # fmt: skip
     """The largest value in ``[knob.lowest, start)`` whose measured total fits ``limit`` (None when none was found),
     and the smallest measurement too big.
 
@@ -227,7 +221,7 @@ def _search(measure: Callable[[float], tuple[int, P]], limit: int, start: _Measu
     """
     step = tuning.guess == "step"
     over: list[_Measured[P]] = [start]  # measured too big, by decreasing value
-    fit: tuple[float, int, P] | None = None
+    fit: _Measured[P] | None = None
     tried = {knob.key(start[0])}
     for _ in range(trials):
         high, high_total, _payload = over[-1]

@@ -479,7 +479,7 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
     quality = spec.quality if spec.format in ("jpeg", "webp") else None
     result = fit(measure, limit, quality=quality, min_quality=spec.min_quality,
                  min_scale=min(1.0, MIN_SIDE / max(width, height)), dims=dims, tuning=PICTURE)  # fmt: skip
-    if result.fits and result.payload is not None:
+    if result.fits:
         image, data = result.payload
         return Encoded(data, image.width, image.height, result.quality, encodes)
     w, h = dims(result.scale)
