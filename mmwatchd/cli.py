@@ -73,7 +73,7 @@ def entry() -> NoReturn:
     from mmwatchd.isolate import stop_shared_processes
 
     stop_shared_processes()  # the forkserver and resource tracker end before we do, not a moment after
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # private, no public equivalent: tests/test_isolate.py::TestPrivateStdlib checks it
     try:
         sys.stdout.flush()
     except BrokenPipeError:  # what was still buffered has no reader any more

@@ -33,7 +33,7 @@ from urllib.parse import quote
 from mmwatchd import rules, sidecar
 from mmwatchd.done import Record, is_done
 from mmwatchd.errors import ForeignSidecar, MmwatchdError, SidecarError
-from mmwatchd.isolate import ByName, Isolator
+from mmwatchd.isolate import Isolator, LazyFunction
 from mmwatchd.media import looked_at
 from mmwatchd.model import Config, ImageSpec, LinearBudget, VideoSpec, WatchRoot
 from mmwatchd.search import caption_and_tags
@@ -52,8 +52,8 @@ PAGE_SIZE = 120
 MARKER = "<!-- written by mmwatchd gallery -->"
 MANIFEST = "thumbnails.json"
 _THUMB_NAME = re.compile(r"\A[0-9a-f]{24}(-\d+)?\.jpg\Z")
-_encode_image = ByName("mmwatchd.encode", "encode_image")
-_encode_video = ByName("mmwatchd.encode", "encode_video")
+_encode_image = LazyFunction("mmwatchd.encode", "encode_image")
+_encode_video = LazyFunction("mmwatchd.encode", "encode_video")
 
 
 @dataclass(slots=True)

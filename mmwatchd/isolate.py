@@ -57,7 +57,7 @@ from typing import Any, Final, Self, TypeVar
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, MmwatchdError
 
-__all__ = ["Isolator", "stop_shared_processes"]
+__all__ = ["Isolator", "LazyFunction", "stop_shared_processes"]
 
 T = TypeVar("T")
 
@@ -80,8 +80,8 @@ _STATUS_UNKNOWN: Final = 255
 
 
 @dataclass(frozen=True, slots=True)
-class ByName:
-    """A module-level function, named by module and attribute and imported where it is first called.
+class LazyFunction:
+    """A module-level function, held as its module's and its own name and imported where it is first called.
 
     It pickles as the two names, so a caller can hand a function to the workers without importing its module (and the
     C libraries behind it) itself.
@@ -195,6 +195,7 @@ class Isolator:
     def call(self, fn: Callable[..., T], /, *args: Any, label: str, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` in a worker process; ``label`` (the file name) starts every error message."""
         pool = self._pool
+        timeout_s = self.timeout_s  # a reload while this call waits for a worker does not shorten it
         request = ForkingPickler.dumps((fn, args, kwargs))  # before taking a worker: an unpicklable call is our bug
         # A worker found dead when it is handed the request (it died while idle) is replaced once; the file cannot
         # have caused that.
@@ -210,15 +211,15 @@ class Isolator:
             break
         reuse = False
         try:
-            reply = self._await(worker, label)
+            reply = self._await(worker, label, timeout_s)
             reuse = reply[0] != "oom"  # a worker that ran out of memory may be left fragmented: start afresh
         finally:
             pool.release(worker, reuse=reuse)
         return self._result(reply, label, worker.pid)
 
-    def _await(self, worker: _Worker, label: str) -> tuple[Any, ...]:
+    def _await(self, worker: _Worker, label: str, timeout_s: float) -> tuple[Any, ...]:
         """The worker's reply to the request just sent, or the error that replaces it."""
-        ready = wait([worker.conn, worker.sentinel], timeout=self.timeout_s)
+        ready = wait([worker.conn, worker.sentinel], timeout=timeout_s)
         if worker.conn in ready:
             try:
                 return worker.conn.recv()  # type: ignore[no-any-return]
@@ -230,7 +231,7 @@ class Isolator:
             if self._pool.closed:
                 raise _stopped(label)
             raise DecodeError(
-                f"{label}: decoding took longer than {self.timeout_s:g} s and was stopped (limits.decode_timeout_s)"
+                f"{label}: decoding took longer than {timeout_s:g} s and was stopped (limits.decode_timeout_s)"
             )
         status = worker.reap()
         if worker.killed_on_close or self._pool.closed:
@@ -500,6 +501,16 @@ class _Pool:
         raise DecodeError(f"{label}: the decoder process could not start: {detail}")
 
 
+#: Private multiprocessing state this module relies on, by object and attribute: Python has no public way to stop the
+#: forkserver or the resource tracker (``ForkServer._stop()`` and ``ResourceTracker._stop()`` are private too, and
+#: wait without a timeout), nor to let a child drop its copy of the forkserver's "alive" pipe. tests/test_isolate.py
+#: checks every name on the Python it runs on, so that a Python that changes them fails the suite, not the service.
+PRIVATE_STDLIB: Final[dict[str, tuple[str, ...]]] = {
+    "multiprocessing.forkserver._forkserver": ("_forkserver_pid", "_forkserver_alive_fd", "_forkserver_address"),
+    "multiprocessing.resource_tracker._resource_tracker": ("_pid", "_fd"),
+}
+
+
 def stop_shared_processes(timeout_s: float = STOP_GRACE_S) -> None:
     """Stop the two helper processes multiprocessing started for the isolators (the forkserver and the resource
     tracker) and wait for them; call it once every :class:`Isolator` is closed, as the process is about to exit.
@@ -508,14 +519,15 @@ def stop_shared_processes(timeout_s: float = STOP_GRACE_S) -> None:
     service manager sees as processes outliving the service: systemd SIGKILLs them at every stop (KillMode=mixed).
     Each is told to go the way it would notice our exit, its pipe is closed, and it is waited for; one that does not
     exit within ``timeout_s`` (a worker still holding the tracker's pipe, say) is killed. Other isolators in this
-    process would lose their workers: this is for the end of the process only.
+    process would lose their workers: this is for the end of the process only. Uses :data:`PRIVATE_STDLIB`.
     """
     server = forkserver._forkserver
-    _end_helper(server, "_forkserver_pid", "_forkserver_alive_fd", timeout_s)
-    for attr in ("_forkserver_address",):
-        if hasattr(server, attr):
-            setattr(server, attr, None)
-    _end_helper(resource_tracker._resource_tracker, "_pid", "_fd", timeout_s)
+    pid_attr, fd_attr, address_attr = PRIVATE_STDLIB["multiprocessing.forkserver._forkserver"]
+    _end_helper(server, pid_attr, fd_attr, timeout_s)
+    if hasattr(server, address_attr):
+        setattr(server, address_attr, None)
+    tracker_pid, tracker_fd = PRIVATE_STDLIB["multiprocessing.resource_tracker._resource_tracker"]
+    _end_helper(resource_tracker._resource_tracker, tracker_pid, tracker_fd, timeout_s)
 
 
 def _end_helper(owner: object, pid_attr: str, fd_attr: str, timeout_s: float) -> None:
@@ -677,7 +689,8 @@ def _release_forkserver() -> None:
 
     The forkserver exits once every holder of its "alive" pipe has closed it, and hands each child a copy so that the
     child could use it in turn. A worker never does; holding the copy would keep the forkserver (its parent) alive
-    after the daemon died, and so the parent-death signal that stops a hung worker would never come.
+    after the daemon died, and so the parent-death signal that stops a hung worker would never come. (One of the
+    :data:`PRIVATE_STDLIB` names.)
     """
     server = forkserver._forkserver
     fd = getattr(server, "_forkserver_alive_fd", None)

@@ -34,7 +34,7 @@ from mmwatchd.errors import (
     VLMUnavailable,
     clip,
 )
-from mmwatchd.isolate import ByName, Isolator
+from mmwatchd.isolate import Isolator, LazyFunction
 from mmwatchd.log import get_logger
 from mmwatchd.media import media_suffix_kind, oversize, sniff
 from mmwatchd.model import (
@@ -65,11 +65,11 @@ if TYPE_CHECKING:  # the client module loads the openai SDK, which a scan with n
 
 # The decoders, named rather than imported: the daemon hands them to its decoder processes and never loads Pillow,
 # PyAV or libheif itself (memory and start-up it does not need; the README's "How it is built" has the figures).
-probe_image = ByName("mmwatchd.encode", "probe_image")
-probe_and_encode_image = ByName("mmwatchd.encode", "probe_and_encode_image")
-encode_image = ByName("mmwatchd.encode", "encode_image")
-probe_video = ByName("mmwatchd.encode", "probe_video")
-encode_video = ByName("mmwatchd.encode", "encode_video")
+probe_image = LazyFunction("mmwatchd.encode", "probe_image")
+probe_and_encode_image = LazyFunction("mmwatchd.encode", "probe_and_encode_image")
+encode_image = LazyFunction("mmwatchd.encode", "encode_image")
+probe_video = LazyFunction("mmwatchd.encode", "probe_video")
+encode_video = LazyFunction("mmwatchd.encode", "encode_video")
 
 log = get_logger()
 T = TypeVar("T")

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from mmwatchd.encode import image, raw, video
+from mmwatchd.encode import container, image, raw
 from mmwatchd.isobmff import BoxHeader, read_header
 
 
@@ -41,8 +41,8 @@ class TestWalks:
     def test_video_walk_stops_at_a_box_past_its_parent(self) -> None:
         data = box(b"moov", box(b"trak") + box(b"free", size=99)) + box(b"mdat", size=0) + b"tail"
         fp = io.BytesIO(data)
-        assert list(video._boxes(fp, 0, len(data))) == [(b"moov", 8, 24), (b"mdat", 32, len(data))]
-        assert list(video._boxes(fp, 8, 24)) == [(b"trak", 16, 16)]
+        assert list(container._boxes(fp, 0, len(data))) == [(b"moov", 8, 24), (b"mdat", 32, len(data))]
+        assert list(container._boxes(fp, 8, 24)) == [(b"trak", 16, 16)]
 
     @pytest.mark.parametrize(
         ("data", "problem"),

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import errno
 import gc
+import importlib
 import inspect
 import multiprocessing
 import os
@@ -23,7 +25,7 @@ from media import make_jpeg, make_video
 from mmwatchd import errors
 from mmwatchd.encode import encode_image
 from mmwatchd.errors import DecodeError, MediaTooLarge, MmwatchdError
-from mmwatchd.isolate import Isolator
+from mmwatchd.isolate import PRIVATE_STDLIB, Isolator
 from mmwatchd.model import ImageSpec, Limits
 
 GiB = 2**30
@@ -481,7 +483,7 @@ class TestClose:
             import sys
             from pathlib import Path
             import isolate_helpers
-            from mmwatchd.isolate import Isolator
+            from mmwatchd.isolate import PRIVATE_STDLIB, Isolator
 
             iso = Isolator(workers=1, timeout_s=600, memory_bytes=None)
             print(iso.call(isolate_helpers.pid, label="pid"), flush=True)
@@ -509,6 +511,62 @@ class TestClose:
             for pid in below:  # only after a failure: nothing may outlive the test
                 if not _gone(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+class TestPrivateStdlib:
+    """The private stdlib names the clean exit relies on (no public API does the same): a Python that renames or
+    drops one fails here, by name, instead of leaving the forkserver and resource tracker for systemd to SIGKILL."""
+
+    @staticmethod
+    def _lookup(path: str) -> object:
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    def test_the_multiprocessing_internals_are_there_and_hold_what_isolate_expects(self, iso: Isolator) -> None:
+        iso.call(helpers.pid, label="a.jpg")  # the forkserver and resource tracker are running now
+        version = sys.version.split()[0]
+        for path, attrs in PRIVATE_STDLIB.items():
+            owner = self._lookup(path)
+            for attr in attrs:
+                assert hasattr(owner, attr), (
+                    f"{path}.{attr} no longer exists in Python {version}: mmwatchd.isolate (stop_shared_processes, "
+                    f"_release_forkserver) needs updating for this Python"
+                )
+            pid, fd = getattr(owner, attrs[0]), getattr(owner, attrs[1])
+            assert isinstance(pid, int) and isinstance(fd, int), (
+                f"{path}.{attrs[0]}/{attrs[1]} no longer hold a pid and a file descriptor in Python {version} "
+                f"(got {pid!r}, {fd!r}): mmwatchd.isolate.stop_shared_processes needs updating for this Python"
+            )
+            assert _proc_stat(pid) is not None, f"{path}.{attrs[0]} = {pid} is not a running process"
+
+    def test_atexit_can_still_run_the_exit_handlers_ahead_of_os_exit(self) -> None:
+        assert callable(getattr(atexit, "_run_exitfuncs", None)), (
+            f"atexit._run_exitfuncs no longer exists in Python {sys.version.split()[0]}: mmwatchd.cli.entry calls it "
+            "before os._exit(); without it logging and multiprocessing would not be shut down at exit"
+        )
+
+    def test_stop_shared_processes_leaves_no_helper_behind(self) -> None:
+        script = textwrap.dedent(
+            """
+            import os, isolate_helpers
+            from multiprocessing import forkserver, resource_tracker
+            from mmwatchd.isolate import Isolator, stop_shared_processes
+
+            with Isolator(workers=1, timeout_s=60, memory_bytes=None) as iso:
+                iso.call(isolate_helpers.pid, label="pid")
+            helpers = [forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid]
+            stop_shared_processes()
+            print(*helpers, flush=True)
+            print(*[p for p in helpers if os.path.exists(f"/proc/{p}")], flush=True)
+            """
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, text=True, timeout=120,
+                             check=False)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        started, left = run.stdout.splitlines()
+        assert len(started.split()) == 2
+        assert left == "", f"still running after stop_shared_processes(): {left} (Python {sys.version.split()[0]})"
 
 
 class TestRealDecoder:

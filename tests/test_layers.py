@@ -44,6 +44,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.encode.strip",
         "mmwatchd.encode.raw",
         "mmwatchd.encode.image",
+        "mmwatchd.encode.container",
+        "mmwatchd.encode.sampling",
         "mmwatchd.encode.video",
     ),
     # Which rule a file gets; loading the config.

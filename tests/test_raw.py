@@ -30,7 +30,7 @@ from mmwatchd.model import Rule
 from mmwatchd.encode import raw as raw_module
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image
 from mmwatchd.errors import DecodeError, MediaError, MediaTooLarge, UnsupportedMedia
-from mmwatchd.isolate import ByName, Isolator
+from mmwatchd.isolate import Isolator, LazyFunction
 from mmwatchd.media import IMAGE_SUFFIXES, RAW_FORMATS, media_suffix_kind, sniff, sniff_bytes
 from mmwatchd.model import EndpointConfig, ImageSpec, Limits
 
@@ -437,7 +437,7 @@ class TestDamaged:
             for name, error, message in BAD:
                 with pytest.raises(error, match=message):
                     iso.call(
-                        ByName("mmwatchd.encode.image", "probe_and_encode_image"),
+                        LazyFunction("mmwatchd.encode.image", "probe_and_encode_image"),
                         RAW / "bad" / name,
                         ImageSpec(max_side=1024),
                         budget=BUDGET,
@@ -445,7 +445,7 @@ class TestDamaged:
                         label=name,
                     )
             facts, part = iso.call(
-                ByName("mmwatchd.encode.image", "probe_and_encode_image"),
+                LazyFunction("mmwatchd.encode.image", "probe_and_encode_image"),
                 RAW / "sample.nef",
                 ImageSpec(max_side=512),
                 budget=BUDGET,
@@ -591,7 +591,7 @@ class TestFuzz:
         path.write_bytes(mutate(seeds[name], how))
         try:
             spec = ImageSpec(max_side=256, raw=raw)  # type: ignore[arg-type]
-            encode = ByName("mmwatchd.encode.image", "encode_image")
+            encode = LazyFunction("mmwatchd.encode.image", "encode_image")
             part = isolator.call(encode, path, spec, budget=BUDGET, limits=Limits(), label=path.name)
         except MediaError as exc:
             assert str(exc).startswith(path.name + ": ")

@@ -43,12 +43,19 @@ from typing import BinaryIO, Final
 import pillow_heif
 from PIL import Image, ImageMath, UnidentifiedImageError
 
-from mmwatchd.encode.budget import GOOD_ENOUGH, QUALITY_SLOPE, SCALE_EXPONENT, max_payload
+from mmwatchd.encode.budget import PICTURE, fit, max_payload
 from mmwatchd.encode.raw import TRANSPOSE, open_raw
 from mmwatchd.errors import BudgetExceeded, DecodeError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.media import RAW_FORMATS, Sniffed, read_head
-from mmwatchd.model import MIME_BY_FORMAT, ImageFacts, ImageSpec, Limits, Part, data_url_len
+from mmwatchd.model import (
+    MIME_BY_FORMAT,
+    ImageFacts,
+    ImageSpec,
+    Limits,
+    Part,
+    data_url_len,
+)
 
 from .strip import strip_metadata
 
@@ -527,21 +534,14 @@ class Encoded:
         return f"Encoded({len(self.data)} bytes, {self.width}x{self.height}, q={self.quality}, encodes={self.encodes})"
 
 
-# Budget search tuning (shared with the video encoder in budget.py): aim a little under the budget.
-_AIM: Final = 0.97
-_MAX_QUALITY_ENCODES: Final = 5
-_MAX_SCALE_ENCODES: Final = 10
-
-
 def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> Encoded:
     """Encode ``img`` (L, RGB or RGBA, already sized) as ``spec.format`` so that its data URL fits ``budget``.
 
-    JPEG/WebP: ``spec.quality`` first; when too big, lower quality, predicted from the measured size (log size is
-    close to linear in quality) and corrected by each further measurement, never below ``spec.min_quality``;
-    typically 2-3 encodes. When ``spec.min_quality`` is still too big, or for PNG (which has no quality knob; PNG is
-    chosen for lossless detail, so it stays PNG and loses pixels instead), the image is scaled down, predicted the
-    same way (size ~ scale², then the measured exponent), down to :data:`MIN_SIDE` px on its longest side.
-    Raises :class:`BudgetExceeded` when nothing fits.
+    JPEG/WebP: ``spec.quality`` first; when too big, lower quality, never below ``spec.min_quality``; typically 2-3
+    encodes. When ``spec.min_quality`` is still too big, or for PNG (which has no quality knob; PNG is chosen for
+    lossless detail, so it stays PNG and loses pixels instead), the image is scaled down, down to :data:`MIN_SIDE` px
+    on its longest side. Both are predicted from measured sizes (:func:`mmwatchd.encode.budget.fit`, tuned by
+    :data:`~mmwatchd.encode.budget.PICTURE`). Raises :class:`BudgetExceeded` when nothing fits.
     """
     mime = MIME_BY_FORMAT[spec.format]
     limit = max_payload(mime, budget)
@@ -551,96 +551,29 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
             f"data-URL prefix; raise endpoint.max_request_bytes or shorten the prompt"
         )
     encodes = 0
-
-    def encode(image: Image.Image, quality: int | None) -> bytes:
-        nonlocal encodes
-        encodes += 1
-        return save_image(image, spec.format, quality)
-
-    def done(image: Image.Image, data: bytes, quality: int | None) -> Encoded:
-        return Encoded(data, image.width, image.height, quality, encodes)
-
-    quality = spec.quality if spec.format in ("jpeg", "webp") else None
-    data = encode(img, quality)
-    if len(data) <= limit:
-        return done(img, data, quality)
-    full_size = len(data)  # at scale 1, at the quality the scaling phase will use
-
-    if quality is not None and spec.min_quality < quality:
-        floor_q = spec.min_quality
-        over = [(quality, len(data))]  # (quality, size) too big, in the order tried: decreasing quality
-        fit: tuple[int, bytes] | None = None
-        while encodes < _MAX_QUALITY_ENCODES:
-            high_q, high_size = over[-1]
-            if fit is not None:
-                low_q, low = fit
-                if len(low) >= GOOD_ENOUGH * limit or high_q - low_q <= 1 or high_size <= len(low):
-                    break
-                slope = math.log(high_size / len(low)) / (high_q - low_q)
-                base_q, base_size, lowest = low_q, len(low), low_q + 1
-            else:
-                two = len(over) > 1 and over[-2][1] > high_size
-                slope = math.log(over[-2][1] / high_size) / (over[-2][0] - high_q) if two else QUALITY_SLOPE
-                base_q, base_size, lowest = high_q, high_size, floor_q
-            guess = base_q + math.floor(math.log(_AIM * limit / base_size) / slope)
-            guess = max(lowest, min(high_q - 1, guess))
-            trial = encode(img, guess)
-            if len(trial) <= limit:
-                fit = (guess, trial)
-            else:
-                over.append((guess, len(trial)))
-                if guess == floor_q:
-                    break
-        if fit is not None:
-            return done(img, fit[1], fit[0])
-        # Scale at the floor quality; its size at scale 1 is at most the smallest one measured.
-        quality, full_size = floor_q, over[-1][1]
-
     width, height = img.size
-    longest = max(width, height)
 
     def dims(scale: float) -> tuple[int, int]:
         return max(1, round(width * scale)), max(1, round(height * scale))
 
-    min_scale = min(1.0, MIN_SIDE / longest)
-    too_big = [(1.0, full_size, img.size)]  # (scale, size, dims) too big, in the order tried: decreasing scale
-    fitting: tuple[float, Image.Image, bytes] | None = None
-    scale_encodes = 0
-    while scale_encodes < _MAX_SCALE_ENCODES:
-        high_s, high_size, high_dims = too_big[-1]
-        if fitting is not None:
-            low_s, _, low = fitting
-            if len(low) >= GOOD_ENOUGH * limit or high_size <= len(low):
-                break
-            exponent = math.log(high_size / len(low)) / math.log(high_s / low_s)
-            base_s, base_size = low_s, len(low)
-        else:
-            if high_dims == dims(min_scale):
-                break  # the smallest allowed size is already too big
-            two = len(too_big) > 1 and too_big[-2][1] > high_size
-            exponent = math.log(too_big[-2][1] / high_size) / math.log(too_big[-2][0] / high_s) if two else 0.0
-            exponent = exponent if two else SCALE_EXPONENT
-            base_s, base_size = high_s, high_size
-        exponent = min(4.0, max(0.5, exponent))
-        scale = base_s * (_AIM * limit / base_size) ** (1 / exponent)
-        scale = min(scale, (max(high_dims) - 1) / longest)  # at least one pixel smaller than "too big"
-        scale = max(scale, min_scale, fitting[0] if fitting else 0.0)
-        size = dims(scale)
-        if size == high_dims or (fitting is not None and size == fitting[1].size):
-            break  # nothing left between the two
-        current = img.resize(size, _RESAMPLE, reducing_gap=_REDUCING_GAP)
-        data = encode(current, quality)
-        scale_encodes += 1
-        if len(data) <= limit:
-            fitting = (scale, current, data)
-        else:
-            too_big.append((scale, len(data), size))
-    if fitting is not None:
-        return done(fitting[1], fitting[2], quality)
-    _, smallest, (w, h) = too_big[-1]
+    def measure(quality: int | None, scale: float) -> tuple[int, tuple[Image.Image, bytes]]:
+        nonlocal encodes
+        image = img if scale == 1.0 else img.resize(dims(scale), _RESAMPLE, reducing_gap=_REDUCING_GAP)
+        encodes += 1
+        data = save_image(image, spec.format, quality)
+        return len(data), (image, data)
+
+    quality = spec.quality if spec.format in ("jpeg", "webp") else None
+    result = fit(measure, limit, quality=quality, min_quality=spec.min_quality,
+                 min_scale=min(1.0, MIN_SIDE / max(width, height)), dims=dims, tuning=PICTURE)  # fmt: skip
+    if result.fits:
+        image, data = result.payload
+        return Encoded(data, image.width, image.height, result.quality, encodes)
+    w, h = dims(result.scale)
+    quality = result.quality
     raise BudgetExceeded(
         f"{name}: cannot fit the byte budget: the smallest encoding tried ({w}x{h} {spec.format.upper()}"
-        f"{f' quality {quality}' if quality is not None else ''}) needs a {data_url_len(mime, smallest)}-character "
+        f"{f' quality {quality}' if quality is not None else ''}) needs a {data_url_len(mime, result.total)}-character "
         f"data URL, over the {budget} available for this image; raise endpoint.max_request_bytes or shorten the prompt"
     )
 
