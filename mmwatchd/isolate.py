@@ -53,7 +53,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from multiprocessing.util import Finalize
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, cast
 
 from mmwatchd.errors import DecodeError, MediaTooLarge, MmwatchdError
 
@@ -215,7 +215,7 @@ class Isolator:
             reuse = reply[0] != "oom"  # a worker that ran out of memory may be left fragmented: start afresh
         finally:
             pool.release(worker, reuse=reuse)
-        return self._result(reply, label, worker.pid)
+        return cast(T, self._result(reply, label, worker.pid))  # what fn returned, pickled across
 
     def _await(self, worker: _Worker, label: str, timeout_s: float) -> tuple[Any, ...]:
         """The worker's reply to the request just sent, or the error that replaces it."""
@@ -255,9 +255,9 @@ class Isolator:
             raise _too_large(label, self.memory_bytes)
         if tag == "failed":
             _, type_name, message, remote_tb = reply
-            error = DecodeError(f"{label}: decoding failed: {type_name}" + (f": {message}" if message else ""))
-            error.add_note(f"in decoder process {pid}:\n{remote_tb.rstrip()}")
-            raise error
+            failed = DecodeError(f"{label}: decoding failed: {type_name}" + (f": {message}" if message else ""))
+            failed.add_note(f"in decoder process {pid}:\n{remote_tb.rstrip()}")
+            raise failed
         raise AssertionError(f"unexpected reply from decoder process: {tag!r}")
 
 
@@ -696,7 +696,7 @@ def _release_forkserver() -> None:
     fd = getattr(server, "_forkserver_alive_fd", None)
     if isinstance(fd, int):
         os.close(fd)
-        server._forkserver_alive_fd = None
+        server._forkserver_alive_fd = None  # type: ignore[attr-defined]  # private: see PRIVATE_STDLIB
 
 
 def _prctl_setup(name: str) -> None:

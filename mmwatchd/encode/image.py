@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, cast
 
 import pillow_heif
 from PIL import Image, ImageMath, UnidentifiedImageError
@@ -302,7 +302,8 @@ def _taken(exif: Image.Exif) -> str:
         if match is None:
             continue
         try:
-            return datetime(*map(int, match.groups())).strftime("%Y-%m-%d %H:%M:%S")
+            year, month, day, hour, minute, second = map(int, match.groups())
+            return datetime(year, month, day, hour, minute, second).strftime("%Y-%m-%d %H:%M:%S")
         except ValueError:  # "0000:00:00 00:00:00" and friends: cameras write that when the clock is unset
             continue
     return ""
@@ -457,7 +458,7 @@ def _from_wide(img: Image.Image) -> Image.Image:
     (or 0..1 for F).
     """
     wide = img.convert("I") if img.mode.startswith("I;16") else img
-    low, high = wide.getextrema()
+    low, high = cast("tuple[float, float]", wide.getextrema())  # one band: (min, max), never per-band tuples
     if img.mode == "F" and low >= 0 and high <= 1:
         scale, offset = 255.0, 0.0
     elif low >= 0 and high <= 255:

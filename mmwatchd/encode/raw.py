@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, BinaryIO, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, cast
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -43,6 +43,7 @@ from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.model import ImageSpec, Limits
 
 if TYPE_CHECKING:
+    import numpy as np
     import rawpy
 
 __all__ = ["RawHeader", "open_raw"]
@@ -80,7 +81,7 @@ class RawHeader(Image.Image):
     an empty image.
     """
 
-    def load(self) -> None:  # type: ignore[override]
+    def load(self) -> None:
         raise TypeError("a RAW header has no pixels: call open_raw() with a spec to decode the image")
 
 
@@ -147,7 +148,7 @@ def open_raw(
     return img
 
 
-def _taken_info(fp: BinaryIO) -> dict[str, bytes]:
+def _taken_info(fp: BinaryIO) -> dict[str | tuple[int, int], Any]:
     """``info`` with an EXIF block holding only the capture time (DateTimeOriginal, else DateTime), for
     ``probe_image``; empty when there is none. Nothing else: the pixels are already oriented.
 
@@ -342,13 +343,13 @@ def _from_preview(
         return None
     if thumb.format == rawpy.ThumbFormat.BITMAP:
         try:
-            img = Image.fromarray(thumb.data)
+            img = Image.fromarray(cast("np.ndarray[Any, Any]", thumb.data))  # a BITMAP thumbnail is an array
         except (TypeError, ValueError):  # a bitmap layout Pillow has no mode for (one channel of three, ...)
             return None
         size = img.size
     else:
         try:
-            img = Image.open(io.BytesIO(thumb.data), formats=("JPEG",))
+            img = Image.open(io.BytesIO(cast(bytes, thumb.data)), formats=("JPEG",))  # JPEG: the file's bytes
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             return None  # an unreadable preview is no reason to give up: the raw data may be fine
         size = img.size
@@ -441,7 +442,7 @@ def _tiff_problem(fp: BinaryIO, size: int, order: str) -> str:
         return fp.read(n)
 
     (first,) = struct.unpack(order + "I", read(4, 4))
-    todo, seen = [first], set()
+    todo, seen = [first], set[int]()
     widths = {1: 1, 2: 1, 3: 2, 4: 4, 6: 1, 7: 1, 8: 2, 9: 4, 11: 4, 13: 4, 16: 8}
     while todo:
         at = todo.pop(0)
@@ -466,7 +467,7 @@ def _tiff_problem(fp: BinaryIO, size: int, order: str) -> str:
         (nxt,) = struct.unpack(order + "I", body[12 * count :])
         todo.append(nxt)
 
-        def values(tag: int) -> list[int] | None:
+        def values(tag: int, entries: dict[int, tuple[int, int, bytes]] = entries) -> list[int] | None:
             if tag not in entries:
                 return None
             kind, n, inline = entries[tag]

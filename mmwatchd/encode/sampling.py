@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Final
+from typing import Any, Final
 
 import av
 import av.error
@@ -198,7 +198,9 @@ class FrameConverter:
             img = Image.frombuffer("RGBA", (width, height), bytes(plane), "raw", "RGBA", plane.line_size, 1)
             img = _flatten(img)
         else:
-            img = frame.to_image(width=width, height=height, interpolation=_INTERPOLATION)
+            img = frame.to_image(  # type: ignore[no-untyped-call]  # PyAV declares no types for it
+                width=width, height=height, interpolation=_INTERPOLATION
+            )
         return _upright(img, self.rotation or 0)
 
     def from_pillow(self, img: Image.Image) -> Image.Image:
@@ -256,7 +258,7 @@ class Cursor:
         #: Give up seeking when a seek lands at or before where decoding already was (demuxers without a real
         #: seek, like GIF's, go back to the start): off for keyframes, where landing on the same keyframe is normal.
         self.check_progress = True
-        self._packets: Iterator[av.Packet] | None = None
+        self._packets: Iterator[av.Packet[Any]] | None = None
         self._queue: deque[VideoFrame] = deque()
         self.last: VideoFrame | None = None  # the last frame decoded since the last seek
         self.last_t: float | None = None
@@ -478,10 +480,10 @@ def sample_av(source: Source, spec: VideoSpec, limits: Limits) -> tuple[list[Sam
     if not samples:
         why = cursor.error or "no video data in the file (truncated, or still being copied?)"
         raise DecodeError(f"{source.name}: cannot decode the {label} video: {why}")
-    if cursor.error is not None or (len(samples) < len(targets) and not spec.keyframes_only):
-        # (keyframes_only ends on the last keyframe, up to a GOP before the end: that is not a short file)
-        if (note := _ends_early(cursor, timeline)) is not None:
-            notes.append(note)
+    # (keyframes_only ends on the last keyframe, up to a GOP before the end: that is not a short file)
+    short = len(samples) < len(targets) and not spec.keyframes_only
+    if (cursor.error is not None or short) and (note := _ends_early(cursor, timeline)) is not None:
+        notes.append(note)
     facts = source.facts
     rotation = pictures.rotation or 0
     if rotation != facts.rotation:  # the decoder's display matrix is authoritative (MKV, or a header we missed)

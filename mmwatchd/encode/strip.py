@@ -133,8 +133,9 @@ def _webp(data: bytes) -> bytes:
             raise ValueError("chunk runs past the end")
         chunk = data[i : min(end, n)]
         if kind == b"VP8X" and size >= 1:
-            chunk = bytearray(chunk)
-            chunk[8] &= ~0x0C & 0xFF  # EXIF (0x08) and XMP (0x04) flags
+            flags = bytearray(chunk)
+            flags[8] &= ~0x0C & 0xFF  # EXIF (0x08) and XMP (0x04) flags
+            chunk = bytes(flags)
         if kind not in (b"EXIF", b"XMP "):
             chunks.append(chunk)
         i = end
