@@ -25,6 +25,7 @@ from mmwatchd.pipeline import Outcome, Pipeline
 
 if TYPE_CHECKING:
     from mmwatchd.progress import Reporter, Snapshot
+    from mmwatchd.daemon import Daemon
     from mmwatchd.state import State
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -362,13 +363,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 daemon.wait_idle()
     finally:
         daemon.close()
-    if args.metrics_textfile is not None:
-        try:
-            daemon.metrics.write_textfile(args.metrics_textfile)
-        except OSError as exc:
-            print(f"mmwatchd: cannot write --metrics-textfile {args.metrics_textfile}: {exc.strerror or exc}",
-                  file=sys.stderr)  # fmt: skip
-            return EXIT_FAILED
+    if args.metrics_textfile is not None and not _write_textfile(daemon, args.metrics_textfile):
+        return EXIT_FAILED
     _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
     c = daemon.counts
     print(f"scan done: {c['ok']} described, {c['error']} failed, {c['retry']} not reached, {c['skipped']} skipped")
@@ -376,6 +372,16 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"mmwatchd: scan stopped: {daemon.halted}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
+
+
+def _write_textfile(daemon: Daemon, path: Path) -> bool:
+    """``--metrics-textfile``: the run's metrics for node_exporter; False (and said) when it cannot be written."""
+    try:
+        daemon.metrics.write_textfile(path)
+    except OSError as exc:
+        print(f"mmwatchd: cannot write --metrics-textfile {path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -414,13 +420,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             summary = backfill.run(wait=not args.no_wait)
     finally:
         daemon.close()
-    if args.metrics_textfile is not None:
-        try:
-            daemon.metrics.write_textfile(args.metrics_textfile)
-        except OSError as exc:
-            print(f"mmwatchd: cannot write --metrics-textfile {args.metrics_textfile}: {exc.strerror or exc}",
-                  file=sys.stderr)  # fmt: skip
-            return EXIT_FAILED
+    if args.metrics_textfile is not None and not _write_textfile(daemon, args.metrics_textfile):
+        return EXIT_FAILED
     _print_outcomes([o for o in daemon.outcomes if o.status in ("error", "retry")], cfg)
     for shard in summary.shards:
         print(f"shard    {shard}")

@@ -31,6 +31,7 @@ import pytest
 import yaml
 from fakevlm import FakeVLM, Recorded, Scripted
 from media import make_jpeg
+from optin import opted_in
 
 from mmwatchd.vlm import NO_KEY
 
@@ -74,10 +75,7 @@ VERIFY = "sudo systemd-analyze verify /etc/systemd/system/mmwatchd.service"
 
 
 def _opted_in(config: pytest.Config) -> bool:
-    """MMWATCHD_NSPAWN=1, or a ``-m`` expression that names the marker without negating it."""
-    if os.environ.get("MMWATCHD_NSPAWN") == "1":
-        return True
-    return re.search(r"(?<!not )\bsystemd\b", config.getoption("markexpr", "") or "") is not None
+    return opted_in(config, "systemd", "MMWATCHD_NSPAWN")
 
 
 pytestmark = [

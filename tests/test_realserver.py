@@ -32,7 +32,10 @@ import pytest
 import structlog
 from configs import write_config
 from media import make_heic, make_jpeg, make_png
-from realserver import build_tiny_vlm  # plain Python: importing it loads neither torch nor transformers
+from optin import opted_in
+from realserver import (
+    build_tiny_vlm,  # plain Python: importing it loads neither torch nor transformers
+)
 
 from mmwatchd.cli import main
 
@@ -45,10 +48,7 @@ SERVER_START_S = 180.0
 
 
 def _opted_in(config: pytest.Config) -> bool:
-    """MMWATCHD_REALSERVER=1, or a ``-m`` expression that names the marker without negating it."""
-    if os.environ.get("MMWATCHD_REALSERVER") == "1":
-        return True
-    return re.search(r"(?<!not )\brealserver\b", config.getoption("markexpr", "") or "") is not None
+    return opted_in(config, "realserver", "MMWATCHD_REALSERVER")
 
 
 pytestmark = [

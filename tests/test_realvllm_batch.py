@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from configs import write_config
 from media import make_jpeg, make_png, make_video
+from optin import opted_in
 
 from mmwatchd.cli import main
 
@@ -33,9 +33,7 @@ SERVED = "tiny-qwen2-vl"
 
 
 def _opted_in(config: pytest.Config) -> bool:
-    if os.environ.get("MMWATCHD_REALSERVER") == "1":
-        return True
-    return re.search(r"(?<!not )\brealserver\b", config.getoption("markexpr", "") or "") is not None
+    return opted_in(config, "realserver", "MMWATCHD_REALSERVER")
 
 
 pytestmark = [
