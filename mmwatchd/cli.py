@@ -376,6 +376,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 def _write_textfile(daemon: Daemon, path: Path) -> bool:
     """``--metrics-textfile``: the run's metrics for node_exporter; False (and said) when it cannot be written."""
+    from mmwatchd.metrics import Metrics
+
+    if not isinstance(daemon.metrics, Metrics):  # the command made its daemon without metrics: a bug, not the user's
+        raise RuntimeError("--metrics-textfile needs a daemon made with metrics=True")
     try:
         daemon.metrics.write_textfile(path)
     except OSError as exc:
