@@ -65,8 +65,8 @@ for extra in (BENCH, ROOT):
         sys.path.insert(0, str(extra))
 
 import inputs
-from server import FixedLatencyServer, self_check
 from concurrency import row_concurrency  # noqa: F401 (row 10, run by name)
+from server import FixedLatencyServer, self_check
 
 ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search", "raw", "concurrency")
 LATENCY_S = 0.2
@@ -152,7 +152,10 @@ def render(report: Report, *, markdown: bool) -> str:
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
-    fmt = lambda row: " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+    def fmt(row: Sequence[str]) -> str:
+        return " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *(fmt(row) for row in body)])
 
 
@@ -595,8 +598,7 @@ def _rescan_config(folder: Path, base_url: str, tree: Path) -> Path:
 
 def _expected(config: Path) -> dict[str, Any]:
     """What an up-to-date sidecar for the rescan rule records, from mmwatchd itself."""
-    from mmwatchd import __version__, rules, sidecar
-    from mmwatchd import config as config_mod
+    from mmwatchd import __version__, config as config_mod, rules, sidecar
 
     cfg = config_mod.load(config)
     return {
@@ -767,7 +769,10 @@ def row_mixed(report: Report, size: Size, work: Path, *, memory: bool, wire: boo
             + ", ".join(f"{name} {fmt_mb(rss)}" for name, rss in child.tree["tree_at_peak"])
         )
     if wire:
-        b64 = lambda p: 4 * -(-p.stat().st_size // 3)
+
+        def b64(p: Path) -> int:
+            return 4 * -(-p.stat().st_size // 3)
+
         photo_names = {p.name for p in photos}
         sent_photos = sum(h.body_bytes for h in hits if h.name in photo_names)
         sent_clip = sum(h.body_bytes for h in hits if h.name == clip.name)
@@ -787,8 +792,8 @@ def _selected(only: list[str] | None) -> list[str]:
         return list(ROWS)
     chosen = []
     for item in only:
-        for word in item.split(","):
-            word = word.strip().lower()
+        for given in item.split(","):
+            word = given.strip().lower()
             name = ROWS[int(word) - 1] if word.isdigit() and 1 <= int(word) <= len(ROWS) else word
             if name not in ROWS:
                 raise SystemExit(f"--only: unknown row {word!r}; rows: {', '.join(ROWS)} (or 1-{len(ROWS)})")

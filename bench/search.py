@@ -69,13 +69,13 @@ def _sidecar(rng: random.Random, name: str, i: int) -> dict[str, Any]:
         "media": {"kind": "image", "format": "JPEG", "width": 4032, "height": 3024, "taken": "2024-06-01 12:00:00",
                   "parts": [{"type": "image_url", "mime": "image/jpeg", "width": 1536, "height": 1152,
                              "bytes": 412345, "url_bytes": 549817, "origin": "encoded", "quality": 85}],
-                  "request_bytes": 550321, "max_request_bytes": 20000000},  # fmt: skip
+                  "request_bytes": 550321, "max_request_bytes": 20000000},
         "response": {"text": json.dumps(data), "data": data, "finish_reason": "stop",
                      "usage": {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290},
-                     "source": "content", "attempts": 1, "latency_s": 2.31},  # fmt: skip
+                     "source": "content", "attempts": 1, "latency_s": 2.31},
         "elapsed_s": 2.5,
         "created": "2026-11-27T10:00:00Z",
-    }
+    }  # fmt: skip
 
 
 def tree(n: int) -> Path:

@@ -13,19 +13,21 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NoReturn
-from urllib.parse import urlsplit
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 from mmwatchd import config as config_mod, log as log_mod, sidecar
-from mmwatchd.model import Config
 from mmwatchd.errors import ConfigError, MmwatchdError, StateError
+from mmwatchd.model import Config
 from mmwatchd.pipeline import Outcome, Pipeline
 
 if TYPE_CHECKING:
+    from mmwatchd.daemon import Daemon
     from mmwatchd.progress import Reporter, Snapshot
     from mmwatchd.state import State
+    from mmwatchd.vlm import RequestObserver, VLMClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: One-shot commands give a file this many tries at transient failures before reporting it failed.
@@ -196,7 +198,7 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _client(cfg: Config, state: State | None = None):  # type: ignore[no-untyped-def]
+def _client(cfg: Config, state: State | None = None) -> VLMClient:
     """The VLM client; ``state`` keeps what it learns about the endpoint (video.mode: auto) across runs."""
     from mmwatchd.vlm import VLMClient
 
@@ -335,7 +337,6 @@ def _dry_run(cfg: Config, paths: list[Path]) -> list[Outcome]:
     from concurrent.futures import ThreadPoolExecutor
 
     from mmwatchd.isolate import Isolator
-
     from mmwatchd.limiter import workers as endpoint_workers
 
     workers = max(1, min(len(paths), endpoint_workers(cfg.endpoint), os.cpu_count() or 1))
@@ -363,6 +364,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     finally:
         daemon.close()
     if args.metrics_textfile is not None:
+        from mmwatchd.metrics import Metrics
+
+        assert isinstance(daemon.metrics, Metrics)  # made with metrics=True
         try:
             daemon.metrics.write_textfile(args.metrics_textfile)
         except OSError as exc:
@@ -415,6 +419,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     finally:
         daemon.close()
     if args.metrics_textfile is not None:
+        from mmwatchd.metrics import Metrics
+
+        assert isinstance(daemon.metrics, Metrics)  # made with metrics=True
         try:
             daemon.metrics.write_textfile(args.metrics_textfile)
         except OSError as exc:
@@ -577,7 +584,9 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress(cfg: Config, daemon, label: str, *, until=None) -> Reporter:  # type: ignore[no-untyped-def]
+def _progress(
+    cfg: Config, daemon: Daemon, label: str, *, until: Callable[[Snapshot], bool] | None = None
+) -> Reporter:
     """A bar on stderr when it is a terminal, else a ``progress`` log line every ``progress_interval_s``."""
     from mmwatchd.progress import Reporter
 
@@ -620,7 +629,9 @@ def _require_roots(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None):  # type: ignore[no-untyped-def]
+def _one_shot_daemon(
+    cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None
+) -> Daemon:
     """A daemon without a watcher whose files get a few tries; its client is made when first used.
 
     ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`). ``metrics``: keep
@@ -638,7 +649,7 @@ def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, 
     return daemon
 
 
-def _start_one_shot(daemon) -> None:  # type: ignore[no-untyped-def]
+def _start_one_shot(daemon: Daemon) -> None:
     """Probe the endpoint (an unreachable one is reported at once, not per file), then start the workers."""
     daemon.isolator.prestart()  # the decoders start on the other core while the probe loads the HTTP client
     daemon.probe_once()
@@ -656,34 +667,34 @@ class _LazyClient:
     def __init__(self, cfg: Config, state: State | None = None) -> None:
         self._cfg = cfg
         self._state = state
-        self._client = None
-        self._before_request = None
-        self._observer = None
+        self._client: VLMClient | None = None
+        self._before_request: Callable[[], None] | None = None
+        self._observer: RequestObserver | None = None
         self._lock = threading.Lock()
 
     @property
-    def before_request(self):  # type: ignore[no-untyped-def]
+    def before_request(self) -> Callable[[], None] | None:
         return self._before_request
 
     @before_request.setter
-    def before_request(self, hook) -> None:  # type: ignore[no-untyped-def]
+    def before_request(self, hook: Callable[[], None] | None) -> None:
         with self._lock:
             self._before_request = hook
             if self._client is not None:
                 self._client.before_request = hook
 
     @property
-    def observer(self):  # type: ignore[no-untyped-def]
+    def observer(self) -> RequestObserver | None:
         return self._observer
 
     @observer.setter
-    def observer(self, observer) -> None:  # type: ignore[no-untyped-def]
+    def observer(self, observer: RequestObserver | None) -> None:
         with self._lock:
             self._observer = observer
             if self._client is not None:
                 self._client.observer = observer
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         with self._lock:
             if self._client is None:
                 self._client = _client(self._cfg, self._state)

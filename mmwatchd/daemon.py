@@ -45,16 +45,13 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from mmwatchd import endpoint as endpoint_mod
-from mmwatchd import limiter as limiter_mod
-from mmwatchd import live, search
-from mmwatchd import sidecar as sidecar_mod
+from mmwatchd import endpoint as endpoint_mod, limiter as limiter_mod, live, search, sidecar as sidecar_mod
 from mmwatchd.endpoint import (
     Endpoint,
     EndpointRefuses,
@@ -508,7 +505,7 @@ class Daemon:
             self._scan_wanted = clean or bool(self._scan_wanted)
             self._wake.notify_all()
 
-    def needing_work(self, *, clean: bool = False) -> Iterator[Path]:
+    def needing_work(self, *, clean: bool = False) -> Generator[Path, None, None]:
         """Every wanted file under the roots that may need work, as the walk finds it.
 
         A file whose size, mtime and rule fingerprint match the done-index, and whose sidecar is still there, is
@@ -597,7 +594,7 @@ class Daemon:
 
         Blocking on a full queue here is backpressure on the walk; the service loop is never held up by it.
         """
-        walk: Iterator[Path] | None = None
+        walk: Generator[Path, None, None] | None = None  # closed at the end, which runs its cleanup
         walked = 0
         try:
             while not self.stopping.is_set():
@@ -670,6 +667,7 @@ class Daemon:
         a backlog of any size, and a stop is seen within half a second.
         """
         if self.config.metrics is not None:
+            assert isinstance(self.metrics, Metrics)  # made in __init__ whenever config.metrics is set
             self.metrics.serve(self.config)  # first: a port that is taken stops the start with nothing to undo
         watcher = self._watcher(self.config)
         try:

@@ -110,7 +110,7 @@ def check_endpoint(cfg: Config, client: Any, *, pictures: Callable[[int], list[b
         words = error.server_message if isinstance(error, VLMRejected) and error.server_message else error.message
         note = " (video.mode: auto sends frames as images)" if refused else ""
         rows.append(Row("takes video_url", False, f"no: {words}{note}", needed=explicit_video))
-        if knowledge is not None and refused:
+        if knowledge is not None and refused and isinstance(error, VLMRejected):
             knowledge.record(model, replace(caps, video_url=False, identified=True,
                                             reason=f"mmwatchd check --endpoint: refused video_url ({error.status} {words})"))  # fmt: skip
 
@@ -176,7 +176,8 @@ def _largest(ask: Callable[[VLMRequest], tuple[Any, VLMError | None]], base: VLM
         if error is None:
             return True, ""
         said = error.server_message if isinstance(error, VLMRejected) and error.server_message else error.message
-        return False, f"HTTP {error.status}: {said}" if getattr(error, "status", None) else said
+        status = getattr(error, "status", None)  # VLMUnavailable and VLMRejected carry one, when the server answered
+        return False, f"HTTP {status}: {said}" if status else said
 
     ok, said = at(cap)
     if ok:

@@ -23,8 +23,7 @@ from mmwatchd.errors import ConfigError
 from mmwatchd.model import split_listen
 
 if TYPE_CHECKING:
-    from mmwatchd.config import Config
-    from mmwatchd.model import Reply
+    from mmwatchd.model import Config, Reply
     from mmwatchd.pipeline import Outcome
 
 #: Request latency buckets, in seconds: a cached small photo answers in a fraction of a second, a long video on a

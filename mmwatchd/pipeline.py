@@ -932,8 +932,8 @@ class Pipeline:
         return {
             "mmwatchd": {"version": __version__, "schema": sidecar.SCHEMA},
             "source": {"name": path.name, "size": st.size, "mtime_ns": st.mtime_ns, "inode": st.ino,
-                       "ctime_ns": st.ctime_ns, "sha256": sha256},  # fmt: skip
-        }
+                       "ctime_ns": st.ctime_ns, "sha256": sha256},
+        }  # fmt: skip
 
     def _ok_doc(
         self, path: Path, planned: _Planned, st: FileVersion, sha256: str, reply: Reply, *, elapsed: float
@@ -1002,9 +1002,9 @@ class Pipeline:
         # and an error found in a file that was still changing is not recorded against it.
         after = self._restat(path)
         if after is None:
-            return Outcome(path=path, status="skipped", reason=GONE, rule=rule and rule.name, gone=True)
+            return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name if rule else None, gone=True)
         if after != st:
-            return Outcome(path=path, status="retry", reason=CHANGED, rule=rule and rule.name)
+            return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name if rule else None)
         doc = self._header(path, st, sha)
         doc.update(
             status="error",
@@ -1023,9 +1023,9 @@ class Pipeline:
         except SidecarError as write_exc:
             return Outcome(
                 path=path, status="retry", reason=f"{exc.message}; and {write_exc.message}",
-                rule=rule and rule.name, error=write_exc,
+                rule=rule.name if rule else None, error=write_exc,
             )  # fmt: skip
-        return Outcome(path=path, status="error", reason=message, rule=rule and rule.name, error=exc)
+        return Outcome(path=path, status="error", reason=message, rule=rule.name if rule else None, error=exc)
 
     def _act(
         self, outcome: Outcome, spec: ActionSpec | None, side: Path, root: Path | None, values: dict[str, object]

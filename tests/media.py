@@ -25,8 +25,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageStat
 
 __all__ = [
-    "INVERSE_ORIENTATION",
     "FRAME_BITS",
+    "INVERSE_ORIENTATION",
     "make_audio",
     "make_avif",
     "make_bmp",

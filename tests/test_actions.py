@@ -92,7 +92,7 @@ class TestMove:
 
     def test_clash_numbers_file_and_sidecar(self, tmp_path: Path) -> None:
         done = tmp_path / "done"
-        old_media, old_side = make_pair(done / "IMG_1.jpg", seed=1)
+        _old_media, _old_side = make_pair(done / "IMG_1.jpg", seed=1)
         make_pair(done / "IMG_1 (1).jpg", seed=2)
         before = {name: (done / name).read_bytes() for name in files(done)}
         media, side = make_pair(tmp_path / "in" / "IMG_1.jpg", seed=3)
@@ -367,7 +367,7 @@ class TestExec:
     def test_runs_with_the_actual_place_when_the_move_failed(self, tmp_path: Path, hook: Path) -> None:
         out = tmp_path / "argv.json"
         (tmp_path / "in").mkdir()
-        media, side = make_pair(tmp_path / "outside" / "IMG_1.jpg")
+        _media, side = make_pair(tmp_path / "outside" / "IMG_1.jpg")
         sneaky = tmp_path / "in" / ".." / "outside" / "IMG_1.jpg"
         spec = ActionSpec(move_to=tmp_path / "done", exec=(sys.executable, str(hook), str(out), "ok", "{path}"))
 

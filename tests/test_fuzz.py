@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,15 +20,13 @@ import pytest
 from configs import load_config
 from fakevlm import FakeVLM
 from fuzzseed import ENV, SEED, repeat_hint
-from hypothesis import HealthCheck, given, note, seed, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, note, seed, settings, strategies as st
 from media import make_heic, make_jpeg, make_numbered_video, make_png
 from mutations import mutate, mutation
 
 from mmwatchd.isolate import Isolator
 from mmwatchd.pipeline import Pipeline
 from mmwatchd.vlm import VLMClient
-
 
 #: How each seed file is made (tests/media.py), so a recipe can name it.
 SEED_FILES = {

@@ -85,8 +85,8 @@ pytestmark = [
     pytest.mark.skipif("not _opted_in(config)", reason="boots a container: set MMWATCHD_NSPAWN=1 or pass -m systemd"),
     pytest.mark.skipif(os.geteuid() != 0, reason="systemd-nspawn needs root"),
     pytest.mark.skipif(bool(nspawn.missing_tools()), reason=f"missing: {' '.join(nspawn.missing_tools())} "
-                       "(Debian: apt-get install debootstrap systemd-container util-linux)"),  # fmt: skip
-]
+                       "(Debian: apt-get install debootstrap systemd-container util-linux)"),
+]  # fmt: skip
 
 
 class SlowVLM(FakeVLM):

@@ -23,8 +23,8 @@ from media import make_empty, make_heic, make_jpeg, make_named_text, make_png, m
 from PIL import Image
 from rewrite import padded_jpeg, rewrite_keeping_size_and_mtime
 
-from mmwatchd.model import Config
 from mmwatchd.errors import SidecarError
+from mmwatchd.model import Config
 from mmwatchd.pipeline import IN_PROGRESS, Pipeline
 from mmwatchd.vlm import VLMClient
 

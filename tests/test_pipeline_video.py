@@ -41,7 +41,7 @@ def _once(tmp_path: Path, fake: FakeVLM, media: Path, *extra: str, **changes: ob
 
 
 def _images(url: str) -> list[Image.Image]:
-    head, payload = url.split(",", 1)
+    _head, payload = url.split(",", 1)
     return [Image.open(io.BytesIO(base64.b64decode(chunk))) for chunk in payload.split(",")]
 
 

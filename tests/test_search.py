@@ -164,7 +164,7 @@ class TestIndex:
         with sqlite3.connect(index) as conn:  # an entry the sidecars do not back (as if edited by hand)
             conn.execute("UPDATE fts SET caption = 'a unicorn' WHERE caption LIKE '%cat%'")
         assert matches(capsys, library, "unicorn") == ["IMG_0002.jpg"]  # size and mtime unchanged: trusted
-        code, out, _ = run(capsys, "unicorn", "-c", str(library), "--reindex")
+        code, _out, _ = run(capsys, "unicorn", "-c", str(library), "--reindex")
         assert code == 1
         assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
         for suffix in ("-wal", "-shm"):
@@ -215,7 +215,7 @@ class TestIndex:
                          path="/v1/chat/completions")
         assert main(["once", "-c", str(cfg), str(photo)]) == 0
         assert not photo.with_name("IMG_7.jpg.json").exists()
-        code, out, _ = run(capsys, "lighthouse", "-c", str(cfg), "--json")
+        _code, out, _ = run(capsys, "lighthouse", "-c", str(cfg), "--json")
         [hit] = json.loads(out)["matches"]
         assert hit["path"] == str(photo)
         assert hit["sidecar"] == str(tmp_path / "mirror" / photo.relative_to("/").with_name("IMG_7.jpg.json"))

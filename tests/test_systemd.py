@@ -150,7 +150,7 @@ def test_status_without_a_database_says_so_and_creates_none(
     assert report["state_found"] is False and report["state_path"] == str(state / "state.sqlite3")
     assert report["roots"][str(tmp_path / "inbox")]["pending"] == 2
     assert not state.exists()
-    assert not [p for p in Path(tempfile.gettempdir()).glob("mmwatchd-status-*")]
+    assert not list(Path(tempfile.gettempdir()).glob("mmwatchd-status-*"))
 
 
 def test_status_reads_an_existing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
