@@ -431,7 +431,8 @@ def row_video(report: Report, size: Size, work: Path) -> None:
         f"2: seeking to and decoding the {m['frames']} keyframes alone (no scaling, no JPEG) takes "
         f"{fmt_s(m['keyframe_floor_s'])} ({fmt_ratio(m['keyframe_floor_s'] / m['reference_s'])}); "
         f"clip {m['clip_bytes'] / 1e6:.0f} MB; Python allocation peak {fmt_mb(m['py_short'])} / "
-        f"{fmt_mb(m['py_long'])} ({m['mem_source']})" + (f"; clips made in {m['made_s']:.0f} s" if m["made_s"] > 1 else "")
+        f"{fmt_mb(m['py_long'])} ({m['mem_source']})"
+        + (f"; clips made in {m['made_s']:.0f} s" if m["made_s"] > 1 else "")
     )
 
 
@@ -568,7 +569,8 @@ def row_latency(report: Report, size: Size, work: Path) -> None:
                        f"{fmt_s(settle)} (settle_s)", med / settle, (settle + 0.2) / settle,
                        "<= settle + 0.2 s", miss=f"{med - settle - 0.2:+.2f} s over"))  # fmt: skip
     report.note(
-        "4: latencies " + "; ".join(f"{how}: " + ", ".join(fmt_s(x) for x in lat) for how, lat in results.items())
+        "4: latencies "
+        + "; ".join(f"{how}: " + ", ".join(fmt_s(x) for x in lat) for how, lat in results.items())
         + f"; daemon exit code {proc.returncode} after SIGTERM"
     )
 
@@ -701,7 +703,9 @@ def row_rescan(report: Report, size: Size, work: Path) -> None:
     report.add(Row("5", f"rescan {n} files (+{n} sidecars), all up to date", fmt_s(child.wall_s),
                    f"{fmt_s(ref)} (scandir walk + stat of all {reference.stdout.strip()} files, Python subprocess)",
                    child.wall_s / ref, 3.0, "<= 3x"))  # fmt: skip
-    report.note(f"5: index rebuilt from the sidecars in {fmt_s(rebuild.wall_s)} ({rebuild.wall_s / n * 1e6:.0f} us/file)")
+    report.note(
+        f"5: index rebuilt from the sidecars in {fmt_s(rebuild.wall_s)} ({rebuild.wall_s / n * 1e6:.0f} us/file)"
+    )
     report.note(f"5: {requests} requests during the rescan (expected 0); {scan_summary(child)}; "
                 f"{child.wall_s / n * 1e6:.0f} us/file; peak RSS {fmt_mb(child.maxrss)}; {how}")  # fmt: skip
     if requests:
@@ -833,8 +837,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in report.notes:
         print(f"- {note}")
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"- total {total:.0f} s ({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs); load average at the "
-          f"end {load} (other work on the machine inflates the 2-thread figures of row 1 most)")
+    print(
+        f"- total {total:.0f} s ({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs); load average at the "
+        f"end {load} (other work on the machine inflates the 2-thread figures of row 1 most)"
+    )
     if args.markdown:
         print()
         print(render(report, markdown=True))

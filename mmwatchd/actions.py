@@ -118,9 +118,7 @@ def run_actions(
             "status": status,
         }
         exec_code = _run_hook(spec.exec, hook_values, timeout=spec.exec_timeout_s, problems=problems)
-    return ActionResult(
-        path=new_path, sidecar=new_sidecar, moved=moved, exec_code=exec_code, problems=tuple(problems)
-    )
+    return ActionResult(path=new_path, sidecar=new_sidecar, moved=moved, exec_code=exec_code, problems=tuple(problems))
 
 
 # --------------------------------------------------------------------------------------------------------------------

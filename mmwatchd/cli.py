@@ -129,11 +129,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("once", parents=[common], help="process the named files now, then exit")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--dry-run", action="store_true", help="print what would be sent, as JSON; call nothing, write nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent, as JSON; call nothing, write nothing"
+    )
     p.add_argument("--force", action="store_true", help="describe files again even when their sidecar is up to date")
     p.set_defaults(func=cmd_once)
 
-    p = sub.add_parser("scan", parents=[common], help="process every file under the watched folders that needs it, then exit")
+    p = sub.add_parser(
+        "scan", parents=[common], help="process every file under the watched folders that needs it, then exit"
+    )
     p.add_argument("--metrics-textfile", type=Path, metavar="PATH",
                    help="at the end, write the run's metrics there for node_exporter's textfile collector")  # fmt: skip
     p.set_defaults(func=cmd_scan)
@@ -176,8 +180,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gallery", parents=[common], help="write a static HTML page to review the descriptions")
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to show (default: the watched folders)")
-    p.add_argument("-o", "--output", default="review.html", metavar="HTML",
-                   help="the page to write (default review.html); thumbnails go into HTML's name + _files/")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="review.html",
+        metavar="HTML",
+        help="the page to write (default review.html); thumbnails go into HTML's name + _files/",
+    )
     p.set_defaults(func=cmd_gallery)
     return parser
 
@@ -260,8 +269,7 @@ def _key_from_file(cfg: Config) -> str | None:
         st = path.stat()
         if st.st_mode & 0o077:
             raise ConfigError(
-                f"{where}: {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-                f"run: chmod 600 {path}"
+                f"{where}: {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}"
             )
         return path.read_text(encoding="utf-8").strip() or None
     except OSError as exc:
@@ -584,9 +592,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress(
-    cfg: Config, daemon: Daemon, label: str, *, until: Callable[[Snapshot], bool] | None = None
-) -> Reporter:
+def _progress(cfg: Config, daemon: Daemon, label: str, *, until: Callable[[Snapshot], bool] | None = None) -> Reporter:
     """A bar on stderr when it is a terminal, else a ``progress`` log line every ``progress_interval_s``."""
     from mmwatchd.progress import Reporter
 
@@ -629,9 +635,7 @@ def _require_roots(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _one_shot_daemon(
-    cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None
-) -> Daemon:
+def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None) -> Daemon:
     """A daemon without a watcher whose files get a few tries; its client is made when first used.
 
     ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`). ``metrics``: keep

@@ -214,7 +214,9 @@ def _data_path(loc: tuple[Any, ...], data: Any) -> KeyPath:
     out: list[str | int] = []
     cur = data
     for part in loc:
-        if (isinstance(cur, dict) and part in cur) or (isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)):
+        if (isinstance(cur, dict) and part in cur) or (
+            isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        ):
             cur = cur[part]
             out.append(part)
         elif isinstance(part, str) and not out and part in {f.name for f in fields(Config)}:

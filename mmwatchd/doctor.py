@@ -47,6 +47,7 @@ class Row:
 
 def _png(total: int) -> bytes:
     """A 16x16 grey PNG of exactly ``total`` bytes (at least its minimum size), padded with a private chunk."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -139,6 +140,7 @@ def _frames_kept(
     pictures: Callable[[int], list[bytes]],
 ) -> str:
     """``" (4 frames)"``, or how many of many frames the model kept, from the prompt tokens of 2, 4 and many."""
+
     def tokens(reply: Any) -> int | None:
         usage = getattr(reply, "usage", None) or {}
         value = usage.get("prompt_tokens")

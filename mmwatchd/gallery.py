@@ -289,11 +289,7 @@ def script_json(data: object) -> str:
 def render_page(cards: Iterable[Card], base: Path, *, title: str, page_size: int = PAGE_SIZE) -> str:
     data = {"title": title, "page_size": page_size, "cards": [card_data(c, base) for c in cards]}
     nonce = secrets.token_urlsafe(18)
-    return (
-        _PAGE.replace("%NONCE%", nonce)
-        .replace("%TITLE%", _escape_text(title))
-        .replace("%DATA%", script_json(data))
-    )
+    return _PAGE.replace("%NONCE%", nonce).replace("%TITLE%", _escape_text(title)).replace("%DATA%", script_json(data))
 
 
 def _escape_text(text: str) -> str:
@@ -353,7 +349,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-_PAGE = MARKER + """
+_PAGE = (
+    MARKER
+    + """
 <!DOCTYPE html>
 <html lang="en">
 <head>
@@ -574,3 +572,4 @@ main { padding: 16px 20px 40px; }
 </body>
 </html>
 """
+)

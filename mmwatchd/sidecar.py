@@ -76,7 +76,9 @@ def read(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except IsADirectoryError:
-        raise ForeignSidecar(f"{path}: a folder sits where the sidecar belongs; rename it to let mmwatchd write") from None
+        raise ForeignSidecar(
+            f"{path}: a folder sits where the sidecar belongs; rename it to let mmwatchd write"
+        ) from None
     except OSError as exc:
         raise SidecarError(f"{path}: cannot read existing sidecar: {exc.strerror or exc}") from exc
     try:

@@ -148,7 +148,9 @@ def render(report: dict[str, Any]) -> str:
     if report["retrying"]:
         lines.append("retrying:")
         for r in report["retrying"]:
-            lines.append(f"  {r['path']}: {r['attempts']} attempt(s), next {r['retry_at'] or 'soon'}: {r['last_error']}")
+            lines.append(
+                f"  {r['path']}: {r['attempts']} attempt(s), next {r['retry_at'] or 'soon'}: {r['last_error']}"
+            )
     if report["last_errors"]:
         lines.append("last errors:")
         for e in report["last_errors"]:

@@ -236,8 +236,6 @@ def clean_keyword(word: str) -> str:
     return " ".join(word.split())[:MAX_KEYWORD].strip()
 
 
-
-
 def our_keywords(
     words: Iterable[str],
     *,
@@ -303,9 +301,7 @@ def merge(raw: bytes | None, answer: Answer, *, where: str = "XMP sidecar") -> t
         _add_list(target, _SUBJECT, "Bag", leaves)
         _add_list(target, _HIER, "Bag", ["|".join(k) for k in final])
         _add_list(target, _TAGS, "Seq", ["/".join(k) for k in final])
-    record_out = _Record(
-        ours=tuple(ours), removed=tuple(removed), all=tuple(final), description=description_hash
-    )
+    record_out = _Record(ours=tuple(ours), removed=tuple(removed), all=tuple(final), description=description_hash)
     record_out.write(target, answer)
     data = _serialise(tree, raw)
     return data, Merged(description=state, keywords=tuple(final), ours=tuple(ours), declined=declined)
@@ -394,7 +390,10 @@ class _Record:
                 _add_list(desc, tag, "Bag", ["|".join(k) for k in values])
         simple = {
             _R_DESCRIPTION: self.description,
-            **{_ours(n): v for n, v in zip(_R_SIMPLE, (answer.model, answer.rule, answer.fingerprint, __version__), strict=True)},
+            **{
+                _ours(n): v
+                for n, v in zip(_R_SIMPLE, (answer.model, answer.rule, answer.fingerprint, __version__), strict=True)
+            },
         }
         for tag, value in simple.items():
             if value:
@@ -638,10 +637,7 @@ def _xml_text(text: str) -> str:
     return "".join(
         ch
         for ch in text
-        if ch in "\t\n\r"
-        or ("\x20" <= ch <= "\ud7ff")
-        or ("\ue000" <= ch <= "\ufffd")
-        or ch >= "\U00010000"
+        if ch in "\t\n\r" or ("\x20" <= ch <= "\ud7ff") or ("\ue000" <= ch <= "\ufffd") or ch >= "\U00010000"
     )
 
 

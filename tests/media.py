@@ -385,7 +385,6 @@ def make_video(path: Path, size: Size = (64, 48), *, frames: int = 6, fps: int =
     return path
 
 
-
 # ---------------------------------------------------------------------------------------------------- numbered video
 
 #: Bits :func:`numbered_picture` encodes (frame numbers 0..255).

@@ -305,7 +305,13 @@ class TestExec:
         assert result.problems == () and result.exec_code == 0
         moved = tmp_path / "done" / "IMG_1 (1).jpg"
         assert json.loads(out.read_text())["argv"] == [
-            str(moved), str(moved) + SUFFIX, "ok", "IMG_1 (1).jpg", "image/32", "{path}", ""
+            str(moved),
+            str(moved) + SUFFIX,
+            "ok",
+            "IMG_1 (1).jpg",
+            "image/32",
+            "{path}",
+            "",
         ]
 
     def test_without_sidecar_and_move(self, tmp_path: Path, hook: Path) -> None:

@@ -486,5 +486,7 @@ def test_the_user_unit(box: nspawn.Container, fake: SlowVLM) -> None:
     assert json.loads(_sidecar(box, photo).read_text())["status"] == "ok"
     out = box.run(str(bob / ".local/share/mmwatchd/venv/bin/mmwatchd"), "status", user="bob").stdout
     assert "no state yet" not in out and f"{bob / 'Photos'}: 1 done" in out, out
-    assert _host(box, bob / ".config/mmwatchd/state.sqlite3").exists() or _host(
-        box, bob / ".local/state/mmwatchd/state.sqlite3").exists()
+    assert (
+        _host(box, bob / ".config/mmwatchd/state.sqlite3").exists()
+        or _host(box, bob / ".local/state/mmwatchd/state.sqlite3").exists()
+    )

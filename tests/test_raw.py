@@ -546,9 +546,6 @@ class TestFingerprint:
         assert rules.fingerprint(developed, endpoint) != rules.fingerprint(rule, endpoint)
 
 
-
-
-
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("raw-seeds")

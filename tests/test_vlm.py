@@ -475,9 +475,7 @@ class TestRequestBytes:
             seen.append(http_request)
             return httpx2.Response(200, json=chat_completion("{}"))
 
-        parts = tuple(
-            video(frames=2, n=n) if kind == "video_url" else image(n, mime="image/webp") for kind, n in sizes
-        )
+        parts = tuple(video(frames=2, n=n) if kind == "video_url" else image(n, mime="image/webp") for kind, n in sizes)
         schema = {"type": "object", "description": prompt[:20]} if described else None
         req = request(prompt=prompt, system=system, parts=parts, temperature=temperature, schema=schema)
         with httpx2.Client(transport=httpx2.MockTransport(handler)) as http:
