@@ -84,7 +84,9 @@ def row(report: Any, quick: bool, work: Path, bench: Any) -> None:
         timed = {}
         for mode in ("preview", "demosaic"):
             spec = ImageSpec(max_side=SIDE, raw=mode)
-            timed[mode] = _best(lambda spec=spec: encode_image(path, spec, budget=bench.BUDGET, limits=Limits()))
+            timed[mode] = _best(
+                lambda spec=spec, path=path: encode_image(path, spec, budget=bench.BUDGET, limits=Limits())
+            )
         per_file[path.name] = (timed["preview"], timed["demosaic"])
     ours = sum(p for p, _ in per_file.values())
     ref = sum(d for _, d in per_file.values())

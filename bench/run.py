@@ -65,8 +65,8 @@ for extra in (BENCH, ROOT):
         sys.path.insert(0, str(extra))
 
 import inputs
-from server import FixedLatencyServer, self_check
 from concurrency import row_concurrency  # noqa: F401 (row 10, run by name)
+from server import FixedLatencyServer, self_check
 
 ROWS = ("images", "video", "throughput", "latency", "rescan", "memory", "wire", "search", "raw", "concurrency")
 LATENCY_S = 0.2
@@ -152,7 +152,10 @@ def render(report: Report, *, markdown: bool) -> str:
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
-    fmt = lambda row: " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
+    def fmt(row: Sequence[str]) -> str:
+        return " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *(fmt(row) for row in body)])
 
 
@@ -428,7 +431,8 @@ def row_video(report: Report, size: Size, work: Path) -> None:
         f"2: seeking to and decoding the {m['frames']} keyframes alone (no scaling, no JPEG) takes "
         f"{fmt_s(m['keyframe_floor_s'])} ({fmt_ratio(m['keyframe_floor_s'] / m['reference_s'])}); "
         f"clip {m['clip_bytes'] / 1e6:.0f} MB; Python allocation peak {fmt_mb(m['py_short'])} / "
-        f"{fmt_mb(m['py_long'])} ({m['mem_source']})" + (f"; clips made in {m['made_s']:.0f} s" if m["made_s"] > 1 else "")
+        f"{fmt_mb(m['py_long'])} ({m['mem_source']})"
+        + (f"; clips made in {m['made_s']:.0f} s" if m["made_s"] > 1 else "")
     )
 
 
@@ -565,7 +569,8 @@ def row_latency(report: Report, size: Size, work: Path) -> None:
                        f"{fmt_s(settle)} (settle_s)", med / settle, (settle + 0.2) / settle,
                        "<= settle + 0.2 s", miss=f"{med - settle - 0.2:+.2f} s over"))  # fmt: skip
     report.note(
-        "4: latencies " + "; ".join(f"{how}: " + ", ".join(fmt_s(x) for x in lat) for how, lat in results.items())
+        "4: latencies "
+        + "; ".join(f"{how}: " + ", ".join(fmt_s(x) for x in lat) for how, lat in results.items())
         + f"; daemon exit code {proc.returncode} after SIGTERM"
     )
 
@@ -595,8 +600,7 @@ def _rescan_config(folder: Path, base_url: str, tree: Path) -> Path:
 
 def _expected(config: Path) -> dict[str, Any]:
     """What an up-to-date sidecar for the rescan rule records, from mmwatchd itself."""
-    from mmwatchd import __version__, rules, sidecar
-    from mmwatchd import config as config_mod
+    from mmwatchd import __version__, config as config_mod, rules, sidecar
 
     cfg = config_mod.load(config)
     return {
@@ -699,7 +703,9 @@ def row_rescan(report: Report, size: Size, work: Path) -> None:
     report.add(Row("5", f"rescan {n} files (+{n} sidecars), all up to date", fmt_s(child.wall_s),
                    f"{fmt_s(ref)} (scandir walk + stat of all {reference.stdout.strip()} files, Python subprocess)",
                    child.wall_s / ref, 3.0, "<= 3x"))  # fmt: skip
-    report.note(f"5: index rebuilt from the sidecars in {fmt_s(rebuild.wall_s)} ({rebuild.wall_s / n * 1e6:.0f} us/file)")
+    report.note(
+        f"5: index rebuilt from the sidecars in {fmt_s(rebuild.wall_s)} ({rebuild.wall_s / n * 1e6:.0f} us/file)"
+    )
     report.note(f"5: {requests} requests during the rescan (expected 0); {scan_summary(child)}; "
                 f"{child.wall_s / n * 1e6:.0f} us/file; peak RSS {fmt_mb(child.maxrss)}; {how}")  # fmt: skip
     if requests:
@@ -767,7 +773,10 @@ def row_mixed(report: Report, size: Size, work: Path, *, memory: bool, wire: boo
             + ", ".join(f"{name} {fmt_mb(rss)}" for name, rss in child.tree["tree_at_peak"])
         )
     if wire:
-        b64 = lambda p: 4 * -(-p.stat().st_size // 3)
+
+        def b64(p: Path) -> int:
+            return 4 * -(-p.stat().st_size // 3)
+
         photo_names = {p.name for p in photos}
         sent_photos = sum(h.body_bytes for h in hits if h.name in photo_names)
         sent_clip = sum(h.body_bytes for h in hits if h.name == clip.name)
@@ -787,8 +796,8 @@ def _selected(only: list[str] | None) -> list[str]:
         return list(ROWS)
     chosen = []
     for item in only:
-        for word in item.split(","):
-            word = word.strip().lower()
+        for given in item.split(","):
+            word = given.strip().lower()
             name = ROWS[int(word) - 1] if word.isdigit() and 1 <= int(word) <= len(ROWS) else word
             if name not in ROWS:
                 raise SystemExit(f"--only: unknown row {word!r}; rows: {', '.join(ROWS)} (or 1-{len(ROWS)})")
@@ -828,8 +837,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in report.notes:
         print(f"- {note}")
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"- total {total:.0f} s ({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs); load average at the "
-          f"end {load} (other work on the machine inflates the 2-thread figures of row 1 most)")
+    print(
+        f"- total {total:.0f} s ({'quick' if args.quick else 'full'} run, {os.cpu_count()} CPUs); load average at the "
+        f"end {load} (other work on the machine inflates the 2-thread figures of row 1 most)"
+    )
     if args.markdown:
         print()
         print(render(report, markdown=True))

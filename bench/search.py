@@ -55,8 +55,10 @@ print(walk(sys.argv[1]))
 def _sidecar(rng: random.Random, name: str, i: int) -> dict[str, Any]:
     adj, noun, verb, place = rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(VERBS), rng.choice(PLACES)
     other = rng.choice(NOUNS)
-    caption = (f"A {adj} {noun} {verb} near the {place} {rng.choice(TIMES)}. In the background a "
-               f"{rng.choice(ADJECTIVES)} {other} and some people; the colours are muted and the horizon is level.")
+    caption = (
+        f"A {adj} {noun} {verb} near the {place} {rng.choice(TIMES)}. In the background a "
+        f"{rng.choice(ADJECTIVES)} {other} and some people; the colours are muted and the horizon is level."
+    )
     tags = sorted({noun, place, other, rng.choice(ADJECTIVES), rng.choice(["outdoor", "indoor", "travel", "family"])})
     data = {"caption": caption, "tags": tags}
     return {
@@ -69,13 +71,13 @@ def _sidecar(rng: random.Random, name: str, i: int) -> dict[str, Any]:
         "media": {"kind": "image", "format": "JPEG", "width": 4032, "height": 3024, "taken": "2024-06-01 12:00:00",
                   "parts": [{"type": "image_url", "mime": "image/jpeg", "width": 1536, "height": 1152,
                              "bytes": 412345, "url_bytes": 549817, "origin": "encoded", "quality": 85}],
-                  "request_bytes": 550321, "max_request_bytes": 20000000},  # fmt: skip
+                  "request_bytes": 550321, "max_request_bytes": 20000000},
         "response": {"text": json.dumps(data), "data": data, "finish_reason": "stop",
                      "usage": {"prompt_tokens": 1234, "completion_tokens": 56, "total_tokens": 1290},
-                     "source": "content", "attempts": 1, "latency_s": 2.31},  # fmt: skip
+                     "source": "content", "attempts": 1, "latency_s": 2.31},
         "elapsed_s": 2.5,
         "created": "2026-11-27T10:00:00Z",
-    }
+    }  # fmt: skip
 
 
 def tree(n: int) -> Path:
@@ -131,8 +133,11 @@ def row(report: Any, n: int, work: Path, bench: Any) -> None:
                          f"{query * 1000:.1f} ms", f"{counted * 1e6:.0f} us (SELECT count(*) over the same index)",
                          query / counted, None, "<< 1 s", met=max(timed.values()) < 0.25,
                          miss=f"slowest {bench.fmt_s(max(timed.values()))}"))  # fmt: skip
-    report.note("8b: " + "; ".join(f"{q!r} {timed[q] * 1000:.1f} ms ({hits[q]} shown)" for q in QUERIES)
-                + f"; SELECT count(*) {counted * 1e6:.0f} us")
+    report.note(
+        "8b: "
+        + "; ".join(f"{q!r} {timed[q] * 1000:.1f} ms ({hits[q]} shown)" for q in QUERIES)
+        + f"; SELECT count(*) {counted * 1e6:.0f} us"
+    )
 
     walk = [sys.executable, "-c", bench._WALK, str(root)]
     wref = bench.run_child(walk, cwd=work, timeout=600)
@@ -147,9 +152,11 @@ def row(report: Any, n: int, work: Path, bench: Any) -> None:
                          bench.fmt_s(cli.wall_s),
                          f"{bench.fmt_s(w)} (scandir walk + stat of the tree, Python subprocess)",
                          cli.wall_s / w, None, "-"))  # fmt: skip
-    report.note(f"8: build {build.wall_s / n * 1e6:.0f} us/sidecar, peak RSS {bench.fmt_mb(build.maxrss)}; the whole "
-                f"command {bench.fmt_s(cli.wall_s)}, of which start-up and loading the config take "
-                f"{bench.fmt_s(check.wall_s)} (`mmwatchd check`, same config)")
+    report.note(
+        f"8: build {build.wall_s / n * 1e6:.0f} us/sidecar, peak RSS {bench.fmt_mb(build.maxrss)}; the whole "
+        f"command {bench.fmt_s(cli.wall_s)}, of which start-up and loading the config take "
+        f"{bench.fmt_s(check.wall_s)} (`mmwatchd check`, same config)"
+    )
 
 
 def _median(fn: Any, rounds: int = 15) -> float:

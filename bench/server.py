@@ -34,7 +34,9 @@ _REPLY = json.dumps(
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
     }
 ).encode()
-_MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "bench"}]}).encode()
+_MODELS = json.dumps(
+    {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "bench"}]}
+).encode()
 
 
 @dataclass(frozen=True, slots=True)

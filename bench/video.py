@@ -212,7 +212,9 @@ def measure_memory(path: Path, frames: int = 16) -> dict[str, float]:
 def memory_in_child(path: Path, frames: int = 16) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--memory", str(path), "--frames", str(frames)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmwatchd.model import ActionSpec
-from mmwatchd.templates import render
 from mmwatchd.sidecar import TEMP_MARK, fsync_dir
+from mmwatchd.templates import render
 
 #: Highest clash number tried before the move is given up.
 MAX_NUMBER = 9999
@@ -118,9 +118,7 @@ def run_actions(
             "status": status,
         }
         exec_code = _run_hook(spec.exec, hook_values, timeout=spec.exec_timeout_s, problems=problems)
-    return ActionResult(
-        path=new_path, sidecar=new_sidecar, moved=moved, exec_code=exec_code, problems=tuple(problems)
-    )
+    return ActionResult(path=new_path, sidecar=new_sidecar, moved=moved, exec_code=exec_code, problems=tuple(problems))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -325,7 +323,7 @@ def _renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:

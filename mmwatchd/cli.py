@@ -13,20 +13,22 @@ import signal
 import stat
 import sys
 import threading
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NoReturn
-from urllib.parse import urlsplit
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 from mmwatchd import config as config_mod, log as log_mod, sidecar
-from mmwatchd.model import Config
 from mmwatchd.errors import ConfigError, MmwatchdError, StateError
+from mmwatchd.model import Config
 from mmwatchd.pipeline import Outcome, Pipeline
 
 if TYPE_CHECKING:
+    from mmwatchd.daemon import Daemon
     from mmwatchd.progress import Reporter, Snapshot
     from mmwatchd.daemon import Daemon
     from mmwatchd.state import State
+    from mmwatchd.vlm import RequestObserver, VLMClient
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: One-shot commands give a file this many tries at transient failures before reporting it failed.
@@ -128,11 +130,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("once", parents=[common], help="process the named files now, then exit")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--dry-run", action="store_true", help="print what would be sent, as JSON; call nothing, write nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent, as JSON; call nothing, write nothing"
+    )
     p.add_argument("--force", action="store_true", help="describe files again even when their sidecar is up to date")
     p.set_defaults(func=cmd_once)
 
-    p = sub.add_parser("scan", parents=[common], help="process every file under the watched folders that needs it, then exit")
+    p = sub.add_parser(
+        "scan", parents=[common], help="process every file under the watched folders that needs it, then exit"
+    )
     p.add_argument("--metrics-textfile", type=Path, metavar="PATH",
                    help="at the end, write the run's metrics there for node_exporter's textfile collector")  # fmt: skip
     p.set_defaults(func=cmd_scan)
@@ -175,8 +181,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gallery", parents=[common], help="write a static HTML page to review the descriptions")
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to show (default: the watched folders)")
-    p.add_argument("-o", "--output", default="review.html", metavar="HTML",
-                   help="the page to write (default review.html); thumbnails go into HTML's name + _files/")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="review.html",
+        metavar="HTML",
+        help="the page to write (default review.html); thumbnails go into HTML's name + _files/",
+    )
     p.set_defaults(func=cmd_gallery)
     return parser
 
@@ -197,7 +208,7 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _client(cfg: Config, state: State | None = None):  # type: ignore[no-untyped-def]
+def _client(cfg: Config, state: State | None = None) -> VLMClient:
     """The VLM client; ``state`` keeps what it learns about the endpoint (video.mode: auto) across runs."""
     from mmwatchd.vlm import VLMClient
 
@@ -259,8 +270,7 @@ def _key_from_file(cfg: Config) -> str | None:
         st = path.stat()
         if st.st_mode & 0o077:
             raise ConfigError(
-                f"{where}: {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):o}); "
-                f"run: chmod 600 {path}"
+                f"{where}: {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}"
             )
         return path.read_text(encoding="utf-8").strip() or None
     except OSError as exc:
@@ -336,7 +346,6 @@ def _dry_run(cfg: Config, paths: list[Path]) -> list[Outcome]:
     from concurrent.futures import ThreadPoolExecutor
 
     from mmwatchd.isolate import Isolator
-
     from mmwatchd.limiter import workers as endpoint_workers
 
     workers = max(1, min(len(paths), endpoint_workers(cfg.endpoint), os.cpu_count() or 1))
@@ -582,7 +591,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress(cfg: Config, daemon, label: str, *, until=None) -> Reporter:  # type: ignore[no-untyped-def]
+def _progress(cfg: Config, daemon: Daemon, label: str, *, until: Callable[[Snapshot], bool] | None = None) -> Reporter:
     """A bar on stderr when it is a terminal, else a ``progress`` log line every ``progress_interval_s``."""
     from mmwatchd.progress import Reporter
 
@@ -625,7 +634,7 @@ def _require_roots(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None):  # type: ignore[no-untyped-def]
+def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None) -> Daemon:
     """A daemon without a watcher whose files get a few tries; its client is made when first used.
 
     ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`). ``metrics``: keep
@@ -643,7 +652,7 @@ def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, 
     return daemon
 
 
-def _start_one_shot(daemon) -> None:  # type: ignore[no-untyped-def]
+def _start_one_shot(daemon: Daemon) -> None:
     """Probe the endpoint (an unreachable one is reported at once, not per file), then start the workers."""
     daemon.isolator.prestart()  # the decoders start on the other core while the probe loads the HTTP client
     daemon.probe_once()
@@ -661,34 +670,34 @@ class _LazyClient:
     def __init__(self, cfg: Config, state: State | None = None) -> None:
         self._cfg = cfg
         self._state = state
-        self._client = None
-        self._before_request = None
-        self._observer = None
+        self._client: VLMClient | None = None
+        self._before_request: Callable[[], None] | None = None
+        self._observer: RequestObserver | None = None
         self._lock = threading.Lock()
 
     @property
-    def before_request(self):  # type: ignore[no-untyped-def]
+    def before_request(self) -> Callable[[], None] | None:
         return self._before_request
 
     @before_request.setter
-    def before_request(self, hook) -> None:  # type: ignore[no-untyped-def]
+    def before_request(self, hook: Callable[[], None] | None) -> None:
         with self._lock:
             self._before_request = hook
             if self._client is not None:
                 self._client.before_request = hook
 
     @property
-    def observer(self):  # type: ignore[no-untyped-def]
+    def observer(self) -> RequestObserver | None:
         return self._observer
 
     @observer.setter
-    def observer(self, observer) -> None:  # type: ignore[no-untyped-def]
+    def observer(self, observer: RequestObserver | None) -> None:
         with self._lock:
             self._observer = observer
             if self._client is not None:
                 self._client.observer = observer
 
-    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+    def __getattr__(self, name: str) -> Any:
         with self._lock:
             if self._client is None:
                 self._client = _client(self._cfg, self._state)

@@ -214,10 +214,9 @@ def _data_path(loc: tuple[Any, ...], data: Any) -> KeyPath:
     out: list[str | int] = []
     cur = data
     for part in loc:
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-            out.append(part)
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+        if (isinstance(cur, dict) and part in cur) or (
+            isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        ):
             cur = cur[part]
             out.append(part)
         elif isinstance(part, str) and not out and part in {f.name for f in fields(Config)}:
@@ -274,7 +273,7 @@ def _explain(
             if known and not hint:
                 msg += f"; allowed here: {', '.join(known)}"
             line = f"{locate(source, key_positions, path)}: {msg}"
-        elif kind == "missing" or kind == "missing_keyword_argument":
+        elif kind in {"missing", "missing_keyword_argument"}:
             line = f"{locate(source, positions, path)}: required key is missing"
         else:
             line = f"{locate(source, positions, path)}: {_message(err)}"

@@ -45,16 +45,13 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from mmwatchd import endpoint as endpoint_mod
-from mmwatchd import limiter as limiter_mod
-from mmwatchd import live, search
-from mmwatchd import sidecar as sidecar_mod
+from mmwatchd import endpoint as endpoint_mod, limiter as limiter_mod, live, search, sidecar as sidecar_mod
 from mmwatchd.endpoint import (
     Endpoint,
     EndpointRefuses,
@@ -245,9 +242,7 @@ class Daemon:
         self.reload_requested = threading.Event()
         #: Set (with ``stopping``) when a one-shot run cannot go on: the daily cap, an endpoint refusing everything.
         self.halted: str | None = None
-        self._queue: queue.Queue[tuple[Path, bool, bool] | None] = queue.Queue(
-            maxsize=max(64, 16 * concurrency)
-        )
+        self._queue: queue.Queue[tuple[Path, bool, bool] | None] = queue.Queue(maxsize=max(64, 16 * concurrency))
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Condition(self._lock)  # the feeder waits here for intake, scans, retries, stops
         self._pending: set[Path] = set()  # settling, queued, in flight, or waiting to retry
@@ -373,7 +368,9 @@ class Daemon:
         self._record_limit()
         # No request leaves after the stop, retries included: one already on the wire ends within timeout_s (plus
         # the SDK's short wait when it was about to retry, and the sidecar write).
-        deadline = time.monotonic() + (grace_s if grace_s is not None else max(e.spec.timeout_s for e in self.pool) + 15)
+        deadline = time.monotonic() + (
+            grace_s if grace_s is not None else max(e.spec.timeout_s for e in self.pool) + 15
+        )
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck = [t.name for t in self._threads if t.is_alive()]
@@ -508,7 +505,7 @@ class Daemon:
             self._scan_wanted = clean or bool(self._scan_wanted)
             self._wake.notify_all()
 
-    def needing_work(self, *, clean: bool = False) -> Iterator[Path]:
+    def needing_work(self, *, clean: bool = False) -> Generator[Path, None, None]:
         """Every wanted file under the roots that may need work, as the walk finds it.
 
         A file whose size, mtime and rule fingerprint match the done-index, and whose sidecar is still there, is
@@ -597,7 +594,7 @@ class Daemon:
 
         Blocking on a full queue here is backpressure on the walk; the service loop is never held up by it.
         """
-        walk: Iterator[Path] | None = None
+        walk: Generator[Path, None, None] | None = None  # closed at the end, which runs its cleanup
         walked = 0
         try:
             while not self.stopping.is_set():
@@ -670,6 +667,7 @@ class Daemon:
         a backlog of any size, and a stop is seen within half a second.
         """
         if self.config.metrics is not None:
+            assert isinstance(self.metrics, Metrics)  # made in __init__ whenever config.metrics is set
             self.metrics.serve(self.config)  # first: a port that is taken stops the start with nothing to undo
         watcher = self._watcher(self.config)
         try:
@@ -715,7 +713,9 @@ class Daemon:
             self.stop()
 
     def _watcher(self, config: Config) -> Watcher:
-        watcher = Watcher(config.watch, settle_s=config.settle_s, sidecar_suffix=config.sidecar.suffix, clock=self.clock)
+        watcher = Watcher(
+            config.watch, settle_s=config.settle_s, sidecar_suffix=config.sidecar.suffix, clock=self.clock
+        )
         watcher.start()
         return watcher
 
@@ -889,7 +889,9 @@ class Daemon:
         out: list[tuple[Endpoint, EndpointConfig, VLMClient]] = []
         wanted = {m.name: m for m in members(new)}
         if set(wanted) != {e.name for e in self.pool}:
-            log.warning("config.restart_needed", key="endpoints", note="added or removed endpoints apply after a restart")
+            log.warning(
+                "config.restart_needed", key="endpoints", note="added or removed endpoints apply after a restart"
+            )
         for endpoint in self.pool:
             member = wanted.get(endpoint.name)
             if member is None:
@@ -1037,7 +1039,13 @@ class Daemon:
         elif self.state is not None and outcome.gone:
             # Its retry row must not stay in `status`, nor pass its attempts on to a new file of that name.
             self._store("forget a file that is gone", self.state.forget, path)
-        if self.state is not None and outcome.identity and outcome.fingerprint and outcome.media_kind and outcome.answer:
+        if (
+            self.state is not None
+            and outcome.identity
+            and outcome.fingerprint
+            and outcome.media_kind
+            and outcome.answer
+        ):
             # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
             size, mtime_ns, ino, ctime_ns = outcome.identity
             if outcome.moved_to is None:
@@ -1141,6 +1149,7 @@ class Daemon:
                 first = key not in self._logged
                 self._logged.add(key)
             (log.info if first else log.debug)("job.skipped", **fields)
+
 
 def _close(client: Any) -> None:
     """Close a VLM client that is no longer used (its connection pool)."""

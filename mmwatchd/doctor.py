@@ -47,6 +47,7 @@ class Row:
 
 def _png(total: int) -> bytes:
     """A 16x16 grey PNG of exactly ``total`` bytes (at least its minimum size), padded with a private chunk."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -110,7 +111,7 @@ def check_endpoint(cfg: Config, client: Any, *, pictures: Callable[[int], list[b
         words = error.server_message if isinstance(error, VLMRejected) and error.server_message else error.message
         note = " (video.mode: auto sends frames as images)" if refused else ""
         rows.append(Row("takes video_url", False, f"no: {words}{note}", needed=explicit_video))
-        if knowledge is not None and refused:
+        if knowledge is not None and refused and isinstance(error, VLMRejected):
             knowledge.record(model, replace(caps, video_url=False, identified=True,
                                             reason=f"mmwatchd check --endpoint: refused video_url ({error.status} {words})"))  # fmt: skip
 
@@ -139,6 +140,7 @@ def _frames_kept(
     pictures: Callable[[int], list[bytes]],
 ) -> str:
     """``" (4 frames)"``, or how many of many frames the model kept, from the prompt tokens of 2, 4 and many."""
+
     def tokens(reply: Any) -> int | None:
         usage = getattr(reply, "usage", None) or {}
         value = usage.get("prompt_tokens")
@@ -176,7 +178,8 @@ def _largest(ask: Callable[[VLMRequest], tuple[Any, VLMError | None]], base: VLM
         if error is None:
             return True, ""
         said = error.server_message if isinstance(error, VLMRejected) and error.server_message else error.message
-        return False, f"HTTP {error.status}: {said}" if getattr(error, "status", None) else said
+        status = getattr(error, "status", None)  # VLMUnavailable and VLMRejected carry one, when the server answered
+        return False, f"HTTP {status}: {said}" if status else said
 
     ok, said = at(cap)
     if ok:

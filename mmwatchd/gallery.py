@@ -194,7 +194,7 @@ def make_thumbnails(cfg: Config, cards: Sequence[Card], folder: Path) -> tuple[i
         with Isolator(workers=workers, timeout_s=cfg.limits.decode_timeout_s,
                       memory_bytes=cfg.limits.decode_memory_mb * 2**20, name="mmwatchd-thumbnails",
                       preload=("mmwatchd.encode",)) as isolator, ThreadPoolExecutor(workers) as pool:  # fmt: skip
-            for key, entry in pool.map(lambda job: (job[0], _thumbnail(isolator, cfg, *job, folder)), todo):
+            for key, entry in pool.map(lambda job: (job[0], _thumbnail(isolator, cfg, job[0], job[1], folder)), todo):
                 manifest[key] = entry
     for card in cards:
         entry = manifest[_key(card)]
@@ -289,11 +289,7 @@ def script_json(data: object) -> str:
 def render_page(cards: Iterable[Card], base: Path, *, title: str, page_size: int = PAGE_SIZE) -> str:
     data = {"title": title, "page_size": page_size, "cards": [card_data(c, base) for c in cards]}
     nonce = secrets.token_urlsafe(18)
-    return (
-        _PAGE.replace("%NONCE%", nonce)
-        .replace("%TITLE%", _escape_text(title))
-        .replace("%DATA%", script_json(data))
-    )
+    return _PAGE.replace("%NONCE%", nonce).replace("%TITLE%", _escape_text(title)).replace("%DATA%", script_json(data))
 
 
 def _escape_text(text: str) -> str:
@@ -317,7 +313,10 @@ def build(cfg: Config, out: Path, paths: Sequence[Path] = (), *, page_size: int 
         _atomic_write(out, page.encode("utf-8"))
     except OSError as exc:
         raise MmwatchdError(f"{out}: cannot write the page: {exc.strerror or exc}") from exc
-    count = lambda s: sum(1 for c in cards if c.status == s)  # noqa: E731
+
+    def count(status: str) -> int:
+        return sum(1 for c in cards if c.status == status)
+
     return Summary(page=out, files=len(cards), ok=count("ok"), error=count("error"), new=count("new"),
                    thumbs_made=made, thumbs_reused=reused,
                    no_preview=sum(1 for c in cards if not c.thumbs), unreadable=tuple(unreadable))  # fmt: skip
@@ -350,7 +349,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-_PAGE = MARKER + """
+_PAGE = (
+    MARKER
+    + """
 <!DOCTYPE html>
 <html lang="en">
 <head>
@@ -571,3 +572,4 @@ main { padding: 16px 20px 40px; }
 </body>
 </html>
 """
+)

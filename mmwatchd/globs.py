@@ -20,6 +20,7 @@ Malformed patterns raise ``ValueError`` with the reason; the config loader repor
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 #: Patterns one glob may expand to. ``{a,b}{c,d}...`` multiplies; a list this long is a mistake, not a config.
@@ -96,7 +97,7 @@ def _expand(pat: str, original: str) -> list[str]:
                     f"like *.{{jpg,png}} (write \\{{ and \\}} for literal braces)"
                 )
             bounds = [i, *commas, end]
-            choices = [pat[a + 1 : b] for a, b in zip(bounds, bounds[1:], strict=False)]
+            choices = [pat[a + 1 : b] for a, b in itertools.pairwise(bounds)]
             head, tails = pat[:i], _expand(pat[end + 1 :], original)
             out: list[str] = []
             for choice in choices:

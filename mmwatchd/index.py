@@ -21,10 +21,8 @@ from pathlib import Path
 from mmwatchd import outputs
 from mmwatchd.done import Record, is_done
 from mmwatchd.model import Config, WatchRoot
-from mmwatchd.rules import fingerprint
-from mmwatchd.rules import match as match_rule
-from mmwatchd.sidecar import locate as sidecar_locate
-from mmwatchd.sidecar import sidecar_path
+from mmwatchd.rules import fingerprint, match as match_rule
+from mmwatchd.sidecar import locate as sidecar_locate, sidecar_path
 from mmwatchd.state import DoneRow
 from mmwatchd.walk import ScanErrorCallback, scan_paths
 

@@ -61,7 +61,7 @@ _route_lock = threading.Lock()
 
 def route(writer: Callable[[str], None] | None) -> None:
     """Send every log line to ``writer`` (a progress bar's), or with None, to the log's stream again."""
-    global _route
+    global _route  # noqa: PLW0603 - one route for the whole process, swapped under its lock
     with _route_lock:
         _route = writer
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -226,7 +225,7 @@ def _tiff_ifds(head: bytes) -> tuple[dict[int, tuple[int, int, bytes]], list[dic
     Each entry is ``tag -> (type, count, the 4 value-or-offset bytes)``. Anything outside ``head`` is skipped:
     this is a sniff, not a validation.
     """
-    order = "little" if head[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if head[:2] == b"II" else "big"
 
     def u16(at: int) -> int:
         return int.from_bytes(head[at : at + 2], order)
@@ -234,7 +233,8 @@ def _tiff_ifds(head: bytes) -> tuple[dict[int, tuple[int, int, bytes]], list[dic
     def u32(at: int) -> int:
         return int.from_bytes(head[at : at + 4], order)
 
-    todo, seen, ifds = [u32(4)], set(), []
+    todo, seen = [u32(4)], set[int]()
+    ifds: list[dict[int, tuple[int, int, bytes]]] = []
     while todo and len(ifds) < _MAX_IFDS:
         at = todo.pop(0)
         if at in seen or at < 8 or at + 2 > len(head):
@@ -263,7 +263,7 @@ def _tiff_value(head: bytes, entry: tuple[int, int, bytes] | None) -> int | None
     if entry is None:
         return None
     kind, _, value = entry
-    order = "little" if head[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if head[:2] == b"II" else "big"
     return int.from_bytes(value[:2], order) if kind == 3 else int.from_bytes(value, order)
 
 

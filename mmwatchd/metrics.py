@@ -23,8 +23,7 @@ from mmwatchd.errors import ConfigError
 from mmwatchd.model import split_listen
 
 if TYPE_CHECKING:
-    from mmwatchd.config import Config
-    from mmwatchd.model import Reply
+    from mmwatchd.model import Config, Reply
     from mmwatchd.pipeline import Outcome
 
 #: Request latency buckets, in seconds: a cached small photo answers in a fraction of a second, a long video on a
@@ -75,7 +74,9 @@ class Metrics:
             registry=r,
         )
         Gauge("mmwatchd_queue_files", "Files queued for a worker.", registry=r).set_function(queued)
-        self._in_flight = Gauge("mmwatchd_in_flight_requests", "Files whose request is under way.", ["endpoint"], registry=r)
+        self._in_flight = Gauge(
+            "mmwatchd_in_flight_requests", "Files whose request is under way.", ["endpoint"], registry=r
+        )
         self._limit = Gauge("mmwatchd_concurrency_limit", "Files described at once at most.", ["endpoint"], registry=r)
         self._limit.labels(endpoint).set_function(limit)
         self._up = Gauge("mmwatchd_endpoint_up", "1 while the endpoint is believed up.", ["endpoint"], registry=r)

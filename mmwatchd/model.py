@@ -202,7 +202,9 @@ def _concurrency(value: object) -> object:
     if value == "auto":
         return value
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"must be a whole number of requests in flight, or auto, got {value!r}")  # noqa: TRY004 (pydantic reports ValueErrors)
+        raise ValueError(
+            f"must be a whole number of requests in flight, or auto, got {value!r}"
+        )  # pydantic reports ValueErrors
     if not 1 <= value <= 256:
         bound = "greater than or equal to 1" if value < 1 else "less than or equal to 256"
         raise ValueError(f"must be {bound}, got {value} (or auto, to find the server's capacity)")
@@ -438,7 +440,6 @@ class MatchSpec:
     kind: Literal["image", "video", "any"] = "any"
     #: Patterns relative to the watch root (see globs.py); a file outside every root is matched by its name.
     glob: Globs = ("**/*",)
-
 
 
 def _xmp_prefix(value: str) -> str:

@@ -279,7 +279,9 @@ class Pipeline:
             planned = self._plan(path, kind, rule, values, fingerprint)
             if self.client is None:
                 raise RuntimeError("Pipeline without a client cannot call the endpoint")
-            reply, planned = self._ask(planned, lambda **again: self._plan(path, kind, rule, values, fingerprint, **again))
+            reply, planned = self._ask(
+                planned, lambda **again: self._plan(path, kind, rule, values, fingerprint, **again)
+            )
             # Hash first, then re-stat: when the re-stat finds the version of the first stat, the hash (and what the
             # decoder read, before it) is of that version too.
             sha = sidecar.sha256_file(path)
@@ -342,9 +344,13 @@ class Pipeline:
             if after != before:
                 return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
         except ForeignSidecar as exc:
-            return Outcome(path=path, status="skipped", reason=exc.message, rule=rule.name if rule is not None else None, error=exc)
+            return Outcome(
+                path=path, status="skipped", reason=exc.message, rule=rule.name if rule is not None else None, error=exc
+            )
         except FileNotFoundError:
-            return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name if rule is not None else None, gone=True)
+            return Outcome(
+                path=path, status="skipped", reason=GONE, rule=rule.name if rule is not None else None, gone=True
+            )
         except (MediaError, VLMError, SidecarError, OSError) as exc:
             reason = exc.message if isinstance(exc, MmwatchdError) else f"cannot read the file: {exc.strerror or exc}"
             return Outcome(path=path, status="retry", reason=reason, rule=rule.name if rule is not None else None)
@@ -404,7 +410,6 @@ class Pipeline:
             if claim is not None:
                 claim.release()
 
-
     def _context(self, path: Path, *, explicit: bool) -> _Context | Outcome:
         """What every look at ``path`` starts from (its version, sidecar path, root and prompt values), or why there
         is nothing to look at."""
@@ -443,9 +448,7 @@ class Pipeline:
         }  # fmt: skip
         return _Context(path=path, before=before, side=side, root=root, rel=rel, values=values, raw=raw)
 
-    def _match(
-        self, ctx: _Context, *, explicit: bool
-    ) -> tuple[str, MediaError | None, Rule, str] | Outcome:
+    def _match(self, ctx: _Context, *, explicit: bool) -> tuple[str, MediaError | None, Rule, str] | Outcome:
         """The file's kind, the problem that stops it being sent (if any), its rule and that rule's fingerprint;
         or the skip when it is not media or no rule takes it. Puts ``kind`` and ``vocabulary`` into the values."""
         kind, problem = self._media_kind(ctx.path, ctx.before, explicit=explicit)
@@ -817,7 +820,9 @@ class Pipeline:
         values["frames"] = len(video.frames) or ""
         request = self._request(rule, values, refs)
         if video.mode == "images":
-            request = replace(request, prompt=request.prompt + _frames_line(len(video.frames), [f.t for f in video.frames]))
+            request = replace(
+                request, prompt=request.prompt + _frames_line(len(video.frames), [f.t for f in video.frames])
+            )
         request = replace(request, parts=(*refs, *video.parts))
         media = {
             "kind": "video",
@@ -895,7 +900,9 @@ class Pipeline:
         total = request_bytes(request)
         cap = self.config.endpoint.max_request_bytes
         if total > cap:  # the encoders' promise, checked: never send an oversize request
-            raise BudgetExceeded(f"{path.name}: request would be {total} bytes, over endpoint.max_request_bytes ({cap})")
+            raise BudgetExceeded(
+                f"{path.name}: request would be {total} bytes, over endpoint.max_request_bytes ({cap})"
+            )
         return _Planned(rule=rule, request=request, media=media, fingerprint=fingerprint)
 
     @staticmethod
@@ -932,8 +939,8 @@ class Pipeline:
         return {
             "mmwatchd": {"version": __version__, "schema": sidecar.SCHEMA},
             "source": {"name": path.name, "size": st.size, "mtime_ns": st.mtime_ns, "inode": st.ino,
-                       "ctime_ns": st.ctime_ns, "sha256": sha256},  # fmt: skip
-        }
+                       "ctime_ns": st.ctime_ns, "sha256": sha256},
+        }  # fmt: skip
 
     def _ok_doc(
         self, path: Path, planned: _Planned, st: FileVersion, sha256: str, reply: Reply, *, elapsed: float
@@ -1002,9 +1009,9 @@ class Pipeline:
         # and an error found in a file that was still changing is not recorded against it.
         after = self._restat(path)
         if after is None:
-            return Outcome(path=path, status="skipped", reason=GONE, rule=rule and rule.name, gone=True)
+            return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name if rule else None, gone=True)
         if after != st:
-            return Outcome(path=path, status="retry", reason=CHANGED, rule=rule and rule.name)
+            return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name if rule else None)
         doc = self._header(path, st, sha)
         doc.update(
             status="error",
@@ -1023,9 +1030,9 @@ class Pipeline:
         except SidecarError as write_exc:
             return Outcome(
                 path=path, status="retry", reason=f"{exc.message}; and {write_exc.message}",
-                rule=rule and rule.name, error=write_exc,
+                rule=rule.name if rule else None, error=write_exc,
             )  # fmt: skip
-        return Outcome(path=path, status="error", reason=message, rule=rule and rule.name, error=exc)
+        return Outcome(path=path, status="error", reason=message, rule=rule.name if rule else None, error=exc)
 
     def _act(
         self, outcome: Outcome, spec: ActionSpec | None, side: Path, root: Path | None, values: dict[str, object]

@@ -214,7 +214,7 @@ def _isatty(stream: IO[str]) -> bool:
 def _make_bar(stream: IO[str], label: str, total: int | None) -> _Bar:
     from tqdm import tqdm
 
-    class _Tqdm(tqdm):  # type: ignore[misc,type-arg]
+    class _Tqdm(tqdm):  # type: ignore[type-arg]  # generic in types-tqdm only: tqdm[...] fails at run time
         monitor_interval = 0  # no monitor thread: the reporter's own thread redraws the bar
 
     # A terminal that says it is 0 columns wide and 0 rows high (a pty nobody sized) would get no bar: assume 100x24.

@@ -86,4 +86,3 @@ def _image_material(spec: ImageSpec) -> dict[str, object]:
     if not material["keep_metadata"]:
         del material["keep_metadata"]
     return material
-

@@ -199,7 +199,8 @@ def fts_query(text: str, *, any_word: bool = False) -> str | None:
     becomes a quoted FTS5 string (``-``, ``:``, ``*``, ``NEAR``, ``AND`` are plain text there). All must match, or
     with ``any_word`` any. Little words (:data:`STOPWORDS`) are left out unless quoted or alone, so that "dog on a
     beach" finds "A dog runs along the beach". None when there is nothing to search for."""
-    parts, small = [], []
+    parts: list[str] = []
+    small: list[str] = []
     for m in _CHUNK.finditer(text):
         chunk = m[1] if m[1] is not None else m[2]
         if _TOKEN.search(chunk):

@@ -17,7 +17,7 @@ import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.rules import rel_to_roots
@@ -64,7 +64,7 @@ def fit_name(name: str, tail: str, *, head: str = "") -> str:
     return head + keep.decode("utf-8", "ignore") + "~" + digest + tail
 
 
-def is_ours(doc: object) -> bool:
+def is_ours(doc: object) -> TypeGuard[dict[str, Any]]:
     return isinstance(doc, dict) and isinstance(doc.get("mmwatchd"), dict) and "schema" in doc["mmwatchd"]
 
 
@@ -76,7 +76,9 @@ def read(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except IsADirectoryError:
-        raise ForeignSidecar(f"{path}: a folder sits where the sidecar belongs; rename it to let mmwatchd write") from None
+        raise ForeignSidecar(
+            f"{path}: a folder sits where the sidecar belongs; rename it to let mmwatchd write"
+        ) from None
     except OSError as exc:
         raise SidecarError(f"{path}: cannot read existing sidecar: {exc.strerror or exc}") from exc
     try:

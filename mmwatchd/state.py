@@ -535,9 +535,7 @@ class State:
                   i.fingerprint, json.dumps(i.record)) for i in items),
             )  # fmt: skip
 
-    _BATCH_FIELDS = frozenset(
-        {"status", "remote_id", "input_file_id", "output_file_id", "error_file_id", "message"}
-    )
+    _BATCH_FIELDS = frozenset({"status", "remote_id", "input_file_id", "output_file_id", "error_file_id", "message"})
 
     def update_batch(self, batch_id: str, **fields: str | None) -> None:
         """Set some of a shard's status, remote id, file ids and message."""
@@ -569,9 +567,7 @@ class State:
                 wanted = list(custom_ids)
                 for start in range(0, len(wanted), 500):
                     chunk = wanted[start : start + 500]
-                    rows += db.execute(
-                        f"{query} WHERE custom_id IN ({', '.join('?' * len(chunk))})", chunk
-                    ).fetchall()
+                    rows += db.execute(f"{query} WHERE custom_id IN ({', '.join('?' * len(chunk))})", chunk).fetchall()
         return {
             r[0]: BatchItem(r[0], r[1], _path(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9])) for r in rows
         }
@@ -582,7 +578,7 @@ class State:
         with self._read() as db:
             rows = db.execute(
                 f"""SELECT DISTINCT i.path FROM batch_items i JOIN batches b ON b.id = i.batch
-                    WHERE b.status IN ({', '.join('?' * len(wanted))})""",
+                    WHERE b.status IN ({", ".join("?" * len(wanted))})""",
                 wanted,
             ).fetchall()
         return {os.fsdecode(r[0]) for r in rows}
@@ -677,5 +673,3 @@ def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
 
 def _path(blob: bytes) -> Path:
     return Path(os.fsdecode(blob))
-
-

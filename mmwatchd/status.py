@@ -14,12 +14,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from mmwatchd import outputs as outputs_mod
-from mmwatchd import limiter, rules, sidecar
+from mmwatchd import limiter, outputs as outputs_mod, rules, sidecar
 from mmwatchd.done import Answer, Record, is_done
-from mmwatchd.live import published
 from mmwatchd.errors import ForeignSidecar, SidecarError
 from mmwatchd.index import DoneIndex
+from mmwatchd.live import published
 from mmwatchd.media import looked_at
 from mmwatchd.model import Config
 from mmwatchd.outputs import Output
@@ -61,7 +60,7 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
             {"path": os.fsdecode(r.path), "attempts": r.attempts, "kind": r.kind, "last_error": r.last_error,
              "retry_at": _iso(r.retry_at)}
             for r in retrying
-        ],  # fmt: skip
+        ],
         "last_errors": [
             {"path": os.fsdecode(e.path), "kind": e.kind, "message": e.message, "at": _iso(e.at)}
             for e in state.last_errors(errors)
@@ -71,7 +70,7 @@ def collect(cfg: Config, state: State, *, errors: int = 10) -> dict[str, Any]:
         # Several endpoints: each one's state and requests in flight, as the running service last published them.
         **({"endpoints": published(state.path.parent)} if cfg.endpoints else {}),
         "concurrency": _concurrency(cfg, state),
-    }
+    }  # fmt: skip
 
 
 def _concurrency(cfg: Config, state: State) -> dict[str, Any] | int:
@@ -149,7 +148,9 @@ def render(report: dict[str, Any]) -> str:
     if report["retrying"]:
         lines.append("retrying:")
         for r in report["retrying"]:
-            lines.append(f"  {r['path']}: {r['attempts']} attempt(s), next {r['retry_at'] or 'soon'}: {r['last_error']}")
+            lines.append(
+                f"  {r['path']}: {r['attempts']} attempt(s), next {r['retry_at'] or 'soon'}: {r['last_error']}"
+            )
     if report["last_errors"]:
         lines.append("last errors:")
         for e in report["last_errors"]:

@@ -30,6 +30,7 @@ PLACEHOLDERS: Mapping[str, str] = {
 
 _FORMATTER = string.Formatter()
 
+
 def check_template(template: str, *, extra: tuple[str, ...] = ()) -> str:
     """Validate a template; raises ValueError naming the bad placeholder (pydantic reports it at the key).
 
@@ -38,7 +39,9 @@ def check_template(template: str, *, extra: tuple[str, ...] = ()) -> str:
     for field_name in template_fields(template):
         if field_name not in PLACEHOLDERS and field_name not in extra:
             allowed = ", ".join("{" + p + "}" for p in (*PLACEHOLDERS, *extra))
-            raise ValueError(f"unknown placeholder {{{field_name}}}; allowed: {allowed} (write {{{{ for a literal brace)")
+            raise ValueError(
+                f"unknown placeholder {{{field_name}}}; allowed: {allowed} (write {{{{ for a literal brace)"
+            )
     return template
 
 

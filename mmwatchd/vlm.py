@@ -426,9 +426,7 @@ class VLMClient:
         return self._with_status(self._refusal(code, req, status, said, refused), status, said)
 
     @staticmethod
-    def _with_status(
-        error: VLMRejected | VLMMisconfigured, status: int, said: str
-    ) -> VLMRejected | VLMMisconfigured:
+    def _with_status(error: VLMRejected | VLMMisconfigured, status: int, said: str) -> VLMRejected | VLMMisconfigured:
         if isinstance(error, VLMRejected):
             error.status = status
             error.server_message = said

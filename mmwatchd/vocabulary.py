@@ -106,8 +106,8 @@ class Vocabulary:
         keywords: list[KeywordPath] = []
         unknown: list[str] = []
         ambiguous: list[str] = []
-        for word in words:
-            word = " ".join(word.split())
+        for given in words:
+            word = " ".join(given.split())
             if not word:
                 continue
             found = self.lookup(word)

@@ -33,13 +33,12 @@ import structlog
 from watchdog.events import EVENT_TYPE_CLOSED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
+from watchdog.utils import UnsupportedLibcError
 
 from .errors import ConfigError
 from .model import WatchRoot
 from .settle import StabilityTracker
 from .walk import absolute, link_allowed, wanted_rel
-
-from watchdog.utils import UnsupportedLibcError
 
 try:  # Linux only; elsewhere the platform's default observer is used.
     from watchdog.observers.inotify import InotifyEmitter, InotifyObserver
@@ -71,7 +70,7 @@ def _inotify_hooks_available() -> bool:
 
 if InotifyFD is not None:
 
-    class _InotifyFD(InotifyFD):  # type: ignore[misc,valid-type]
+    class _InotifyFD(InotifyFD):
         """watchdog's inotify reader, reporting queue overflows and the watch limit.
 
         watchdog handles both internally (it rebuilds recursive watches after an overflow, and silently skips

@@ -14,7 +14,16 @@ from typing import Any, Literal
 
 from .model import VLMRequest
 
-__all__ = ["PartType", "budget_for_parts", "build_body", "build_messages", "plain", "redact", "redact_text", "request_bytes"]
+__all__ = [
+    "PartType",
+    "budget_for_parts",
+    "build_body",
+    "build_messages",
+    "plain",
+    "redact",
+    "redact_text",
+    "request_bytes",
+]
 
 PartType = Literal["image_url", "video_url"]
 

@@ -44,8 +44,7 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
-from collections.abc import Mapping as CMapping
+from collections.abc import Callable, Iterable, Mapping as CMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -237,8 +236,6 @@ def clean_keyword(word: str) -> str:
     return " ".join(word.split())[:MAX_KEYWORD].strip()
 
 
-
-
 def our_keywords(
     words: Iterable[str],
     *,
@@ -257,7 +254,7 @@ def our_keywords(
     free: Sequence[str] = words if mapping is None else (mapping.unknown if unknown == "keep" else ())
     head = split_prefix(prefix)
     out: dict[Keyword, Keyword] = {}
-    for keyword in (*known, *(head + (c,) for w in free if (c := clean_keyword(w)))):
+    for keyword in (*known, *((*head, c) for w in free if (c := clean_keyword(w)))):
         out.setdefault(_key(keyword), keyword)
     return tuple(out.values()), mapping
 
@@ -304,9 +301,7 @@ def merge(raw: bytes | None, answer: Answer, *, where: str = "XMP sidecar") -> t
         _add_list(target, _SUBJECT, "Bag", leaves)
         _add_list(target, _HIER, "Bag", ["|".join(k) for k in final])
         _add_list(target, _TAGS, "Seq", ["/".join(k) for k in final])
-    record_out = _Record(
-        ours=tuple(ours), removed=tuple(removed), all=tuple(final), description=description_hash
-    )
+    record_out = _Record(ours=tuple(ours), removed=tuple(removed), all=tuple(final), description=description_hash)
     record_out.write(target, answer)
     data = _serialise(tree, raw)
     return data, Merged(description=state, keywords=tuple(final), ours=tuple(ours), declined=declined)
@@ -395,7 +390,10 @@ class _Record:
                 _add_list(desc, tag, "Bag", ["|".join(k) for k in values])
         simple = {
             _R_DESCRIPTION: self.description,
-            **{_ours(n): v for n, v in zip(_R_SIMPLE, (answer.model, answer.rule, answer.fingerprint, __version__))},
+            **{
+                _ours(n): v
+                for n, v in zip(_R_SIMPLE, (answer.model, answer.rule, answer.fingerprint, __version__), strict=True)
+            },
         }
         for tag, value in simple.items():
             if value:
@@ -437,7 +435,8 @@ def parse(raw: bytes, *, where: str = "XMP sidecar") -> etree._ElementTree:
         raise XMPRefused(f"{what}: not well-formed XML ({_first_line(exc)})") from None
     except ValueError as exc:  # lxml refuses some inputs before parsing (e.g. an encoding it cannot map)
         raise XMPRefused(f"{what}: not readable XML ({exc})") from None
-    if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
+    # lxml-stubs 0.5 lacks DocInfo.doctype (lxml has it since 2.0) and types internalDTD as never None.
+    if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:  # type: ignore[attr-defined]
         raise XMPRefused(f"{what}: it has a DOCTYPE, which XMP never has (refused unexpanded)")
     return tree
 
@@ -536,11 +535,13 @@ def _target(desc: etree._Element) -> etree._Element:
             name, n = f"{prefix}{n}", n + 1
         extra[name] = uri
     parent = desc.getparent()
-    inherited = parent.nsmap if parent is not None else {}
+    assert parent is not None  # an rdf:Description sits in rdf:RDF (_rdf_of)
+    inherited = parent.nsmap
     own = {p: u for p, u in desc.nsmap.items() if inherited.get(p) != u}
-    new = etree.SubElement(parent, desc.tag, nsmap={**own, **extra})
-    for name, value in desc.attrib.items():
-        new.set(name, value)
+    # lxml-stubs types nsmap keys as str; lxml takes None for the default namespace, which ``own`` may hold.
+    new = etree.SubElement(parent, desc.tag, nsmap={**own, **extra})  # type: ignore[dict-item]
+    for key, value in desc.attrib.items():
+        new.set(key, value)
     new.text, new.tail = desc.text, desc.tail
     new.extend(list(desc))
     parent.replace(desc, new)
@@ -589,6 +590,7 @@ def _drop(desc: etree._Element, tag: str) -> None:
 def _remove(el: etree._Element) -> None:
     """Remove ``el`` and the whitespace before it, so removals leave no blank lines."""
     parent = el.getparent()
+    assert parent is not None  # found under its rdf:Description
     previous = el.getprevious()
     if previous is not None:
         previous.tail = el.tail
@@ -635,10 +637,7 @@ def _xml_text(text: str) -> str:
     return "".join(
         ch
         for ch in text
-        if ch in "\t\n\r"
-        or ("\x20" <= ch <= "\ud7ff")
-        or ("\ue000" <= ch <= "\ufffd")
-        or ch >= "\U00010000"
+        if ch in "\t\n\r" or ("\x20" <= ch <= "\ud7ff") or ("\ue000" <= ch <= "\ufffd") or ch >= "\U00010000"
     )
 
 

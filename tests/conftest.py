@@ -8,9 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
 import fuzzseed
+import pytest
 from fakevlm import FakeVLM
 
 # The test workers (pytest-xdist) start after this runs, so they inherit the seed the header prints.

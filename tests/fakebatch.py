@@ -112,8 +112,17 @@ class FakeBatchVLM(FakeVLM):
                 self.problems.append(f"line {n}: {sorted(line)} {line.get('method')} {line.get('url')}")
         file_id = f"file-{next(self._ids)}"
         self.files[file_id] = data
-        return Scripted(json={"id": file_id, "object": "file", "bytes": len(data), "created_at": 0,
-                              "filename": fields["file"].get_filename(), "purpose": "batch", "status": "processed"})
+        return Scripted(
+            json={
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": 0,
+                "filename": fields["file"].get_filename(),
+                "purpose": "batch",
+                "status": "processed",
+            }
+        )
 
     def _create(self, body: Any) -> Scripted:
         if body.get("completion_window") != "24h" or body.get("endpoint") != "/v1/chat/completions":
@@ -142,13 +151,25 @@ class FakeBatchVLM(FakeVLM):
         for line in reversed(lines):  # not in input order
             cid = line["custom_id"]
             if cid in self.line_unanswered:
-                errors.append({"id": f"req_{cid}", "custom_id": cid, "response": None,
-                               "error": {"code": "batch_expired", "message": "This request could not be executed."}})
+                errors.append(
+                    {
+                        "id": f"req_{cid}",
+                        "custom_id": cid,
+                        "response": None,
+                        "error": {"code": "batch_expired", "message": "This request could not be executed."},
+                    }
+                )
                 continue
             if cid in self.line_errors:
                 status, body = self.line_errors[cid]
-                errors.append({"id": f"req_{cid}", "custom_id": cid,
-                               "response": {"status_code": status, "request_id": cid, "body": body}, "error": None})
+                errors.append(
+                    {
+                        "id": f"req_{cid}",
+                        "custom_id": cid,
+                        "response": {"status_code": status, "request_id": cid, "body": body},
+                        "error": None,
+                    }
+                )
                 continue
             fake = Recorded(method="POST", path="/v1/chat/completions", headers={}, body=b"",
                             json=line["body"], content_length=None)  # fmt: skip

@@ -42,7 +42,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_MODELS", "SHAPES", "VLLM_MAX_FRAMES", "FakeVLM", "Recorded", "Scripted", "chat_completion", "error_body"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "SHAPES",
+    "VLLM_MAX_FRAMES",
+    "FakeVLM",
+    "Recorded",
+    "Scripted",
+    "chat_completion",
+    "error_body",
+]
 
 #: Served by default; the second is EndpointConfig's default model, so a default config works against the fake.
 DEFAULT_MODELS = ("fake-vlm", "qwen2.5vl:7b")

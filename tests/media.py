@@ -25,8 +25,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageStat
 
 __all__ = [
-    "INVERSE_ORIENTATION",
     "FRAME_BITS",
+    "INVERSE_ORIENTATION",
     "make_audio",
     "make_avif",
     "make_bmp",
@@ -383,7 +383,6 @@ def make_video(path: Path, size: Size = (64, 48), *, frames: int = 6, fps: int =
         for packet in stream.encode(None):
             out.mux(packet)
     return path
-
 
 
 # ---------------------------------------------------------------------------------------------------- numbered video

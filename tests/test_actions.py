@@ -92,7 +92,7 @@ class TestMove:
 
     def test_clash_numbers_file_and_sidecar(self, tmp_path: Path) -> None:
         done = tmp_path / "done"
-        old_media, old_side = make_pair(done / "IMG_1.jpg", seed=1)
+        _old_media, _old_side = make_pair(done / "IMG_1.jpg", seed=1)
         make_pair(done / "IMG_1 (1).jpg", seed=2)
         before = {name: (done / name).read_bytes() for name in files(done)}
         media, side = make_pair(tmp_path / "in" / "IMG_1.jpg", seed=3)
@@ -305,7 +305,13 @@ class TestExec:
         assert result.problems == () and result.exec_code == 0
         moved = tmp_path / "done" / "IMG_1 (1).jpg"
         assert json.loads(out.read_text())["argv"] == [
-            str(moved), str(moved) + SUFFIX, "ok", "IMG_1 (1).jpg", "image/32", "{path}", ""
+            str(moved),
+            str(moved) + SUFFIX,
+            "ok",
+            "IMG_1 (1).jpg",
+            "image/32",
+            "{path}",
+            "",
         ]
 
     def test_without_sidecar_and_move(self, tmp_path: Path, hook: Path) -> None:
@@ -367,7 +373,7 @@ class TestExec:
     def test_runs_with_the_actual_place_when_the_move_failed(self, tmp_path: Path, hook: Path) -> None:
         out = tmp_path / "argv.json"
         (tmp_path / "in").mkdir()
-        media, side = make_pair(tmp_path / "outside" / "IMG_1.jpg")
+        _media, side = make_pair(tmp_path / "outside" / "IMG_1.jpg")
         sneaky = tmp_path / "in" / ".." / "outside" / "IMG_1.jpg"
         spec = ActionSpec(move_to=tmp_path / "done", exec=(sys.executable, str(hook), str(out), "ok", "{path}"))
 

@@ -362,10 +362,14 @@ class TestCommand:
         cfg = _config(tmp_path, fake)
         _photos(tmp_path / "inbox", 2)
         prom = tmp_path / "backfill.prom"
-        assert main(["backfill", "-c", str(cfg), "--batch", "--metrics-textfile", str(prom), "--log-level", "error"]) == 0
+        assert (
+            main(["backfill", "-c", str(cfg), "--batch", "--metrics-textfile", str(prom), "--log-level", "error"]) == 0
+        )
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples}  # fmt: skip
-        ok = [v for (name, labels), v in samples.items() if name == "mmwatchd_files_total" and ("outcome", "ok") in labels]
+        ok = [
+            v for (name, labels), v in samples.items() if name == "mmwatchd_files_total" and ("outcome", "ok") in labels
+        ]
         assert sum(ok) == 3
         tokens = [v for (name, _labels), v in samples.items() if name == "mmwatchd_tokens_total"]
         assert sum(tokens) > 0
@@ -405,8 +409,10 @@ class TestStateStore:
                        None, None, None, 1.0, 1.0)  # fmt: skip
         odd = Path(tmp_path / "caf\udce9.jpg")  # a name that is not UTF-8
         record = {"rule": "photos", "media": {"kind": "image"}}
-        items = [BatchItem(f"mmw-1-0000{i}", "mmw-1", path, 10 + i, 20 + i, 30 + i, 40 + i, f"sha{i}", "fp", record)
-                 for i, path in enumerate([tmp_path / "a.jpg", odd])]
+        items = [
+            BatchItem(f"mmw-1-0000{i}", "mmw-1", path, 10 + i, 20 + i, 30 + i, 40 + i, f"sha{i}", "fp", record)
+            for i, path in enumerate([tmp_path / "a.jpg", odd])
+        ]
         with State(db) as state:
             state.add_batch(row, items)
             state.update_batch("mmw-1", status="in_progress", remote_id="batch_9", input_file_id="file-1")
@@ -415,7 +421,11 @@ class TestStateStore:
         with State(db) as state:  # another process
             (again,) = state.batches()
             assert (again.status, again.remote_id, again.input_file_id, again.requests) == (
-                "in_progress", "batch_9", "file-1", 2)
+                "in_progress",
+                "batch_9",
+                "file-1",
+                2,
+            )
             assert state.batch_items("mmw-1") == {i.custom_id: i for i in items}
             assert state.batch_items(custom_ids=["mmw-1-00001", "nope"]) == {"mmw-1-00001": items[1]}
             assert state.batched_paths(["in_progress"]) == {str(tmp_path / "a.jpg"), str(odd)}

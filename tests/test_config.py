@@ -53,7 +53,9 @@ class TestValid:
         assert cfg.rules[0].match.glob == ("**/*",)
         assert cfg.source == f
 
-    def test_single_glob_becomes_a_tuple_and_home_expands(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_single_glob_becomes_a_tuple_and_home_expands(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         monkeypatch.setenv("HOME", str(tmp_path))
         f = tmp_path / "c.yaml"
         f.write_text(MINIMAL + "    match: {glob: '*.jpg'}\nwatch:\n  - path: ~/pics\n")
@@ -115,7 +117,9 @@ class TestErrors:
 
     def test_duplicate_rule_names(self, tmp_path: Path) -> None:
         out = problems(MINIMAL + "  - name: photos\n    prompt: again\n", tmp_path)
-        assert out == [f"{tmp_path / 'c.yaml'}:4:11: rules[1].name: 'photos' is already used by rules[0]; each name may appear once"]
+        assert out == [
+            f"{tmp_path / 'c.yaml'}:4:11: rules[1].name: 'photos' is already used by rules[0]; each name may appear once"
+        ]
 
     @pytest.mark.parametrize(
         ("prompt", "expected"),
@@ -272,5 +276,7 @@ class TestConcurrency:
 
     def test_a_maximum_without_auto_is_an_error(self, tmp_path: Path) -> None:
         out = problems("endpoint:\n  concurrency: 4\n  max_concurrency: 16\n" + MINIMAL, tmp_path)
-        said = "applies only with concurrency: auto (concurrency is 4); set concurrency: auto, or remove max_concurrency"
+        said = (
+            "applies only with concurrency: auto (concurrency is 4); set concurrency: auto, or remove max_concurrency"
+        )
         assert out == [f"{tmp_path / 'c.yaml'}:3:20: endpoint.max_concurrency: {said}"]

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import av
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from media import (
     make_audio,
     make_empty,

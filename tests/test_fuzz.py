@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,15 +20,13 @@ import pytest
 from configs import load_config
 from fakevlm import FakeVLM
 from fuzzseed import ENV, SEED, repeat_hint
-from hypothesis import HealthCheck, given, note, seed, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, note, seed, settings, strategies as st
 from media import make_heic, make_jpeg, make_numbered_video, make_png
 from mutations import mutate, mutation
 
 from mmwatchd.isolate import Isolator
 from mmwatchd.pipeline import Pipeline
 from mmwatchd.vlm import VLMClient
-
 
 #: How each seed file is made (tests/media.py), so a recipe can name it.
 SEED_FILES = {
@@ -51,13 +48,15 @@ class SeedBytes(dict[str, bytes]):
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("seeds")
-    out = SeedBytes({
-        ".jpg": make_jpeg(d / "a.jpg", (96, 64), orientation=6, taken="2024:01:02 03:04:05").read_bytes(),
-        ".png": make_png(d / "a.png", (64, 48), mode="RGBA").read_bytes(),
-        ".heic": make_heic(d / "a.heic", (64, 48)).read_bytes(),
-        ".mp4": make_numbered_video(d / "a.mp4", (96, 64), frames=12, fps=6).read_bytes(),
-        ".webm": make_numbered_video(d / "a.webm", (96, 64), frames=12, fps=6).read_bytes(),
-    })
+    out = SeedBytes(
+        {
+            ".jpg": make_jpeg(d / "a.jpg", (96, 64), orientation=6, taken="2024:01:02 03:04:05").read_bytes(),
+            ".png": make_png(d / "a.png", (64, 48), mode="RGBA").read_bytes(),
+            ".heic": make_heic(d / "a.heic", (64, 48)).read_bytes(),
+            ".mp4": make_numbered_video(d / "a.mp4", (96, 64), frames=12, fps=6).read_bytes(),
+            ".webm": make_numbered_video(d / "a.webm", (96, 64), frames=12, fps=6).read_bytes(),
+        }
+    )
     assert out.keys() == SEED_FILES.keys()
     return out
 
@@ -78,10 +77,7 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pipelin
         fake.stop()
 
 
-
 _serial = itertools.count()
-
-
 
 
 def recipe(ext: str, how: tuple, path: Path) -> str:  # type: ignore[type-arg]
@@ -97,7 +93,10 @@ def recipe(ext: str, how: tuple, path: Path) -> str:  # type: ignore[type-arg]
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ext=st.sampled_from(list(SEED_FILES)), how=mutation)
 def test_every_mutation_ends_in_a_sidecar(
-    seeds: dict[str, bytes], fuzz_env: tuple[Pipeline, Path], ext: str, how: tuple  # type: ignore[type-arg]
+    seeds: dict[str, bytes],
+    fuzz_env: tuple[Pipeline, Path],
+    ext: str,
+    how: tuple,  # type: ignore[type-arg]
 ) -> None:
     processor, inbox = fuzz_env
     path = inbox / f"f{next(_serial)}{ext}"  # a new file each time: a reused name would be "up to date"

@@ -102,7 +102,8 @@ class TestPage:
                 with open(tmp_path / thumb, "rb") as fh:
                     assert fh.read(3) == b"\xff\xd8\xff"  # our encoder's JPEGs
         assert sorted(p.name for p in files.iterdir() if p.suffix == ".jpg") == sorted(
-            Path(t).name for c in cards.values() for t in c["thumbs"])
+            Path(t).name for c in cards.values() for t in c["thumbs"]
+        )
 
     def test_nothing_from_a_sidecar_is_markup(self, library: Path, tmp_path: Path) -> None:
         html = build(library, tmp_path / "review.html")
@@ -124,7 +125,8 @@ class TestPage:
         # Only the folder given: the other cards' thumbnails are removed
         build(library, out, library.parent / "inbox" / "trip")
         assert "2 files (1 described, 0 failed, 1 not yet described); thumbnails: 0 made, 2 reused" in (
-            capsys.readouterr().out)
+            capsys.readouterr().out
+        )
         assert len([p for p in (tmp_path / "review_files").iterdir() if p.suffix == ".jpg"]) == 2
 
     def test_a_file_name_that_is_not_utf8(self, library: Path, tmp_path: Path) -> None:
@@ -191,7 +193,8 @@ def open_page(driver: Any, page: Path) -> None:
 def shown(driver: Any) -> list[str]:
     """The names on the cards in the DOM, in order (read in one script: the page may be re-rendering)."""
     return driver.execute_script(
-        "return [...document.querySelectorAll('article.card .name')].map((e) => e.textContent)")
+        "return [...document.querySelectorAll('article.card .name')].map((e) => e.textContent)"
+    )
 
 
 def problems(driver: Any) -> list[dict[str, Any]]:
@@ -264,8 +267,14 @@ class TestInBrowser:
         assert shown(browser) == ["IMG_0001.jpg"]
         Select(browser.find_element(By.ID, "tag")).select_by_value("")
         Select(browser.find_element(By.ID, "sort")).select_by_value("path")
-        assert shown(browser) == [XSS_NAME, "broken.jpg", "clip.mp4", "IMG_0001.jpg", "trip/IMG_0002.jpg",
-                                  "trip/new.jpg"]  # by full path, ignoring case
+        assert shown(browser) == [
+            XSS_NAME,
+            "broken.jpg",
+            "clip.mp4",
+            "IMG_0001.jpg",
+            "trip/IMG_0002.jpg",
+            "trip/new.jpg",
+        ]  # by full path, ignoring case
 
         # a video shows a strip of its frames; links lead to the original and its sidecar
         strip = browser.find_elements(By.CSS_SELECTOR, "article.card .thumb.strip img")

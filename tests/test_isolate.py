@@ -172,7 +172,7 @@ class TestOSErrors:
 
     def test_a_decoders_os_error_without_an_errno_is_about_the_file(self, iso: Isolator) -> None:
         # Pillow says "cannot identify image file" and "image file is truncated" with a bare OSError.
-        with pytest.raises(DecodeError, match="IMG_1.jpg: decoding failed: OSError: image file is truncated"):
+        with pytest.raises(DecodeError, match=r"IMG_1.jpg: decoding failed: OSError: image file is truncated"):
             iso.call(helpers.raise_error, OSError("image file is truncated"), label="IMG_1.jpg")
 
 
@@ -348,7 +348,7 @@ class TestPool:
             iso.set_limits(timeout_s=0.5, memory_bytes=GiB // 2)
             assert _wait_until(lambda: _gone(first))  # idle under the old limit: stopped at once
             assert iso.call(helpers.memory_limit, label="a.jpg") == GiB // 2
-            with pytest.raises(DecodeError, match="longer than 0.5 s"):
+            with pytest.raises(DecodeError, match=r"longer than 0.5 s"):
                 iso.call(helpers.hang, label="slow.mov")
             with pytest.raises(ValueError):
                 iso.set_limits(timeout_s=0, memory_bytes=None)

@@ -190,7 +190,9 @@ def test_no_module_imports_another_modules_private_names() -> None:
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("mmwatchd")):
-                found += [f"{module}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+                found += [
+                    f"{module}: {a.name}" for a in node.names if a.name.startswith("_") and a.name != "__version__"
+                ]
     assert not found
 
 
@@ -214,7 +216,8 @@ def test_no_import_cycle() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["mmwatchd.walk", "mmwatchd.settle", "mmwatchd.index", "mmwatchd.gallery", "mmwatchd.search", "mmwatchd.pipeline"]
+    "module",
+    ["mmwatchd.walk", "mmwatchd.settle", "mmwatchd.index", "mmwatchd.gallery", "mmwatchd.search", "mmwatchd.pipeline"],
 )
 def test_walking_folders_does_not_load_watchdog(module: str, loads: dict[str, dict[str, object]]) -> None:
     """The pipeline, the done-index, the gallery and search walk folders and filter names; only the live watch

@@ -144,7 +144,7 @@ class TestFindsTheCapacity:
             limits.append(limiter.limit)
         late = limits[500:]
         assert max(late) <= 14
-        assert sum(8 <= n for n in late) >= 0.9 * len(late)  # the rest: the probe's window at half the limit
+        assert sum(n >= 8 for n in late) >= 0.9 * len(late)  # the rest: the probe's window at half the limit
 
 
 class TestBacksOff:

@@ -83,8 +83,8 @@ pytestmark = [
     pytest.mark.skipif("not _opted_in(config)", reason="boots a container: set MMWATCHD_NSPAWN=1 or pass -m systemd"),
     pytest.mark.skipif(os.geteuid() != 0, reason="systemd-nspawn needs root"),
     pytest.mark.skipif(bool(nspawn.missing_tools()), reason=f"missing: {' '.join(nspawn.missing_tools())} "
-                       "(Debian: apt-get install debootstrap systemd-container util-linux)"),  # fmt: skip
-]
+                       "(Debian: apt-get install debootstrap systemd-container util-linux)"),
+]  # fmt: skip
 
 
 class SlowVLM(FakeVLM):
@@ -484,5 +484,7 @@ def test_the_user_unit(box: nspawn.Container, fake: SlowVLM) -> None:
     assert json.loads(_sidecar(box, photo).read_text())["status"] == "ok"
     out = box.run(str(bob / ".local/share/mmwatchd/venv/bin/mmwatchd"), "status", user="bob").stdout
     assert "no state yet" not in out and f"{bob / 'Photos'}: 1 done" in out, out
-    assert _host(box, bob / ".config/mmwatchd/state.sqlite3").exists() or _host(
-        box, bob / ".local/state/mmwatchd/state.sqlite3").exists()
+    assert (
+        _host(box, bob / ".config/mmwatchd/state.sqlite3").exists()
+        or _host(box, bob / ".local/state/mmwatchd/state.sqlite3").exists()
+    )

@@ -23,8 +23,8 @@ from media import make_empty, make_heic, make_jpeg, make_named_text, make_png, m
 from PIL import Image
 from rewrite import padded_jpeg, rewrite_keeping_size_and_mtime
 
-from mmwatchd.model import Config
 from mmwatchd.errors import SidecarError
+from mmwatchd.model import Config
 from mmwatchd.pipeline import IN_PROGRESS, Pipeline
 from mmwatchd.vlm import VLMClient
 
@@ -375,7 +375,10 @@ class TestDryRun:
         assert (part["mime"], part["width"], part["height"]) == ("image/jpeg", 1500, 750)
         assert out.plan["rule"] == "photos" and out.plan["model"] == "fake-vlm"
         content = out.plan["request"]["messages"][0]["content"]
-        assert content[1] == {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,…({part['url_bytes']} bytes)"}}
+        assert content[1] == {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/jpeg;base64,…({part['url_bytes']} bytes)"},
+        }
         assert env.fake.requests == [] and not (env.inbox / "a.jpg.json").exists()
 
 

@@ -41,7 +41,7 @@ def _once(tmp_path: Path, fake: FakeVLM, media: Path, *extra: str, **changes: ob
 
 
 def _images(url: str) -> list[Image.Image]:
-    head, payload = url.split(",", 1)
+    _head, payload = url.split(",", 1)
     return [Image.open(io.BytesIO(base64.b64decode(chunk))) for chunk in payload.split(",")]
 
 
@@ -61,7 +61,9 @@ class TestModes:
         numbers = [read_number(f) for f in frames]
         assert numbers[0] == 0 and numbers == sorted(numbers) and numbers[-1] >= 35  # spread over the whole clip
         media = out["doc"]["media"]
-        assert media["kind"] == "video" and media["mode"] == "video_url" and media["duration_s"] == pytest.approx(4, 0.1)
+        assert (
+            media["kind"] == "video" and media["mode"] == "video_url" and media["duration_s"] == pytest.approx(4, 0.1)
+        )
         assert [f["t"] for f in media["frames"]] == sorted(f["t"] for f in media["frames"])
         assert media["frames"][0]["t"] == 0 and len(media["frames"]) == 8
         assert media["request_bytes"] >= req.content_length
@@ -148,7 +150,9 @@ class TestBadVideos:
         assert err["kind"] == "unsupported" and "no video stream" in err["message"]
         assert fake_vlm.chat_requests == []
 
-    def test_truncated_clip_is_an_error_or_sends_what_decodes(self, tmp_path: Path, fake_vlm: FakeVLM, clip: Path) -> None:
+    def test_truncated_clip_is_an_error_or_sends_what_decodes(
+        self, tmp_path: Path, fake_vlm: FakeVLM, clip: Path
+    ) -> None:
         cut = tmp_path / "cut.mkv"
         whole = make_numbered_video(tmp_path / "whole.mkv", (160, 120), frames=40, fps=10)
         cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
@@ -160,7 +164,9 @@ class TestBadVideos:
             assert doc["error"]["kind"] == "decode" and "cut.mkv" in doc["error"]["message"]
 
 
-def test_dry_run_shows_the_frame_plan(tmp_path: Path, fake_vlm: FakeVLM, clip: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_shows_the_frame_plan(
+    tmp_path: Path, fake_vlm: FakeVLM, clip: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = write_config(tmp_path, base_url=fake_vlm.base_url, rule={**VIDEO_RULE, "video": {"frames": 6}})
     assert main(["once", "-c", str(cfg), "--dry-run", str(clip)]) == 0
     (plan,) = json.loads(capsys.readouterr().out)["files"]

@@ -361,7 +361,7 @@ def test_routing_best_tier_first_fewest_outstanding_within_it() -> None:
     a.down(VLMUnavailable("gone"))
     pool.release(c)
     assert pool.acquire(pool.allowed("r")) is c  # a down: its tier has only b, which is full
-    assert "a unreachable 1/2, b up 2/2, c up 1/1" == pool.summary()
+    assert pool.summary() == "a unreachable 1/2, b up 2/2, c up 1/1"
 
 
 def test_the_retry_policy_of_the_service_and_of_one_shot_runs() -> None:

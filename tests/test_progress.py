@@ -73,9 +73,7 @@ def old_jpegs(folder: Path, n: int) -> list[Path]:
 # -- on a terminal ---------------------------------------------------------------------------------------------
 
 
-def run_on_pty(
-    args: list[str], cwd: Path, *, until: float = 300.0, stop_when: bytes | None = None
-) -> tuple[int, str]:
+def run_on_pty(args: list[str], cwd: Path, *, until: float = 300.0, stop_when: bytes | None = None) -> tuple[int, str]:
     """Run ``mmwatchd ARGS`` with stdout and stderr on a pseudo-terminal 120 columns wide; return its exit code and
     what a terminal would show (:func:`screen`). ``stop_when``: SIGTERM it once that has been drawn (``run``)."""
     master, slave = pty.openpty()
@@ -138,9 +136,7 @@ def drawn(raw: str, label: str) -> list[str]:
 
 
 class TestTerminal:
-    def test_scan_shows_a_bar_that_reaches_the_total_and_log_lines_stay_whole(
-        self, tmp_path: Path
-    ) -> None:
+    def test_scan_shows_a_bar_that_reaches_the_total_and_log_lines_stay_whole(self, tmp_path: Path) -> None:
         with FakeVLM(latency_s=0.05) as fake:
             cfg = write_config(tmp_path, base_url=fake.base_url)
             photos = old_jpegs(tmp_path / "inbox", 120)
@@ -322,7 +318,8 @@ class TestSearchIndex:
         finally:
             db.close()
         assert {os.fsdecode(k): v for k, v in rows.items()} == {
-            **{str(p): "ok" for p in photos}, str(tmp_path / "inbox" / "broken.jpg"): "error"
+            **{str(p): "ok" for p in photos},
+            str(tmp_path / "inbox" / "broken.jpg"): "error",
         }
         assert matched == 4  # the fake's captions ("saw 1 images ...") are searchable at once
 

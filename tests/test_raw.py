@@ -16,23 +16,20 @@ from pathlib import Path
 import pytest
 import structlog
 from configs import write_config
-from running import spawn_run, stop_run, wait_until
 from fakevlm import FakeVLM
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from mutations import mutate, mutation
 from PIL import Image
+from running import spawn_run, stop_run, wait_until
 
 from mmwatchd import rules
 from mmwatchd.cli import main
-from mmwatchd.model import Rule
-
 from mmwatchd.encode import raw as raw_module
 from mmwatchd.encode.image import encode_image, probe_and_encode_image, probe_image
 from mmwatchd.errors import DecodeError, MediaError, MediaTooLarge, UnsupportedMedia
 from mmwatchd.isolate import Isolator, LazyFunction
 from mmwatchd.media import IMAGE_SUFFIXES, RAW_FORMATS, media_suffix_kind, sniff, sniff_bytes
-from mmwatchd.model import EndpointConfig, ImageSpec, Limits
+from mmwatchd.model import EndpointConfig, ImageSpec, Limits, Rule
 
 RAW = Path(__file__).resolve().parents[2] / "shared" / "media" / "raw"
 needs_raw = pytest.mark.skipif(not RAW.is_dir(), reason="shared RAW samples not present")
@@ -547,9 +544,6 @@ class TestFingerprint:
         assert rules.fingerprint(rule, endpoint) == "sha256:87bdf298c8b4556d3f883add70ef6494"
         developed = Rule(name="photos", prompt="Describe {name}.", image=ImageSpec(raw="demosaic"))
         assert rules.fingerprint(developed, endpoint) != rules.fingerprint(rule, endpoint)
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -334,7 +334,11 @@ def test_real_vllm_frame_limit_proven_by_token_counts(real_vllm: Server, tmp_pat
         assert main(["once", "-c", str(cfg), str(target)]) == 0, real_vllm.log_tail()
         doc = sidecar(target)
         assert doc["media"]["mode"] == "video_url" and "vLLM" in doc["media"]["mode_reason"]
-        seen[cap] = (len(doc["media"]["frames"]), doc["media"]["frames"][-1]["t"], doc["response"]["usage"]["prompt_tokens"])
+        seen[cap] = (
+            len(doc["media"]["frames"]),
+            doc["media"]["frames"][-1]["t"],
+            doc["response"]["usage"]["prompt_tokens"],
+        )
     assert seen[32] == (32, pytest.approx(5.9, abs=0.05), thirty_two)  # all 32 seen, the clip's end among them
     frames, _, tokens = seen[None]
     assert frames == 48 and tokens == thirty_two  # 48 sent and paid for, 32 seen

@@ -8,10 +8,9 @@ import pytest
 
 from mmwatchd import config, rules, templates
 from mmwatchd.cli import main
-from mmwatchd.model import MatchSpec, Rule
 from mmwatchd.globs import compile_glob, glob_match
+from mmwatchd.model import EndpointConfig, ImageSpec, MatchSpec, Rule
 from mmwatchd.walk import scan, wanted
-from mmwatchd.model import EndpointConfig, ImageSpec
 
 
 @pytest.mark.parametrize(

@@ -113,8 +113,25 @@ class TestSearch:
         code, out, err = run(capsys, "zebra", "-c", str(library))
         assert (code, out) == (1, "") and err == "mmwatchd: nothing matches 'zebra'\n"
 
-    @pytest.mark.parametrize("query", ['"dog beach"', "dog-beach", "dog:", "caption:dog", "dog*", "NEAR(dog", "dog AND",
-                                       "^dog", 'dog"', "(dog)", "dog OR NOT", "{dog}", "dog's", "dog + beach"])
+    @pytest.mark.parametrize(
+        "query",
+        [
+            '"dog beach"',
+            "dog-beach",
+            "dog:",
+            "caption:dog",
+            "dog*",
+            "NEAR(dog",
+            "dog AND",
+            "^dog",
+            'dog"',
+            "(dog)",
+            "dog OR NOT",
+            "{dog}",
+            "dog's",
+            "dog + beach",
+        ],
+    )
     def test_user_text_is_never_query_syntax(self, library: Path, capsys: pytest.CaptureFixture[str],
                                              query: str) -> None:  # fmt: skip
         code, out, err = run(capsys, query, "-c", str(library), "--json")
@@ -164,7 +181,7 @@ class TestIndex:
         with sqlite3.connect(index) as conn:  # an entry the sidecars do not back (as if edited by hand)
             conn.execute("UPDATE fts SET caption = 'a unicorn' WHERE caption LIKE '%cat%'")
         assert matches(capsys, library, "unicorn") == ["IMG_0002.jpg"]  # size and mtime unchanged: trusted
-        code, out, _ = run(capsys, "unicorn", "-c", str(library), "--reindex")
+        code, _out, _ = run(capsys, "unicorn", "-c", str(library), "--reindex")
         assert code == 1
         assert matches(capsys, library, "cat") == ["IMG_0002.jpg"]
         for suffix in ("-wal", "-shm"):
@@ -211,11 +228,12 @@ class TestIndex:
                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
         cfg = config(tmp_path, fake_vlm, sidecar={"dir": str(tmp_path / "mirror")})
         photo = make_jpeg(tmp_path / "inbox" / "sub" / "IMG_7.jpg")
-        fake_vlm.enqueue(json=chat_completion(json.dumps({"caption": "A lighthouse.", "tags": []})),
-                         path="/v1/chat/completions")
+        fake_vlm.enqueue(
+            json=chat_completion(json.dumps({"caption": "A lighthouse.", "tags": []})), path="/v1/chat/completions"
+        )
         assert main(["once", "-c", str(cfg), str(photo)]) == 0
         assert not photo.with_name("IMG_7.jpg.json").exists()
-        code, out, _ = run(capsys, "lighthouse", "-c", str(cfg), "--json")
+        _code, out, _ = run(capsys, "lighthouse", "-c", str(cfg), "--json")
         [hit] = json.loads(out)["matches"]
         assert hit["path"] == str(photo)
         assert hit["sidecar"] == str(tmp_path / "mirror" / photo.relative_to("/").with_name("IMG_7.jpg.json"))
@@ -282,8 +300,12 @@ print(conn.execute("SELECT count(*) FROM docs").fetchone()[0])
 
 class TestText:
     def test_captions_and_tags_of_a_schema_reply(self) -> None:
-        data = {"caption": "A dog.", "objects": [{"name": "ball", "color": "red"}], "tags": ["dog", "", 3],
-                "title": "Play"}
+        data = {
+            "caption": "A dog.",
+            "objects": [{"name": "ball", "color": "red"}],
+            "tags": ["dog", "", 3],
+            "title": "Play",
+        }
         doc = {"response": {"text": "{...}", "data": data}}
         assert search.caption_and_tags(doc) == ("A dog.\nPlay", ["ball", "red", "dog"])
         assert search.caption_and_tags({"response": {"text": "Plain words.", "data": None}}) == ("Plain words.", [])

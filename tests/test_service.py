@@ -71,9 +71,10 @@ class TestBacklog:
 
         def pings_during_backlog() -> bool:
             msgs = notify.messages()
-            assert len(fake_vlm.chat_requests) <= early or len(
-                [m for m, seen in msgs if m == "WATCHDOG=1" and seen <= early]
-            ) >= 3, f"the backlog was {early} requests in and the watchdog had not been pinged 3 times: {msgs}"
+            assert (
+                len(fake_vlm.chat_requests) <= early
+                or len([m for m, seen in msgs if m == "WATCHDOG=1" and seen <= early]) >= 3
+            ), f"the backlog was {early} requests in and the watchdog had not been pinged 3 times: {msgs}"
             pings = [m for m, seen in msgs if m == "WATCHDOG=1" and seen <= early]
             # STATUS= follows the work: a line that reports files done, while the backlog is still long.
             status = [m for m, seen in msgs if m.startswith("STATUS=") and "endpoint up" in m and seen <= early
@@ -97,9 +98,7 @@ class TestBacklog:
         assert "daemon.stopping" in events and "daemon.stopped" in events
         assert notify.messages()[-1][0] == "STOPPING=1"
 
-    def test_a_request_in_flight_at_sigterm_is_not_retried_by_the_sdk(
-        self, tmp_path: Path, fake_vlm: FakeVLM
-    ) -> None:
+    def test_a_request_in_flight_at_sigterm_is_not_retried_by_the_sdk(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         """The SDK retries a 5xx by itself (endpoint.max_retries): after a stop, that retry must not leave."""
         inbox = tmp_path / "inbox"
         _backlog(inbox, 3)

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+from clock import FakeClock
 
 from mmwatchd.settle import StabilityTracker
-from clock import FakeClock
 
 
 def write(path: Path, data: bytes = b"x" * 100) -> Path:

@@ -69,7 +69,7 @@ class TestFullOrReadOnlyDisk:
     def test_disk_full_is_a_clear_retryable_error_and_nothing_is_left(self, small_tmpfs: Path) -> None:
         (small_tmpfs / "filler").write_bytes(b"x" * 60_000)
         target = small_tmpfs / "a.jpg.json"
-        with pytest.raises(SidecarError, match="No space left on device.*tried again") as info:
+        with pytest.raises(SidecarError, match=r"No space left on device.*tried again") as info:
             sidecar.write(target, {**OURS, "text": "y" * 20_000})
         assert info.value.retryable
         assert sorted(os.listdir(small_tmpfs)) == ["filler"]
@@ -86,7 +86,7 @@ class TestFullOrReadOnlyDisk:
 
     def test_read_only_filesystem(self, small_tmpfs: Path) -> None:
         mounts.read_only(small_tmpfs)
-        with pytest.raises(SidecarError, match="Read-only file system.*write access") as info:
+        with pytest.raises(SidecarError, match=r"Read-only file system.*write access") as info:
             sidecar.write(small_tmpfs / "a.json", OURS)
         assert info.value.retryable
 

@@ -349,7 +349,7 @@ def test_concurrent_use_from_8_threads(db: Path) -> None:
                     st.record_done(path, root=f"root{t % 2}", status="ok" if i % 2 else "error", message="no")
                 st.retrying()
                 st.last_errors()
-        except BaseException as exc:  # handed to the test thread, which fails with it
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread, which fails with it
             failures.append(exc)
 
     threads = [threading.Thread(target=work, args=(t,), name=f"state-test-{t}") for t in range(n_threads)]

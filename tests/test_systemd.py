@@ -134,9 +134,7 @@ def test_a_user_units_state_beside_its_config_is_found(tmp_path: Path) -> None:
     assert default_state_dir({**shell, "STATE_DIRECTORY": "/x"}, config=config) == Path("/x")
 
 
-def test_status_without_a_database_says_so_and_creates_none(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_status_without_a_database_says_so_and_creates_none(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = write_config(tmp_path, base_url="http://127.0.0.1:9/v1")
     for i in range(2):
         make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (16, 16), seed=i)
@@ -150,7 +148,7 @@ def test_status_without_a_database_says_so_and_creates_none(
     assert report["state_found"] is False and report["state_path"] == str(state / "state.sqlite3")
     assert report["roots"][str(tmp_path / "inbox")]["pending"] == 2
     assert not state.exists()
-    assert not [p for p in Path(tempfile.gettempdir()).glob("mmwatchd-status-*")]
+    assert not list(Path(tempfile.gettempdir()).glob("mmwatchd-status-*"))
 
 
 def test_status_reads_an_existing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,10 +14,9 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from fakevlm import FakeVLM, chat_completion, error_body
+from hypothesis import HealthCheck, given, settings, strategies as st
+
 from mmwatchd.errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable
 from mmwatchd.model import EndpointConfig, Part, VLMRequest
 from mmwatchd.vlm import NO_KEY, VLMClient
@@ -207,7 +206,7 @@ class TestDescribe:
     def test_truncated_reply_says_raise_max_tokens(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
         for _ in range(2):
             fake_vlm.enqueue(json=chat_completion('{"caption": "cut off', finish_reason="length"))
-        with pytest.raises(VLMBadReply, match="raise endpoint.max_tokens"):
+        with pytest.raises(VLMBadReply, match=r"raise endpoint.max_tokens"):
             client.describe(request(schema=SCHEMA))
 
     def test_schema_mismatch(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
@@ -305,9 +304,11 @@ class TestErrors:
 
     def test_401_without_a_key_says_to_set_it(self, fake_vlm: FakeVLM) -> None:
         fake_vlm.enqueue(status=401, text="Unauthorized")
-        with VLMClient(endpoint(fake_vlm), api_key=None) as vlm:
-            with pytest.raises(VLMMisconfigured, match=rf"\${KEY_ENV} is not set"):
-                vlm.list_models()
+        with (
+            VLMClient(endpoint(fake_vlm), api_key=None) as vlm,
+            pytest.raises(VLMMisconfigured, match=rf"\${KEY_ENV} is not set"),
+        ):
+            vlm.list_models()
 
     def test_list_models(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
         fake_vlm.models = ["qwen2.5vl:7b", "fake-vlm"]
@@ -322,9 +323,11 @@ class TestErrors:
 
     def test_wrong_path_404_points_at_base_url(self, fake_vlm: FakeVLM) -> None:
         fake_vlm.enqueue(status=404, json={"detail": "Not Found"})
-        with VLMClient(endpoint(fake_vlm), api_key=KEY) as vlm:
-            with pytest.raises(VLMRejected, match="Check endpoint.base_url"):
-                vlm.list_models()
+        with (
+            VLMClient(endpoint(fake_vlm), api_key=KEY) as vlm,
+            pytest.raises(VLMRejected, match=r"Check endpoint.base_url"),
+        ):
+            vlm.list_models()
 
     def test_413_from_a_gateway(self, fake_vlm: FakeVLM, client: VLMClient) -> None:
         fake_vlm.max_body_bytes = 1000
@@ -349,9 +352,11 @@ class TestErrors:
     def test_credentials_in_base_url_are_not_shown(self, fake_vlm: FakeVLM) -> None:
         fake_vlm.pause()
         url = fake_vlm.base_url.replace("//", "//user:pa55word@") + "?token=t0ken"
-        with VLMClient(endpoint(fake_vlm, base_url=url), api_key=None) as vlm:
-            with pytest.raises(VLMUnavailable) as caught:
-                vlm.list_models()
+        with (
+            VLMClient(endpoint(fake_vlm, base_url=url), api_key=None) as vlm,
+            pytest.raises(VLMUnavailable) as caught,
+        ):
+            vlm.list_models()
         assert fake_vlm.base_url in caught.value.message
         assert "pa55word" not in caught.value.message and "t0ken" not in caught.value.message
 
@@ -363,9 +368,11 @@ class TestErrors:
     def test_timeout(self, fake_vlm: FakeVLM) -> None:
         fake_vlm.enqueue(delay_s=30)
         started = time.monotonic()
-        with VLMClient(endpoint(fake_vlm, timeout_s=0.3), api_key=KEY) as vlm:
-            with pytest.raises(VLMUnavailable, match=r"within endpoint.timeout_s=0.3 s"):
-                vlm.describe(request())
+        with (
+            VLMClient(endpoint(fake_vlm, timeout_s=0.3), api_key=KEY) as vlm,
+            pytest.raises(VLMUnavailable, match=r"within endpoint.timeout_s=0.3 s"),
+        ):
+            vlm.describe(request())
         assert time.monotonic() - started < 3
 
     @pytest.mark.parametrize(
@@ -468,9 +475,7 @@ class TestRequestBytes:
             seen.append(http_request)
             return httpx2.Response(200, json=chat_completion("{}"))
 
-        parts = tuple(
-            video(frames=2, n=n) if kind == "video_url" else image(n, mime="image/webp") for kind, n in sizes
-        )
+        parts = tuple(video(frames=2, n=n) if kind == "video_url" else image(n, mime="image/webp") for kind, n in sizes)
         schema = {"type": "object", "description": prompt[:20]} if described else None
         req = request(prompt=prompt, system=system, parts=parts, temperature=temperature, schema=schema)
         with httpx2.Client(transport=httpx2.MockTransport(handler)) as http:
@@ -532,9 +537,12 @@ class TestServerShapes:
     def test_video_url_refusal_is_a_format_refusal(self, shape: str, said: str) -> None:
         from mmwatchd.servers import is_video_format_refusal
 
-        with FakeVLM(shape=shape) as fake, VLMClient(endpoint(fake), api_key=KEY) as vlm:  # type: ignore[arg-type]
-            with pytest.raises(VLMRejected) as caught:
-                vlm.describe(request(parts=(video(),)))
+        with (
+            FakeVLM(shape=shape) as fake,  # type: ignore[arg-type]
+            VLMClient(endpoint(fake), api_key=KEY) as vlm,
+            pytest.raises(VLMRejected) as caught,
+        ):
+            vlm.describe(request(parts=(video(),)))
         assert caught.value.status == 400 and said in caught.value.server_message
         assert is_video_format_refusal(caught.value.status, caught.value.server_message)
 

@@ -79,11 +79,7 @@ class TestParse:
 class TestRender:
     def test_compact_one_line_per_parent(self) -> None:
         assert parse(TEXT).render() == (
-            "C#\n"
-            "Animals: Dog, Cat, Bat\n"
-            "Places: France\n"
-            "Places/France: Paris, Lyon\n"
-            "Sports: Bat"
+            "C#\nAnimals: Dog, Cat, Bat\nPlaces: France\nPlaces/France: Paris, Lyon\nSports: Bat"
         )
 
     def test_synonyms_stay_out_of_the_prompt(self) -> None:

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from clock import FakeClock
 from structlog.testing import capture_logs
 
 from mmwatchd import watch
 from mmwatchd.errors import ConfigError
 from mmwatchd.model import WatchRoot
 from mmwatchd.watch import Watcher
-from clock import FakeClock
 
 # A warning raised on a watchdog thread kills that thread and silently stops events: treat every warning as an error.
 pytestmark = pytest.mark.filterwarnings("error")

@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mounts import tmpfs
 from PIL import Image
 
 from mmwatchd import xmp
 from mmwatchd.errors import SidecarError, XMPError, XMPRefused
-from mmwatchd.sidecar import TEMP_MARK
-from mmwatchd.sidecar import write as write_json
+from mmwatchd.sidecar import TEMP_MARK, write as write_json
 from mmwatchd.vocabulary import parse as parse_vocabulary
-from mounts import tmpfs
 
 EXIFTOOL = shutil.which("exiftool")
 EXIV2 = shutil.which("exiv2")
