@@ -43,7 +43,11 @@ DRY_RUNS: dict[str, tuple[int | None, dict[str, Any], dict[str, Any]]] = {
     "defaults": (None, {}, {"mode": "images"}),
     "tight-jpeg": (60_000, {"passthrough": False}, {"mode": "images", "frames": 12}),
     "tight-webp": (25_000, {"format": "webp", "quality": 90, "min_quality": 60}, {"mode": "video_url", "align": 28}),
-    "tight-png": (40_000, {"format": "png", "max_side": 800}, {"mode": "video_url", "frame_format": "png", "frames": 8}),
+    "tight-png": (
+        40_000,
+        {"format": "png", "max_side": 800},
+        {"mode": "video_url", "frame_format": "png", "frames": 8},
+    ),
     "file": (300_000, {"max_side": 512}, {"mode": "file", "frames": 6}),
 }
 

@@ -26,7 +26,6 @@ from mmwatchd.pipeline import Outcome, Pipeline
 if TYPE_CHECKING:
     from mmwatchd.daemon import Daemon
     from mmwatchd.progress import Reporter, Snapshot
-    from mmwatchd.daemon import Daemon
     from mmwatchd.state import State
     from mmwatchd.vlm import RequestObserver, VLMClient
 

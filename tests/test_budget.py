@@ -87,10 +87,25 @@ def test_only_frames_measure_the_floor_the_search_did_not_reach() -> None:
     # quality 50 (49,268) fits.
     limit = 50_000
     picture = Sizes(full=70_000, slope=0.01)
-    fit(picture, limit, quality=95, min_quality=50, min_scale=0.05, dims=dims, tuning=replace(PICTURE, quality_trials=1, scale_trials=1))
+    fit(
+        picture,
+        limit,
+        quality=95,
+        min_quality=50,
+        min_scale=0.05,
+        dims=dims,
+        tuning=replace(PICTURE, quality_trials=1, scale_trials=1),
+    )
     frames = Sizes(full=70_000, slope=0.01)
-    result = fit(frames, limit, quality=95, min_quality=50, min_scale=0.05, dims=dims, tuning=replace(FRAMES, quality_trials=1, scale_trials=1))
+    result = fit(
+        frames,
+        limit,
+        quality=95,
+        min_quality=50,
+        min_scale=0.05,
+        dims=dims,
+        tuning=replace(FRAMES, quality_trials=1, scale_trials=1),
+    )
     assert (50, (WIDTH, HEIGHT)) not in picture.calls
     assert (50, (WIDTH, HEIGHT)) in frames.calls
     assert result.fits and result.quality == 50 and result.scale == 1.0
-

@@ -98,9 +98,9 @@ def _rate(stream: VideoStream, *, timed: bool) -> float | None:
 
 def stream_sar(stream: VideoStream) -> Fraction:
     """The sample aspect ratio FFmpeg would display with: the container's, else the codec's, else square."""
-    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
-        if sar is not None and sar > 0:
-            sar = Fraction(sar)
+    for declared in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if declared is not None and declared > 0:
+            sar = Fraction(declared)
             return sar if _SAR_RANGE[0] <= sar <= _SAR_RANGE[1] else Fraction(1)
     return Fraction(1)
 
@@ -318,4 +318,3 @@ def probe_video(path: Path, *, limits: Limits) -> VideoFacts:
     """
     with open_video(path, limits) as source:
         return source.facts
-

@@ -293,9 +293,8 @@ def _taken(exif: Image.Exif) -> str:
         candidates = (exif.get_ifd(_EXIF_IFD).get(_DATE_TIME_ORIGINAL), exif.get(_DATE_TIME))
     except _EXIF_ERRORS:
         candidates = (None, exif.get(_DATE_TIME))
-    for value in candidates:
-        if isinstance(value, bytes):
-            value = value.decode("ascii", "replace")
+    for candidate in candidates:
+        value = candidate.decode("ascii", "replace") if isinstance(candidate, bytes) else candidate
         if not isinstance(value, str):
             continue
         match = _EXIF_DATE.match(value.strip("\0 "))
@@ -395,7 +394,7 @@ def _simplejpeg() -> ModuleType | None:
         return None
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
-        import simplejpeg  # type: ignore[import-untyped]  # ships a .pyi but no py.typed
+        import simplejpeg  # ships a .pyi but no py.typed: see [tool.mypy] in pyproject.toml
     except (ImportError, MemoryError) as exc:
         _NO_SIMPLEJPEG.append(f"{type(exc).__name__}: {exc}")
         return None
@@ -583,9 +582,7 @@ def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> 
 DEFAULT_PASSTHROUGH_MIMES: Final = ("image/jpeg", "image/png", "image/webp")
 
 
-def _passthrough(
-    src: _Source, spec: ImageSpec, orientation: int, budget: int, mimes: tuple[str, ...]
-) -> Part | None:
+def _passthrough(src: _Source, spec: ImageSpec, orientation: int, budget: int, mimes: tuple[str, ...]) -> Part | None:
     """The original bytes, when a server will show them exactly as we would, and they fit; else None."""
     im = src.im
     fmt = im.format or ""

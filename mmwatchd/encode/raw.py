@@ -412,7 +412,7 @@ def _near(have: tuple[int, int], want: tuple[int, int]) -> bool:
 
 
 def _structure_problem(fp: BinaryIO, size: int) -> str:
-    """"" when the file's own structure fits in ``size`` bytes; else what is wrong, for a person.
+    """An empty string when the file's own structure fits in ``size`` bytes; else what is wrong, for a person.
 
     TIFF-based RAWs (and ORF/RW2, TIFFs with their own magic): every IFD, strip, tile and JPEG preview must lie
     within the file. CR3: the top-level boxes must add up to the file. RAF: the preview, CFA header and CFA data
@@ -536,4 +536,3 @@ def _raf_problem(fp: BinaryIO, size: int) -> str:
         if offset and offset + length > size:
             return _truncated_msg(what, offset + length, size)
     return ""
-

@@ -382,11 +382,12 @@ def _sample_frames(cursor: Cursor, targets: Sequence[float], pictures: FrameConv
     """
     tolerance = cursor.timeline.interval / 2 + 1e-6
     taken: list[Sample] = []
-    for index, target in enumerate(targets):
+    for index, wanted in enumerate(targets):
+        target = wanted
         if 0 < index < len(targets) - 1 and cursor.seekable:
-            spacing = min(target - targets[index - 1], targets[index + 1] - target)
-            key = cursor.nearest_keyframe(target, spacing / 4)
-            target = key if key is not None else target
+            spacing = min(wanted - targets[index - 1], targets[index + 1] - wanted)
+            key = cursor.nearest_keyframe(wanted, spacing / 4)
+            target = key if key is not None else wanted
         # Seek to the keyframe at or before the end of the target's window: when a keyframe opens the window, it
         # is the answer (targets spread over a clip often fall on GOP boundaries).
         if cursor.worth_seeking(target + tolerance):
@@ -518,7 +519,6 @@ def sample_webp(source: Source, spec: VideoSpec) -> list[Sample]:
             im.load()
             samples.append(Sample(starts[i], pictures.from_pillow(im)))
     return samples
-
 
 
 def check_first_frame(source: Source, limits: Limits) -> None:

@@ -166,9 +166,7 @@ def _file_part(source: Source, budget: Budget) -> Part | None:
     if len(data) != source.size:  # changed while we read it: sample frames from what is there instead
         return None
     facts = source.facts
-    return Part(
-        type="video_url", mime=mime, chunks=(data,), width=facts.width, height=facts.height, origin="original"
-    )
+    return Part(type="video_url", mime=mime, chunks=(data,), width=facts.width, height=facts.height, origin="original")
 
 
 def encode_video(path: Path, spec: VideoSpec, *, budget: Budget, limits: Limits) -> EncodedVideo:
