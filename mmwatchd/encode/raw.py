@@ -43,7 +43,6 @@ from mmwatchd.isobmff import HEADER_MAX, read_header
 from mmwatchd.model import ImageSpec, Limits
 
 if TYPE_CHECKING:
-    import numpy as np
     import rawpy
 
 __all__ = ["RawHeader", "open_raw"]
@@ -343,7 +342,7 @@ def _from_preview(
         return None
     if thumb.format == rawpy.ThumbFormat.BITMAP:
         try:
-            img = Image.fromarray(cast("np.ndarray[Any, Any]", thumb.data))  # a BITMAP thumbnail is an array
+            img = Image.fromarray(cast("Image.SupportsArrayInterface", thumb.data))  # a BITMAP thumbnail is an array
         except (TypeError, ValueError):  # a bitmap layout Pillow has no mode for (one channel of three, ...)
             return None
         size = img.size
