@@ -242,7 +242,7 @@ def test_an_endpoint_out_of_todays_requests_hands_over_to_the_next(
     wait_until(lambda: all(p.with_name(p.name + ".json").exists() for p in photos), timeout=30)
     assert sorted(_sidecar(p)["endpoint"] for p in photos) == ["fast", "slow", "slow"]
     assert len(servers["fast"].chat_requests) == 1
-    assert daemon.counts == {"ok": 3}
+    wait_until(lambda: daemon.counts == {"ok": 3})  # counted once the sidecar is written: the last one may lag
     assert pool_runner.state is not None and pool_runner.state.requests_today() == 3  # both endpoints' counts
 
 
