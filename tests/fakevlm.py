@@ -376,11 +376,19 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._cond:
             fake.in_flight += 1
             fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+        self._counted = True
         try:
             self._serve(body)
         finally:
-            with fake._cond:
-                fake.in_flight -= 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """The request leaves ``in_flight`` as its answer starts to go out: the client may send its next request the
+        moment it has read this one's, before this handler has returned, and that is not one more in flight."""
+        if getattr(self, "_counted", False):
+            self._counted = False
+            with self.server.fake._cond:
+                self.server.fake.in_flight -= 1
 
     def _serve(self, body: bytes) -> None:
         fake = self.server.fake
@@ -434,6 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             payload = json.dumps(item.json).encode() if item.json is not None else b""
             content_type = item.content_type or "application/json"
+        self._answered()
         self.send_response(item.status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))

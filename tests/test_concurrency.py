@@ -41,7 +41,8 @@ def test_scan_sends_a_server_that_takes_two_at_once_three_at_most(
     """32 workers, and a server that serves two requests at a time and queues the rest: the limiter lets a third
     go (that is how it learns there is a queue) and never a fourth; the limit it found is in the metrics and in
     ``mmwatchd status``."""
-    with FakeVLM(latency_s=0.1, capacity=2).start() as fake:
+    # 0.25 s answers: a busy machine adds to every latency the limiter measures, and must not look like the queue.
+    with FakeVLM(latency_s=0.25, capacity=2).start() as fake:
         cfg = write_config(tmp_path, base_url=fake.base_url, endpoint=AUTO)
         for i in range(40):
             make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (64, 48), seed=i)
