@@ -292,12 +292,6 @@ class Daemon:
 
     # -- what the endpoints need from the daemon (see mmwatchd.endpoint.Host) --------------------------------
 
-    def store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        return self._store(what, call, *args, **kw)
-
-    def log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
-        return self._log_once(path, reason, event, level, **fields)
-
     def current_path(self) -> Path | None:
         return getattr(self._local, "path", None)
 
@@ -534,7 +528,7 @@ class Daemon:
 
     def _needing_work(self, *, clean: bool) -> Iterator[Path]:
         cfg = self.config
-        rows = self._store("read the done-index", self.state.done_index) if self.state is not None else None
+        rows = self.store("read the done-index", self.state.done_index) if self.state is not None else None
         index = DoneIndex(cfg, rows or {})
         on_temp = _remove_stale if clean else None
         seen: set[str] = set()
@@ -551,7 +545,7 @@ class Daemon:
                 if done is None:
                     yield Path(name)
         if self.state is not None and index.adopted:
-            self._store("adopt file identities", self.state.adopt_identities, index.adopted)
+            self.store("adopt file identities", self.state.adopt_identities, index.adopted)
         if self.state is not None and not unlisted and not self.stopping.is_set():
             suffix = cfg.sidecar.suffix
             gone = [
@@ -559,7 +553,7 @@ class Daemon:
                 if any(wanted(root, Path(name), sidecar_suffix=suffix) for root in cfg.watch)
             ]  # fmt: skip
             if gone:
-                self._store("prune the done-index", self.state.forget_done, gone)
+                self.store("prune the done-index", self.state.forget_done, gone)
                 log.info("index.pruned", entries=len(gone))
 
     def due_retries(self) -> float | None:
@@ -772,7 +766,7 @@ class Daemon:
                 continue
             self._limits_recorded[e.name] = limit = e.concurrency
             record = {"limit": limit, "max": e.limit.max_limit, "at": self.wall_clock()}
-            self._store("record the concurrency limit", self.state.remember_endpoint, limiter_mod.state_key(e.spec),
+            self.store("record the concurrency limit", self.state.remember_endpoint, limiter_mod.state_key(e.spec),
                         record)  # fmt: skip
 
     def progress(self) -> Snapshot:
@@ -944,7 +938,7 @@ class Daemon:
                         self._busy.pop(name, None)
                 self._note_fallback(outcome)
                 if not self.stopping.is_set() or outcome.status != "retry":
-                    self._finish(outcome)
+                    self.finish(outcome)
                 with self._lock:
                     self._jobs.pop(name, None)
         except BaseException as exc:
@@ -963,7 +957,7 @@ class Daemon:
                 return self._attempts[path]
         if self.state is None:
             return 0
-        return self._store("read a retry count", self.state.attempts, path) or 0
+        return self.store("read a retry count", self.state.attempts, path) or 0
 
     def _run_job(self, path: Path, *, explicit: bool, force: bool) -> Outcome:
         with self._lock:
@@ -988,7 +982,7 @@ class Daemon:
             for client in retired:
                 _close(client)
 
-    def _store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    def store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """A state-store call that must not stop the work: the store is a cache beside the sidecars. A failure
         (disk full, read-only, gone) is logged once per message and the call's result is None."""
         try:
@@ -999,7 +993,8 @@ class Daemon:
                           note="work goes on; retry counts, history and the done-index are not kept meanwhile")  # fmt: skip
             return None
 
-    def _finish(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome) -> None:
+        """Record an outcome: the workers' and those reached outside them (a batch backfill's answers)."""
         path = outcome.path
         retry_in: float | None = None
         rate_limited = False
@@ -1017,7 +1012,7 @@ class Daemon:
             else:
                 attempts = self._attempts_so_far(path)
                 if isinstance(error, VLMMisconfigured) and not isinstance(error, EndpointRefuses):
-                    self._log_once(None, error.message, "endpoint.misconfigured")
+                    self.log_once(None, error.message, "endpoint.misconfigured")
             final = policy.final(attempts, error)
             if error is not None and policy.halts(error):
                 self._halt(error.message)
@@ -1025,20 +1020,20 @@ class Daemon:
                 retry_in = policy.delay(attempts, error, outcome.retry_after)
                 rate_limited = isinstance(error, VLMUnavailable) and error.status == 429
                 if self.state is not None and counted and policy.records_attempts():
-                    self._store(
+                    self.store(
                         "record a retry", self.state.record_attempt,
                         path, root=root_key, kind=error.kind if error else "internal", message=outcome.reason,
                         retry_at=time.time() + retry_in,
                     )  # fmt: skip
         elif self.state is not None and outcome.status in ("ok", "error"):
-            self._store(
+            self.store(
                 "record a finished file", self.state.record_done,
                 path, root=root_key, status=outcome.status,
                 message=outcome.reason or None, kind=error.kind if error else "error",
             )  # fmt: skip
         elif self.state is not None and outcome.gone:
             # Its retry row must not stay in `status`, nor pass its attempts on to a new file of that name.
-            self._store("forget a file that is gone", self.state.forget, path)
+            self.store("forget a file that is gone", self.state.forget, path)
         if (
             self.state is not None
             and outcome.identity
@@ -1049,7 +1044,7 @@ class Daemon:
             # Answered (now or before, found by reading its sidecar): the next rescan can skip it from a stat.
             size, mtime_ns, ino, ctime_ns = outcome.identity
             if outcome.moved_to is None:
-                self._store("index a finished file", self.state.mark_done, path, size=size, mtime_ns=mtime_ns,
+                self.store("index a finished file", self.state.mark_done, path, size=size, mtime_ns=mtime_ns,
                             ino=ino, ctime_ns=ctime_ns, media_kind=outcome.media_kind, fingerprint=outcome.fingerprint,
                             answer=outcome.answer)  # fmt: skip
         if self.state is not None and outcome.status in ("ok", "error"):
@@ -1079,10 +1074,6 @@ class Daemon:
             self._idle.notify_all()
         if not self.policy.one_shot:
             self.pool.trial_finished()  # while paused, each finished trial schedules the next one
-
-    def finish(self, outcome: Outcome) -> None:
-        """Record an outcome reached outside the workers (a batch backfill's answers) as a worker's is recorded."""
-        self._finish(outcome)
 
     def _index_for_search(self, outcome: Outcome) -> None:
         """Put the sidecar just written into the search index (``<state dir>/search.sqlite3``), so ``mmwatchd
@@ -1115,7 +1106,7 @@ class Daemon:
                 note="the search index is not kept up to date by this run; the next search reads the sidecars",
             )  # fmt: skip
 
-    def _log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
+    def log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
         first = self._first((path, reason))
         if first:
             getattr(log, level)(event, **({"path": str(path)} if path else {}), reason=reason, **fields)

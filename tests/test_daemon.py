@@ -234,7 +234,7 @@ class TestScanSettle:
             assert not daemon.offer(photo)  # changed again while pending
             from mmwatchd.pipeline import Outcome
 
-            daemon._finish(Outcome(path=photo, status="ok"))
+            daemon.finish(Outcome(path=photo, status="ok"))
             assert list(daemon._intake) == [photo, photo] and photo in daemon._pending
         finally:
             daemon.close()
@@ -523,7 +523,7 @@ class TestWorkerHealth:
         def broken(outcome: object) -> None:
             raise RuntimeError("a bug past the per-job boundary")
 
-        daemon._finish = broken  # type: ignore[method-assign]
+        daemon.finish = broken  # type: ignore[method-assign]
         make_jpeg(running.inbox / "a.jpg", (64, 48))
         deadline = time.monotonic() + 20
         while daemon._workers[0].is_alive():
@@ -541,7 +541,7 @@ class TestWorkerHealth:
             def broken(outcome: object) -> None:
                 raise RuntimeError("a bug past the per-job boundary")
 
-            daemon._finish = broken  # type: ignore[method-assign]
+            daemon.finish = broken  # type: ignore[method-assign]
             daemon.probe_once()
             daemon.start(prober=False)
             try:
