@@ -348,8 +348,7 @@ def _dry_run(cfg: Config, paths: list[Path]) -> list[Outcome]:
     from mmwatchd.limiter import workers as endpoint_workers
 
     workers = max(1, min(len(paths), endpoint_workers(cfg.endpoint), os.cpu_count() or 1))
-    with Isolator(workers=workers, timeout_s=cfg.limits.decode_timeout_s, preload=("mmwatchd.encode",),
-                  memory_bytes=cfg.limits.decode_memory_mb * 2**20) as isolator:  # fmt: skip
+    with Isolator(workers=workers, preload=("mmwatchd.encode",), **cfg.limits.decoders) as isolator:
         isolator.prestart()
         processor = Pipeline(cfg, None, isolator=isolator)
         with ThreadPoolExecutor(workers, thread_name_prefix="mmwatchd-plan") as pool:

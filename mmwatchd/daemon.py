@@ -186,10 +186,6 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _decoder_limits(config: Config) -> dict[str, Any]:
-    return {"timeout_s": config.limits.decode_timeout_s, "memory_bytes": config.limits.decode_memory_mb * 2**20}
-
-
 class Daemon:
     def __init__(
         self,
@@ -233,7 +229,7 @@ class Daemon:
         self.isolator = Isolator(
             workers=max(1, min(concurrency, os.cpu_count() or 1, decoders or concurrency)),
             preload=("mmwatchd.encode",),
-            **_decoder_limits(config),
+            **config.limits.decoders,
         )
         self.counts: Counter[str] = Counter()
         self.outcomes: list[Outcome] = []
@@ -803,7 +799,7 @@ class Daemon:
         if changed is None:
             self.notifier.ready(self._status_line())
             return watcher
-        self.isolator.set_limits(**_decoder_limits(new))  # decoders under other limits are replaced once idle
+        self.isolator.set_limits(**new.limits.decoders)  # decoders under other limits are replaced once idle
         self.config = new
         old_clients = [endpoint.client for endpoint, _, _ in changed]
         for endpoint, spec, client in changed:

@@ -191,9 +191,8 @@ def make_thumbnails(cfg: Config, cards: Sequence[Card], folder: Path) -> tuple[i
             todo.append((key, card))
     if todo:
         workers = max(1, min(2, os.cpu_count() or 1, len(todo)))
-        with Isolator(workers=workers, timeout_s=cfg.limits.decode_timeout_s,
-                      memory_bytes=cfg.limits.decode_memory_mb * 2**20, name="mmwatchd-thumbnails",
-                      preload=("mmwatchd.encode",)) as isolator, ThreadPoolExecutor(workers) as pool:  # fmt: skip
+        with Isolator(workers=workers, name="mmwatchd-thumbnails", preload=("mmwatchd.encode",),
+                      **cfg.limits.decoders) as isolator, ThreadPoolExecutor(workers) as pool:  # fmt: skip
             for key, entry in pool.map(lambda job: (job[0], _thumbnail(isolator, cfg, job[0], job[1], folder)), todo):
                 manifest[key] = entry
     for card in cards:

@@ -143,6 +143,11 @@ class Limits:
     #: Memory (heap) a decoding process may use before the file fails as too large.
     decode_memory_mb: Annotated[int, Ge(64)] = 2048
 
+    @property
+    def decoders(self) -> dict[str, Any]:
+        """The decoder processes' limits, as :class:`mmwatchd.isolate.Isolator` and its ``set_limits`` take them."""
+        return {"timeout_s": self.decode_timeout_s, "memory_bytes": self.decode_memory_mb * 2**20}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Part:
