@@ -344,11 +344,11 @@ def _dry_run(cfg: Config, paths: list[Path]) -> list[Outcome]:
     on as many of them at once as there are cores, files and ``endpoint.concurrency`` allow; in order."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmwatchd.isolate import Isolator
+    from mmwatchd.isolate import DECODER_PRELOAD, Isolator
     from mmwatchd.limiter import workers as endpoint_workers
 
     workers = max(1, min(len(paths), endpoint_workers(cfg.endpoint), os.cpu_count() or 1))
-    with Isolator(workers=workers, preload=("mmwatchd.encode",), **cfg.limits.decoders) as isolator:
+    with Isolator(workers=workers, preload=DECODER_PRELOAD, **cfg.limits.decoders) as isolator:
         isolator.prestart()
         processor = Pipeline(cfg, None, isolator=isolator)
         with ThreadPoolExecutor(workers, thread_name_prefix="mmwatchd-plan") as pool:

@@ -69,7 +69,7 @@ from mmwatchd.errors import (
     VLMUnavailable,
 )
 from mmwatchd.index import DoneIndex
-from mmwatchd.isolate import Isolator
+from mmwatchd.isolate import DECODER_PRELOAD, Isolator
 from mmwatchd.log import get_logger
 from mmwatchd.metrics import Metrics, Unmetered, endpoint_name
 from mmwatchd.model import Config
@@ -228,7 +228,7 @@ class Daemon:
         # balloons costs only its file. Both cores decode while requests are in flight.
         self.isolator = Isolator(
             workers=max(1, min(concurrency, os.cpu_count() or 1, decoders or concurrency)),
-            preload=("mmwatchd.encode",),
+            preload=DECODER_PRELOAD,
             **config.limits.decoders,
         )
         self.counts: Counter[str] = Counter()

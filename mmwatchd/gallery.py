@@ -33,7 +33,7 @@ from urllib.parse import quote
 from mmwatchd import rules, sidecar
 from mmwatchd.done import Record, is_done
 from mmwatchd.errors import ForeignSidecar, MmwatchdError, SidecarError
-from mmwatchd.isolate import Isolator, LazyFunction
+from mmwatchd.isolate import DECODER_PRELOAD, Isolator, LazyFunction
 from mmwatchd.media import looked_at
 from mmwatchd.model import Config, ImageSpec, LinearBudget, VideoSpec, WatchRoot
 from mmwatchd.search import caption_and_tags
@@ -191,7 +191,7 @@ def make_thumbnails(cfg: Config, cards: Sequence[Card], folder: Path) -> tuple[i
             todo.append((key, card))
     if todo:
         workers = max(1, min(2, os.cpu_count() or 1, len(todo)))
-        with Isolator(workers=workers, name="mmwatchd-thumbnails", preload=("mmwatchd.encode",),
+        with Isolator(workers=workers, name="mmwatchd-thumbnails", preload=DECODER_PRELOAD,
                       **cfg.limits.decoders) as isolator, ThreadPoolExecutor(workers) as pool:  # fmt: skip
             for key, entry in pool.map(lambda job: (job[0], _thumbnail(isolator, cfg, job[0], job[1], folder)), todo):
                 manifest[key] = entry

@@ -61,6 +61,9 @@ __all__ = ["Isolator", "LazyFunction", "stop_shared_processes"]
 
 T = TypeVar("T")
 
+#: What the decoder processes load before their first file: the encoders, and the warm-up of the libraries they load
+#: on first use (:mod:`mmwatchd.encode.warm`). Imported by the forkserver, so each decoder process forks with them.
+DECODER_PRELOAD = ("mmwatchd.encode", "mmwatchd.encode.warm")
 #: How long a new worker may take to start and import ``preload`` before the call that needed it fails.
 START_TIMEOUT_S: Final = 60.0
 #: How long a worker told to stop (idle, or being recycled) may take to exit before it is killed.

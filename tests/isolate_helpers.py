@@ -126,3 +126,10 @@ def parent_maps(fragment: str) -> bool:
 
     with open(f"/proc/{os.getppid()}/maps") as maps:
         return any(fragment in line for line in maps)
+
+
+def loaded(*modules: str) -> list[str]:
+    """Which of ``modules`` this worker has imported (before its first call: inherited from the forkserver)."""
+    import sys
+
+    return [m for m in modules if m in sys.modules]

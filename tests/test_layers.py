@@ -47,6 +47,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "mmwatchd.encode.container",
         "mmwatchd.encode.sampling",
         "mmwatchd.encode.video",
+        "mmwatchd.encode.warm",
     ),
     # Which rule a file gets; loading the config.
     ("mmwatchd.rules", "mmwatchd.config"),
