@@ -82,11 +82,11 @@ from mmwatchd.settle import StabilityTracker
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
 from mmwatchd.state import State
 from mmwatchd.walk import log_scan_error, wanted
-from mmwatchd.watch import Watcher
 
 if TYPE_CHECKING:
     from mmwatchd.model import EndpointConfig
     from mmwatchd.vlm import VLMClient
+    from mmwatchd.watch import Watcher
 
 log = get_logger()
 
@@ -703,6 +703,8 @@ class Daemon:
             self.stop()
 
     def _watcher(self, config: Config) -> Watcher:
+        from mmwatchd.watch import Watcher  # the service's only: once and scan need not import watchdog
+
         watcher = Watcher(
             config.watch, settle_s=config.settle_s, sidecar_suffix=config.sidecar.suffix, clock=self.clock
         )

@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import jsonschema
-import jsonschema.exceptions
-import jsonschema.validators
 import openai
 
 from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable, clip
@@ -50,6 +47,10 @@ _REPLY_SNIPPET_CHARS = 200
 
 
 def _schema_problem(data: Any, schema: Mapping[str, Any]) -> str | None:
+    # Imported here: jsonschema (with referencing and attrs) costs 75-100 ms at start-up, next to the SDK's import,
+    # and only rules with a schema need it.
+    import jsonschema
+
     schema = plain(schema)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     error = jsonschema.exceptions.best_match(cls(schema).iter_errors(data))
