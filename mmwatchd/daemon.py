@@ -1,7 +1,8 @@
 """The running service: intake (startup scan, watcher, periodic rescan), a bounded queue, N workers, the endpoint
 gate, request limits, retries that survive restarts, reload, systemd notification, shutdown.
 
-Threads, all owned and joined here: the workers (the endpoints' concurrency added up: requests in flight at most),
+Threads, all owned and joined here: the workers (the endpoints' concurrency added up, plus one per decoder process
+that encodes the next file while the requests are in flight; routing holds requests to each endpoint's limit),
 one feeder and one prober per endpoint. watchdog's own threads are owned by ``Watcher``. The calling thread runs the
 service loop (watcher events, watchdog pings, status, reload) and never blocks on the work: the feeder walks the
 folders (startup scan, rescans) and feeds the bounded queue, so a backlog of any size leaves the loop free to ping
@@ -222,7 +223,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._logged: set[tuple[Path | None, str]] = set()
         self._limits_recorded: dict[str, int] = {}  # endpoint → the concurrency: auto limit status last saw
-        # Workers: requests in flight at most (with concurrency: auto, max_concurrency: the limiter lets fewer go).
+        # Requests in flight at most (with concurrency: auto, max_concurrency: the limiter lets fewer go).
         concurrency = sum(limiter_mod.workers(m.spec) for m in members(config))
         # Decoders (C libraries fed untrusted files) run in their own processes: one that hangs, crashes or
         # balloons costs only its file. Both cores decode while requests are in flight.
@@ -298,7 +299,10 @@ class Daemon:
         first)."""
         self.isolator.prestart()
         self.pool.probing = prober
-        for i in range(self.pool.workers):
+        # One more worker per decoder process than requests may be in flight: while every slot is on the wire, those
+        # encode the next files, so a slot that frees is taken at once by a request that is ready, not after an
+        # encode (routing, not the number of workers, holds requests in flight to the endpoints' limits).
+        for i in range(self.pool.workers + self.isolator.workers):
             self._workers.append(self._spawn(self._worker, f"mmwatchd-worker-{i}"))
         self._spawn(self._feeder, "mmwatchd-feeder")
         if prober:
@@ -731,11 +735,9 @@ class Daemon:
         return first
 
     def _in_flight(self) -> int:
-        """Files being worked on (called with the lock held). With concurrency: auto, only those whose request is on
-        the wire: the other workers are encoding, or waiting for the limit with their request ready."""
-        if any(e.limit.auto for e in self.pool):
-            return min(len(self._busy), sum(e.in_flight for e in self.pool))
-        return len(self._busy)
+        """Files whose request is on the wire (called with the lock held): the other workers are encoding, or waiting
+        for a slot with their request ready."""
+        return min(len(self._busy), sum(e.in_flight for e in self.pool))
 
     def _status_line(self) -> str:
         with self._lock:

@@ -521,6 +521,9 @@ class Pool:
         ms = members(config)
         #: Probers run (the service): an endpoint that stops answering is closed until its prober sees it back.
         self.probing = True
+        #: Workers whose request is ready, waiting for a slot (the daemon runs more workers than slots, so that one
+        #: is ready when a slot frees).
+        self.ready = 0
         self.endpoints: list[Endpoint] = [Endpoint(m, make_client(m), self, single=len(ms) == 1) for m in ms]
 
     def __iter__(self) -> Iterator[Endpoint]:
@@ -607,7 +610,11 @@ class Pool:
                         best.in_flight += 1
                         best._granted = False
                         return best
-                self.cond.wait(0.5)
+                self.ready += 1
+                try:
+                    self.cond.wait(0.5)
+                finally:
+                    self.ready -= 1
 
     def release(self, endpoint: Endpoint) -> None:
         with self.cond:

@@ -157,6 +157,6 @@ def test_a_reload_that_changes_max_concurrency_says_it_needs_a_restart(tmp_path:
         assert needed == ["endpoint.max_concurrency"]
         assert d.config.endpoint.max_concurrency == 16
         assert "(auto, at most 8)" in d._status_line()  # the running limiter and workers are the old ones
-        assert len(d._workers) == 8
+        assert len(d._workers) == 8 + d.isolator.workers  # the old limit's workers, and those encoding ahead
     finally:
         runner.close()

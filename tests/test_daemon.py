@@ -129,6 +129,28 @@ def test_requests_in_flight_never_exceed_concurrency(running: Runner) -> None:
     assert running.fake.peak_in_flight == 2
 
 
+def test_the_next_request_is_ready_before_a_slot_frees(running: Runner) -> None:
+    """One more worker per decoder process than slots: while the only request allowed is held on the wire, the next
+    file is encoded and its request waits, ready, for the slot (and never goes beside the held one)."""
+    hold = threading.Event()
+    running.fake.enqueue(json=chat_completion("first"), hold=hold, path="/v1/chat/completions")
+    running.fake.enqueue(json=chat_completion("second"), path="/v1/chat/completions")
+    photos = [make_jpeg(running.inbox / f"{i}.jpg", (64, 48), seed=i) for i in range(2)]
+    daemon = running.start(endpoint={"concurrency": 1})
+    try:
+        deadline = time.monotonic() + 20
+        while daemon.pool.ready < 1 or not running.fake.chat_requests:
+            assert time.monotonic() < deadline, "the second file's request was never ready while the first was held"
+            time.sleep(0.01)
+        assert len(running.fake.chat_requests) == 1  # ready, not sent: the slot is the held request's
+        assert daemon._status_line().startswith("1 queued, 1 in flight")  # the ready one is not on the wire yet
+    finally:
+        hold.set()
+    for p in photos:
+        assert running.wait_sidecar(p)["status"] == "ok"
+    assert running.fake.peak_in_flight == 1
+
+
 class FakeClock:
     """Monotonic time that moves only when the test says so."""
 
