@@ -319,6 +319,7 @@ def row_images(report: Report, size: Size, work: Path) -> None:
 
     times: dict[str, list[float]] = {"ours": [], "common": [], "draft": [], "ours_1536": [], "draft_1536": []}
     parts: list[Any] = []
+    parts_1536: list[Any] = []
     common_len: list[int] = []
     ours_cpu = []
     cpu_1536: dict[str, list[float]] = {"ours": [], "draft": []}
@@ -329,7 +330,8 @@ def row_images(report: Report, size: Size, work: Path) -> None:
         t, common_len = timed(lambda: [_common(p) for p in photos])
         times["common"].append(t)
         times["draft"].append(timed(lambda: [_draft(p) for p in photos])[0])
-        times["ours_1536"].append(timed(lambda: ours(1536))[0])
+        t, parts_1536 = timed(lambda: ours(1536))
+        times["ours_1536"].append(t)
         cpu_1536["ours"].append(cpu[-1])
         times["draft_1536"].append(timed(lambda: [_draft(p, 1536) for p in photos])[0])
         cpu_1536["draft"].append(cpu[-1])
@@ -350,7 +352,8 @@ def row_images(report: Report, size: Size, work: Path) -> None:
     report.note(
         f"1c: CPU {fmt_s(c_ours / len(photos))}/photo vs {fmt_s(c_draft / len(photos))} for the floor's decode: spread "
         f"on two cores {fmt_ratio(c_ours / 2 / c_draft)} of it (what the wall-clock ratio comes to on an idle machine;"
-        " on a busy one, 1b, which is 0.60x idle, shows how far the wall-clock figures are inflated)"
+        " on a busy one, 1b, which is 0.60x idle, shows how far the wall-clock figures are inflated);"
+        f" {statistics.mean(p.url_len for p in parts_1536) / 1e3:.0f} kB URLs"
     )
     command_path(report, size, work, photos)
     sizes = [p.url_len for p in parts]

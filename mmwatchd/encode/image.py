@@ -10,7 +10,7 @@ For one file, in this order:
    HEIF from the smallest embedded thumbnail, that is at least 95% of the target size, so a 50 MP photo never exists
    in memory at full size;
 4. mode normalisation to L, RGB or RGBA (CMYK, 16-bit and float greys scaled, palettes and transparency keys
-   turned into alpha);
+   turned into alpha; an M/8 decode stays in the decoder's RGBX when the output is JPEG);
 5. one resize to fit ``spec.max_side`` and ``spec.max_pixels`` (never up), skipped when the reduced-scale decode
    already came out at most 5% under that size;
 6. EXIF orientation, applied to the small image;
@@ -414,6 +414,10 @@ def _decode_jpeg_m8(im: Image.Image, fp: BinaryIO, file_size: int, floor: tuple[
     warning (``strict``: a truncated or damaged file, extraneous bytes) sends the file back to Pillow, which then
     decodes it or raises the error it always raised. Orientation is applied by the caller, ICC profiles are dropped
     by both paths. Returns None too when M/8 gains nothing over 1/2^k.
+
+    A colour image comes back in ``RGBX`` mode, wrapping the decoder's array without a copy: resize, transpose and
+    the JPEG encoder take RGBX as it is, and the RGBX->RGB ``convert()`` costs ~5 ms of a ~65 ms photo (its
+    output is fresh memory). :func:`_normalise` turns it into RGB for the other output formats.
     """
     if im.format not in ("JPEG", "MPO") or im.mode not in ("L", "RGB") or file_size <= 0:
         return None
@@ -440,8 +444,7 @@ def _decode_jpeg_m8(im: Image.Image, fp: BinaryIO, file_size: int, floor: tuple[
     rows, cols = int(array.shape[0]), int(array.shape[1])
     if (cols, rows) != (-(-width * scale // 8), -(-height * scale // 8)):  # not the scale predicted: be safe
         return None
-    img = Image.frombuffer(mode, (cols, rows), array, "raw", mode, 0, 1)
-    return img if mode == "L" else img.convert("RGB")
+    return Image.frombuffer(mode, (cols, rows), array, "raw", mode, 0, 1)
 
 
 def _near(have: tuple[int, int], want: tuple[int, int], slack: float) -> bool:
@@ -508,11 +511,24 @@ def _for_output(img: Image.Image, spec: ImageSpec) -> Image.Image:
     return flat
 
 
+#: Largest JPEG (in pixels) written with optimal Huffman tables (``optimize=True``); larger ones get libjpeg's
+#: standard tables. The optimising pass costs more than the rest of the encode (a 1500x1125 photo: ~14 ms of CPU with
+#: it, ~6 ms without) and saves ~2% of the bytes there (0.5-4% on photos at quality 85, 2-8% at 60; flat graphics
+#: lose more in proportion, ~10 kB per megapixel, but they are small files). On small images (video frames,
+#: thumbnails, pictures the budget search made smaller) the tables are a larger share of the file (6-20% under
+#: 0.1 MP) and the pass costs little. The pixels are the same either way (same quantisation tables, 4:2:0
+#: subsampling, accurate integer DCT), and the budget search measures the bytes it gets. simplejpeg's encoder was
+#: measured too: as fast as Pillow without the pass, and it releases the interpreter lock, but below quality 96 it
+#: always takes libjpeg-turbo's fast DCT (its ``fastdct=False`` changes nothing): 0.03-0.2 dB less PSNR.
+_OPTIMIZE_MAX_PIXELS: Final = 1_000_000
+
+
 def save_image(img: Image.Image, fmt: str, quality: int | None) -> bytes:
+    """``img`` (L, RGB, RGBX or RGBA; RGBA not for JPEG) as ``fmt`` at ``quality``, without metadata."""
     buf = io.BytesIO()
     if fmt == "jpeg":
-        # optimize=True: optimal Huffman tables, ~3 % smaller for ~10 ms more on a 1.5 MP image.
-        img.save(buf, "JPEG", quality=quality, optimize=True)
+        # Optimal Huffman tables (optimize=True) only up to _OPTIMIZE_MAX_PIXELS, see there.
+        img.save(buf, "JPEG", quality=quality, optimize=img.width * img.height <= _OPTIMIZE_MAX_PIXELS)
     elif fmt == "webp":
         img.save(buf, "WEBP", quality=quality, method=4)
     else:
@@ -535,7 +551,8 @@ class Encoded:
 
 
 def fit_budget(img: Image.Image, spec: ImageSpec, *, budget: int, name: str) -> Encoded:
-    """Encode ``img`` (L, RGB or RGBA, already sized) as ``spec.format`` so that its data URL fits ``budget``.
+    """Encode ``img`` (L, RGB or RGBA, or RGBX for JPEG; already sized) as ``spec.format`` so that its data URL fits
+    ``budget``.
 
     JPEG/WebP: ``spec.quality`` first; when too big, lower quality, never below ``spec.min_quality``; typically 2-3
     encodes. When ``spec.min_quality`` is still too big, or for PNG (which has no quality knob; PNG is chosen for
@@ -656,7 +673,8 @@ def encode_image(
         stored_target = _displayed(target, orientation)  # the same swap maps displayed axes back to stored ones
         with translate_pillow(src.name, src.label):
             img = _load_scaled(src.im, stored_target, slack=_SLACK, fp=src.fp, file_size=src.file_size)
-            img = _normalise(img, src.name)
+            if img.mode != "RGBX" or spec.format != "jpeg":  # an M/8 decode's RGBX goes to the JPEG encoder as it is
+                img = _normalise(img, src.name)
         if not _near(img.size, stored_target, _SLACK):
             img = img.resize(stored_target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
         if orientation in TRANSPOSE:
