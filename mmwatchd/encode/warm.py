@@ -1,17 +1,16 @@
 """Imported once, by the decoder processes' forkserver (:data:`mmwatchd.isolate.DECODER_PRELOAD`), never by the
 daemon: the work each decoder process would otherwise do at its first file is done before any of them forks.
 
-- Pillow's file-format plugins (``Image.init()``): the first ``Image.open`` in a process imports them, about 12 ms,
-  more when the file is of a rarer format.
-- simplejpeg and numpy, which the M/8 JPEG decode loads at the first large JPEG: 60-90 ms.
+That is Pillow's file-format plugins (``Image.init()``): the first ``Image.open`` in a process imports them, about
+12 ms, more when the file is of a rarer format. The first file of a one-shot command is on the path to its first
+request, so those milliseconds are the user's.
 
-Each decoder process then starts with them loaded, and its pages are shared with the forkserver's. The first file
-of a one-shot command is on the path to its first request, so those milliseconds are the user's.
+simplejpeg is not loaded here, though its first use costs 60-90 ms: it brings numpy, whose BLAS maps 40-80 MB of
+buffers. Forked into every decoder, that counts against ``limits.decode_memory_mb`` (the address space a decoder
+may use) before its first file; loaded at the first large JPEG instead, a decoder too small for it falls back to
+Pillow's decode.
 """
 
 from PIL import Image
 
-from mmwatchd.encode import image
-
 Image.init()
-image._simplejpeg()  # None where simplejpeg cannot be imported: the decoders use Pillow's 1/2^k decode then
