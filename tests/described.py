@@ -21,7 +21,7 @@ SCHEMA = {
 
 
 def config(folder: Path, fake_vlm: FakeVLM, **changes: Any) -> Path:
-    """A config whose rule asks for SCHEMA, with one worker, so replies are taken in the order files are given."""
+    """A config whose rule asks for SCHEMA (its prompt names the file: each reply goes to its own file)."""
     rule = {"match": {"kind": "any"}, "schema": SCHEMA, **changes.pop("rule", {})}
     endpoint = {"concurrency": 1, **changes.pop("endpoint", {})}
     return write_config(folder, base_url=fake_vlm.base_url, rule=rule, endpoint=endpoint, **changes)
@@ -31,9 +31,9 @@ def describe(cfg: Path, fake_vlm: FakeVLM, replies: Mapping[Path, tuple[str, Seq
              failing: Sequence[Path] = ()) -> None:  # fmt: skip
     """Describe each file of ``replies`` with its (caption, tags), and the ``failing`` files (which get an error
     sidecar without a request), in one ``mmwatchd once``; then check every sidecar holds its own reply."""
-    for caption, tags in replies.values():
+    for path, (caption, tags) in replies.items():
         fake_vlm.enqueue(json=chat_completion(json.dumps({"caption": caption, "tags": list(tags)})),
-                         path="/v1/chat/completions")  # fmt: skip
+                         path="/v1/chat/completions", mentions=path.name)  # fmt: skip
     files = [*replies, *failing]
     code = main(["once", "-c", str(cfg), "--log-level", "error", *map(str, files)])
     assert code == (1 if failing else 0)

@@ -83,6 +83,21 @@ class Recorded:
         user = [m for m in self.json["messages"] if m["role"] == "user"][-1]
         return user["content"]
 
+    @property
+    def prompt(self) -> str:
+        """The text of a chat request's messages ("" for any other request)."""
+        messages = self.json.get("messages") if isinstance(self.json, dict) else None
+        if not isinstance(messages, list):
+            return ""
+        texts: list[str] = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "\n".join(texts)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scripted:
@@ -97,6 +112,9 @@ class Scripted:
     disconnect: bool = False
     #: Only a request to this path (e.g. "/v1/models") takes this response; None matches any path.
     path: str | None = None
+    #: Only a chat request whose prompt contains this text (a file's name) takes this response; None: any request.
+    #: For replies meant for one file, whatever order the daemon's workers send the files in.
+    mentions: str | None = None
     #: Hold the response until this event is set (a request kept in flight for as long as a test needs).
     hold: threading.Event | None = None
     #: Called when the request has arrived, before anything is answered (the client is mid-request), and when the
@@ -253,6 +271,7 @@ class FakeVLM:
         delay_s: float = 0.0,
         disconnect: bool = False,
         path: str | None = None,
+        mentions: str | None = None,
         hold: threading.Event | None = None,
         on_received: Callable[[], None] | None = None,
         on_answered: Callable[[], None] | None = None,
@@ -269,6 +288,7 @@ class FakeVLM:
             delay_s=delay_s,
             disconnect=disconnect,
             path=path,
+            mentions=mentions,
             hold=hold,
             on_received=on_received,
             on_answered=on_answered,
@@ -295,7 +315,9 @@ class FakeVLM:
             self._requests.append(request)
             self._cond.notify_all()
             for i, item in enumerate(self._script):
-                if item.path is None or item.path == request.path:
+                if (item.path is None or item.path == request.path) and (
+                    item.mentions is None or item.mentions in request.prompt
+                ):
                     del self._script[i]
                     return item
             return None
