@@ -292,6 +292,16 @@ class Daemon:
     def current_path(self) -> Path | None:
         return getattr(self._local, "path", None)
 
+    def waiting_for_a_slot(self, waiting: bool) -> None:
+        """This worker's request is ready and waits for a slot (or no longer does). Meanwhile it is not busy: not
+        stuck however long an outage lasts, and its time on the job counts again from the end of the wait."""
+        name = threading.current_thread().name
+        with self._lock:
+            if waiting:
+                self._busy.pop(name, None)
+            elif name in self._jobs:
+                self._busy[name] = self.clock()
+
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self, *, prober: bool = True) -> None:

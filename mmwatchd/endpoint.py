@@ -142,6 +142,8 @@ class Host(Protocol):
 
     def current_path(self) -> Path | None: ...
 
+    def waiting_for_a_slot(self, waiting: bool) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -275,6 +277,11 @@ class Endpoint:
         if self.host.clock() < self._exhausted_until:
             return False
         return self.status == "up" or (self._paused is not None and self._granted)
+
+    def comes_back(self) -> bool:
+        """Not usable now, but its prober (or a paused endpoint's trial) will make it so: worth waiting for
+        (called with the pool's lock held). Not when today's requests are used up: that may take hours."""
+        return self.host.clock() >= self._exhausted_until and (self.status != "up" or self._paused is not None)
 
     # -- one request ---------------------------------------------------------------------------------------
 
@@ -593,28 +600,51 @@ class Pool:
 
     def acquire(self, candidates: Sequence[Endpoint]) -> Endpoint | None:
         """The endpoint for the next request among ``candidates``: best tier first, fewest outstanding within it;
-        waits while every usable one is saturated. None when none is usable (down, paused, out of requests)."""
-        stopping = self.host.stopping
-        with self.cond:
+        waits while every usable one is saturated, and (the service) while those that are not usable are down or
+        paused, as a worker at the gate would: the request is ready, and its file keeps its place. None when none
+        is usable and none will be by waiting here: out of requests for the day, or no prober to bring one back.
+
+        While it waits, the daemon is told (:meth:`Host.waiting_for_a_slot`): a worker waiting for a slot is not
+        stuck on its job, however long an outage lasts."""
+        waited = False
+        try:
             while True:
-                if stopping.is_set():
-                    raise Stopping("mmwatchd is stopping: the request was not sent")
-                usable = [e for e in candidates if e.usable()]
-                if not usable:
-                    return None
-                for tier in sorted({e.priority for e in usable}):
-                    free = [e for e in usable if e.priority == tier and e.in_flight < e.concurrency]
-                    if free:
-                        best = min(free, key=lambda e: e.in_flight)
-                        best.limit.take()
-                        best.in_flight += 1
-                        best._granted = False
-                        return best
-                self.ready += 1
-                try:
-                    self.cond.wait(0.5)
-                finally:
+                with self.cond:
+                    chosen, wait = self._choose(candidates)
+                    if not wait:
+                        return chosen
+                    if waited:
+                        self.cond.wait(0.5)
+                        continue
+                    self.ready += 1
+                waited = True
+                self.host.waiting_for_a_slot(True)  # outside the lock: the daemon takes its own
+        finally:
+            if waited:
+                with self.cond:
                     self.ready -= 1
+                self.host.waiting_for_a_slot(False)
+
+    def _choose(self, candidates: Sequence[Endpoint]) -> tuple[Endpoint | None, bool]:
+        """One look, with ``cond`` held: the endpoint taken (or None), and whether to wait for one instead."""
+        if self.host.stopping.is_set():
+            raise Stopping("mmwatchd is stopping: the request was not sent")
+        for e in candidates:  # a paused endpoint's trial may go to a request that is ready
+            if e._paused is not None and e._trial:
+                e._trial = False
+                e._granted = True
+        usable = [e for e in candidates if e.usable()]
+        if not usable:
+            return None, self.probing and any(e.comes_back() for e in candidates)
+        for tier in sorted({e.priority for e in usable}):
+            free = [e for e in usable if e.priority == tier and e.in_flight < e.concurrency]
+            if free:
+                best = min(free, key=lambda e: e.in_flight)
+                best.limit.take()
+                best.in_flight += 1
+                best._granted = False
+                return best, False
+        return None, True
 
     def release(self, endpoint: Endpoint) -> None:
         with self.cond:

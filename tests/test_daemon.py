@@ -143,6 +143,8 @@ def test_the_next_request_is_ready_before_a_slot_frees(running: Runner) -> None:
             assert time.monotonic() < deadline, "the second file's request was never ready while the first was held"
             time.sleep(0.01)
         assert len(running.fake.chat_requests) == 1  # ready, not sent: the slot is the held request's
+        with daemon._lock:  # the waiting worker is not busy: never 'stuck', however long it waits
+            assert len(daemon._busy) == 1
         assert daemon._status_line().startswith("1 queued, 1 in flight")  # the ready one is not on the wire yet
     finally:
         hold.set()

@@ -328,6 +328,7 @@ class _Host:
         self.clock = time.monotonic
         self.wall_clock = time.time
         self.state = None
+        self.waits: list[bool] = []
 
     def store(self, what: str, call: Any, *args: Any, **kw: Any) -> Any:
         return call(*args, **kw)
@@ -337,6 +338,9 @@ class _Host:
 
     def current_path(self) -> Path | None:
         return None
+
+    def waiting_for_a_slot(self, waiting: bool) -> None:
+        self.waits.append(waiting)
 
 
 def test_routing_best_tier_first_fewest_outstanding_within_it() -> None:
@@ -362,6 +366,41 @@ def test_routing_best_tier_first_fewest_outstanding_within_it() -> None:
     pool.release(c)
     assert pool.acquire(pool.allowed("r")) is c  # a down: its tier has only b, which is full
     assert pool.summary() == "a unreachable 1/2, b up 2/2, c up 1/1"
+
+
+def test_a_ready_request_waits_through_an_outage_only_where_something_brings_the_endpoint_back() -> None:
+    """A worker with its request ready holds it while the endpoint is down (the service's prober will open the
+    gate), telling the daemon it waits (so it is never taken for stuck); it does not wait where nothing would
+    bring the endpoint back: no prober (a one-shot run), or the day's requests used up."""
+    import threading
+
+    from mmwatchd.endpoint import Pool, QuotaReached
+    from mmwatchd.metrics import Unmetered
+
+    cfg = config.loads("endpoint: {base_url: 'http://127.0.0.1:9/v1', model: m}\nrules: [{name: r, prompt: x}]\n")
+    host = _Host()
+    pool = Pool(cfg, host, Unmetered(), lambda m: object())  # type: ignore[arg-type]
+    [ep] = pool.endpoints
+    ep.up()
+    ep.down(VLMUnavailable("gone"))
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire([ep])))
+    waiter.start()
+    wait_until(lambda: pool.ready == 1 and host.waits == [True], timeout=10)
+    ep.up()  # what the prober does when the endpoint answers again
+    waiter.join(10)
+    assert got == [ep] and pool.ready == 0 and host.waits == [True, False] and ep.in_flight == 1
+    pool.release(ep)
+
+    ep.down(VLMUnavailable("gone again"))
+    pool.probing = False
+    assert pool.acquire([ep]) is None
+    pool.probing = True
+    ep.up()
+    quota = QuotaReached("daily cap")
+    quota.retry_after = 3600.0
+    ep.exhausted(quota)
+    assert pool.acquire([ep]) is None and host.waits == [True, False]
 
 
 def test_the_retry_policy_of_the_service_and_of_one_shot_runs() -> None:
