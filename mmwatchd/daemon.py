@@ -1110,11 +1110,13 @@ class Daemon:
         except FileNotFoundError:
             return  # the sidecar went between the read and the stat
         except StateError as exc:
-            self._search_failed = True
-            log.warning(
-                "search.index_failed", reason=exc.message,
-                note="the search index is not kept up to date by this run; the next search reads the sidecars",
-            )  # fmt: skip
+            with self._search_lock:  # workers finishing together may both have failed: one warning
+                first, self._search_failed = not self._search_failed, True
+            if first:
+                log.warning(
+                    "search.index_failed", reason=exc.message,
+                    note="the search index is not kept up to date by this run; the next search reads the sidecars",
+                )  # fmt: skip
 
     def log_once(self, path: Path | None, reason: str, event: str, level: str = "error", **fields: object) -> bool:
         first = self._first((path, reason))
