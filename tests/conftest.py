@@ -10,7 +10,10 @@ from pathlib import Path
 
 import fuzzseed
 import pytest
+import structlog
 from fakevlm import FakeVLM
+
+from mmwatchd import log as log_mod
 
 # The test workers (pytest-xdist) start after this runs, so they inherit the seed the header prints.
 os.environ.setdefault(fuzzseed.ENV, str(fuzzseed.SEED))
@@ -22,6 +25,16 @@ THREAD_GRACE_S = 2.0
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"fuzz seed: {fuzzseed.SEED} (repeat with: {fuzzseed.repeat_hint()})"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """``main`` and ``log.setup`` configure structlog for the whole process, writing to the stream of the moment (a
+    test's captured stderr, closed after it): every test leaves the defaults, which later tests capture logs with,
+    and a later daemon in the same worker does not die logging to a closed file."""
+    yield
+    log_mod.route(None)
+    structlog.reset_defaults()
 
 
 @pytest.fixture(autouse=True)

@@ -28,13 +28,6 @@ from mmwatchd.vlm import VLMClient
 AUTO = {"concurrency": "auto", "max_concurrency": 32}
 
 
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    """``main`` configures structlog for the process; later tests capture logs with the defaults."""
-    yield
-    structlog.reset_defaults()
-
-
 def test_scan_sends_a_server_that_takes_two_at_once_three_at_most(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

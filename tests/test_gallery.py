@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
-import structlog
 from described import config, describe
 from fakevlm import FakeVLM
 from media import make_jpeg, make_named_text, make_truncated, make_video
@@ -31,12 +30,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 XSS_NAME = "<img src=x onerror=alert(1)>.jpg"
 XSS_CAPTION = '<script>alert("caption")</script>'
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from described import config, describe
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg, make_truncated
@@ -19,12 +17,6 @@ from media import make_jpeg, make_truncated
 from mmwatchd import search
 from mmwatchd.cli import main
 from mmwatchd.config import load
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
 
 
 @pytest.fixture
