@@ -7,13 +7,14 @@ import atexit
 import contextlib
 import errno
 import ipaddress
+import itertools
 import json
 import os
 import signal
 import stat
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
@@ -328,7 +329,8 @@ def cmd_once(args: argparse.Namespace) -> int:
     try:
         with _progress(cfg, daemon, "once") if len(todo) > 1 else contextlib.nullcontext():
             with daemon.finding():
-                daemon.submit_all(todo, explicit=True, force=args.force)
+                _start_one_shot(daemon, iter(todo), lambda files: daemon.submit_all(files, explicit=True,
+                                                                                   force=args.force))  # fmt: skip
             daemon.wait_idle()
     finally:
         daemon.close()
@@ -358,15 +360,14 @@ def _dry_run(cfg: Config, paths: list[Path]) -> list[Outcome]:
 def cmd_scan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _require_roots(cfg)
-    daemon = _one_shot_daemon(cfg, start=False, metrics=args.metrics_textfile is not None)
+    daemon = _one_shot_daemon(cfg, metrics=args.metrics_textfile is not None)
     try:
         todo = daemon.needing_work()
         first = next(todo, None)
         if first is not None:  # the endpoint is needed (and its client made) only once there is something to send
             with _progress(cfg, daemon, "scan"):
-                _start_one_shot(daemon)
-                daemon.submit(first, scanned=True)
-                daemon.submit_all(todo, scanned=True)
+                _start_one_shot(daemon, itertools.chain([first], todo),
+                                lambda files: daemon.submit_all(files, scanned=True))  # fmt: skip
                 daemon.wait_idle()
     finally:
         daemon.close()
@@ -408,7 +409,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.export is not None or args.batch:
         _require_roots(cfg)
-    daemon = _one_shot_daemon(cfg, start=False, metrics=args.metrics_textfile is not None)
+    daemon = _one_shot_daemon(cfg, metrics=args.metrics_textfile is not None)
     try:
         backfill = Backfill(daemon, endpoint=args.endpoint)
         if args.cancel:
@@ -632,29 +633,33 @@ def _require_roots(cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def _one_shot_daemon(cfg: Config, *, start: bool = True, metrics: bool = False, decoders: int | None = None) -> Daemon:
-    """A daemon without a watcher whose files get a few tries; its client is made when first used.
+def _one_shot_daemon(cfg: Config, *, metrics: bool = False, decoders: int | None = None) -> Daemon:
+    """A daemon without a watcher whose files get a few tries; its client is made when first used. Start it with
+    :func:`_start_one_shot`.
 
-    ``start``: check the endpoint and start the workers now (see :func:`_start_one_shot`). ``metrics``: keep
-    Prometheus metrics (for ``--metrics-textfile``). ``decoders``: the number of files, when known: no more decoder
-    processes than that start (each costs 0.2-0.4 s of CPU at start-up, next to the SDK's import).
+    ``metrics``: keep Prometheus metrics (for ``--metrics-textfile``). ``decoders``: the number of files, when known:
+    no more decoder processes than that start (each costs 0.2-0.4 s of CPU at start-up, next to the SDK's import).
     """
     from mmwatchd.daemon import Daemon
 
     state = _state(cfg)
-    daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS,  # type: ignore[arg-type]
-                    metrics=metrics, make_client=lambda c: _LazyClient(c, state),  # type: ignore[arg-type,return-value]
-                    decoders=max(1, decoders) if decoders is not None else None)  # fmt: skip
-    if start:
-        _start_one_shot(daemon)
-    return daemon
+    return Daemon(cfg, _LazyClient(cfg, state), state=state, one_shot_attempts=ONE_SHOT_ATTEMPTS,  # type: ignore[arg-type]
+                  metrics=metrics, make_client=lambda c: _LazyClient(c, state),  # type: ignore[arg-type,return-value]
+                  decoders=max(1, decoders) if decoders is not None else None)  # fmt: skip
 
 
-def _start_one_shot(daemon: Daemon) -> None:
-    """Probe the endpoint (an unreachable one is reported at once, not per file), then start the workers."""
-    daemon.isolator.prestart()  # the decoders start on the other core while the probe loads the HTTP client
-    daemon.probe_once()
+def _start_one_shot(daemon: Daemon, files: Iterator[Path], submit: Callable[[Iterable[Path]], object]) -> None:
+    """Start the decoders and the workers, ``submit`` the first ``files`` (as many as the workers take at once),
+    probe the endpoint, then ``submit`` the rest.
+
+    The workers read and encode those first files in the decoder processes while the probe loads the SDK (about
+    half a second of this process's time), and their requests leave as soon as the probe has found the endpoint
+    up. Unreachable, or a bad key or model: the probe raises, so the command says so at once, not once per file.
+    """
     daemon.start(prober=False)
+    submit(itertools.islice(files, daemon.worker_count))
+    daemon.probe_once()
+    submit(files)
 
 
 class _LazyClient:

@@ -304,15 +304,19 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
+    @property
+    def worker_count(self) -> int:
+        """One more worker per decoder process than requests may be in flight: while every slot is on the wire,
+        those encode the next files, so a slot that frees is taken at once by a request that is ready, not after an
+        encode (routing, not the number of workers, holds requests in flight to the endpoints' limits)."""
+        return self.pool.workers + self.isolator.workers
+
     def start(self, *, prober: bool = True) -> None:
         """Start the workers, the feeder, and the prober that opens the gate (without it, call ``check_endpoint``
         first)."""
         self.isolator.prestart()
         self.pool.probing = prober
-        # One more worker per decoder process than requests may be in flight: while every slot is on the wire, those
-        # encode the next files, so a slot that frees is taken at once by a request that is ready, not after an
-        # encode (routing, not the number of workers, holds requests in flight to the endpoints' limits).
-        for i in range(self.pool.workers + self.isolator.workers):
+        for i in range(self.worker_count):
             self._workers.append(self._spawn(self._worker, f"mmwatchd-worker-{i}"))
         self._spawn(self._feeder, "mmwatchd-feeder")
         if prober:
@@ -414,6 +418,7 @@ class Daemon:
             try:
                 probe(endpoint)
             except VLMError as exc:
+                endpoint.check_failed()
                 if self.pool.single:
                     raise
                 failed = failed or exc

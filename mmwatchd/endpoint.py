@@ -388,6 +388,14 @@ class Endpoint:
             )
         self.up(models=len(models))
 
+    def check_failed(self) -> None:
+        """A first check found the endpoint unreachable, or its key or model bad: it is no longer being checked, so
+        no ready request waits for that check (with probers, they then wait for the endpoint to come back)."""
+        with self.pool.cond:
+            if self.status == "checking":
+                self.status = "unreachable"
+            self.pool.cond.notify_all()
+
     def up(self, **fields: object) -> None:
         with self.pool.cond:
             if self._paused is not None:
@@ -581,7 +589,9 @@ class Pool:
             while True:
                 if stopping.is_set():
                     return False
-                if any(e.status == "up" and e._paused is None for e in self.endpoints):
+                # Also while the first check is under way: the file is read and encoded meanwhile, and its request
+                # waits in routing for the check's answer.
+                if any(e.status in ("up", "checking") and e._paused is None for e in self.endpoints):
                     return True
                 for e in self.endpoints:
                     if e._paused is not None and e._trial:
@@ -635,7 +645,9 @@ class Pool:
                 e._granted = True
         usable = [e for e in candidates if e.usable()]
         if not usable:
-            return None, self.probing and any(e.comes_back() for e in candidates)
+            return None, any(e.status == "checking" for e in candidates) or (
+                self.probing and any(e.comes_back() for e in candidates)
+            )
         for tier in sorted({e.priority for e in usable}):
             free = [e for e in usable if e.priority == tier and e.in_flight < e.concurrency]
             if free:

@@ -62,7 +62,7 @@ class _Run:
     """A backfill in this process over a one-shot daemon, as the command makes it; polls do not sleep."""
 
     def __init__(self, cfg: Path, **kw: Any) -> None:
-        self.daemon = _one_shot_daemon(load(cfg), start=False, metrics=True)
+        self.daemon = _one_shot_daemon(load(cfg), metrics=True)
         self.backfill = Backfill(self.daemon, sleep=lambda s: None, **kw)
 
     def __enter__(self) -> Backfill:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_jpeg, make_named_text
@@ -24,12 +23,6 @@ from mmwatchd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ENV = {"MMWATCHD_TEST_KEY": "sk-secret-run"}
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
 
 
 def sidecar(path: Path) -> dict:
@@ -143,11 +136,37 @@ class TestOnce:
 
         cfg = config.load(write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 4}))
         for files, decoders in ((1, 1), (0, 1), (None, min(4, os.cpu_count() or 1))):
-            daemon = _one_shot_daemon(cfg, start=False, decoders=files)
+            daemon = _one_shot_daemon(cfg, decoders=files)
             try:
                 assert daemon.isolator.workers == decoders, files
             finally:
                 daemon.close()
+
+    def test_the_first_files_are_encoded_while_the_endpoint_is_checked(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        """A one-shot run hands its first files to the workers before it checks the endpoint: they are read and
+        encoded while the check loads the SDK, and their requests wait for its answer, then leave."""
+        from mmwatchd import config
+        from mmwatchd.cli import _one_shot_daemon, _start_one_shot
+
+        cfg = config.load(write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 2}))
+        photos = [make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (64, 48), seed=i) for i in range(5)]
+        checked = threading.Event()
+        fake_vlm.enqueue(json={"object": "list", "data": [{"id": "fake-vlm", "object": "model", "created": 0,
+                                                            "owned_by": "t"}]}, hold=checked, path="/v1/models")  # fmt: skip
+        daemon = _one_shot_daemon(cfg, decoders=len(photos))
+        try:
+            starting = threading.Thread(target=_start_one_shot, args=(daemon, iter(photos), daemon.submit_all))
+            starting.start()
+            # The check is held: the two slots' requests are ready (and more are encoded) before it answers.
+            wait_until(lambda: daemon.pool.ready >= 2, timeout=30)
+            assert fake_vlm.chat_requests == []
+            checked.set()
+            starting.join(30)
+            daemon.wait_idle()
+        finally:
+            checked.set()
+            daemon.close()
+        assert daemon.counts["ok"] == len(photos) and len(fake_vlm.chat_requests) == len(photos)
 
     def test_once_describes_and_reports(
         self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]

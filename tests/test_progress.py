@@ -21,11 +21,9 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from configs import load_config, write_config
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg, make_named_text
@@ -41,13 +39,6 @@ ENV = {"MMWATCHD_TEST_KEY": "sk-progress"}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 #: A console log line as structlog draws it: timestamp, [level], event.
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z \[(debug|info|warning|error)\s*\] [a-z_.]+ ")
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    yield
-    log_mod.route(None)
-    structlog.reset_defaults()
 
 
 class Clock:
@@ -205,8 +196,7 @@ class TestLogLines:
                         one_shot_attempts=ONE_SHOT_ATTEMPTS)  # fmt: skip
         reporter = Reporter(daemon.progress, clock=clock, interval_s=cfg.progress_interval_s, tty=False)
         try:
-            _start_one_shot(daemon)
-            daemon.submit_all(photos, scanned=True)
+            _start_one_shot(daemon, iter(photos), lambda files: daemon.submit_all(files, scanned=True))
             wait_until(lambda: len(fake_vlm.chat_requests) == 2)  # concurrency 2: both workers wait for answers
             wait_until(lambda: daemon.progress().in_flight == 2)
             reporter.tick()
@@ -276,7 +266,7 @@ class TestEndpointState:
         daemon = Daemon(cfg, _LazyClient(cfg, state), state=state, clock=clock,  # type: ignore[arg-type]
                         one_shot_attempts=ONE_SHOT_ATTEMPTS)  # fmt: skip
         try:
-            _start_one_shot(daemon)
+            _start_one_shot(daemon, iter(()), daemon.submit_all)
             assert daemon.progress().endpoint == "up"
             daemon.submit(photo)
             wait_until(lambda: daemon.progress().endpoint == "rate-limited")
