@@ -8,7 +8,8 @@ do, from the latency alone:
 - Samples come in windows of about one round trip (``limit`` answers, at least :data:`MIN_WINDOW`). Answers to
   requests sent before the last change of the limit are not counted: they say nothing about the new one.
 - The baseline is the lowest window average seen: the latency without queueing. ``gradient = baseline / average``
-  (clamped to [0.5, 1]) is 1 while nothing queues and falls as the server's queue grows.
+  (clamped to [0.5, 1]) is 1 while nothing queues and falls as the server's queue grows; an average within
+  :data:`TOLERANCE` of the baseline counts as 1 (the client's own timing wobbles by a few percent).
 - Each window the limit becomes ``limit x gradient + allowance`` (the allowance is ``max(1, int(sqrt(limit)))``).
   While nothing queues that is a rise by the allowance; once requests queue it settles where about ``allowance``
   requests wait at the server (``limit x (1 - gradient) = allowance``): the server is kept full, and a request
@@ -48,6 +49,10 @@ RequestOutcome = Literal["ok", "dropped", "ignored"]
 DEFAULT_MAX_CONCURRENCY = 32
 #: Where ``auto`` starts: low enough that a server taking one or two at once is never swamped while it learns.
 INITIAL_LIMIT = 2
+#: A window whose average is this close to the baseline counts as no queue (gradient 1): latency measured at the
+#: client varies by a few percent with the machine's own load, and at a limit of 3 anything short of 1 keeps it at 3
+#: (3 x 0.99 + 1 rounds down), which held a scan at 3 in flight for seconds while the server took 16.
+TOLERANCE = 1.05
 #: Fewest answers per window: one or two answers are too few to average.
 MIN_WINDOW = 4
 #: The limit is multiplied by this on a dropped request.
@@ -200,9 +205,10 @@ class AutoLimiter:
             return
         if self.baseline is None or average < self.baseline:
             self.baseline, self._baseline_at = average, now
-        gradient = min(1.0, max(0.5, self.baseline / average)) if average > 0 else 1.0
+        raw = self.baseline / average if average > 0 else 1.0
+        gradient = min(1.0, max(0.5, TOLERANCE * raw))
         new = n * gradient + max(1, math.isqrt(n))
-        if self._slow_start and n >= SLOW_START_FROM and gradient >= SLOW_START_GRADIENT:
+        if self._slow_start and n >= SLOW_START_FROM and raw >= SLOW_START_GRADIENT:
             new = max(new, n * 1.5)
         elif n >= SLOW_START_FROM:
             self._slow_start = False
