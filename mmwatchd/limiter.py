@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 #: unusable reply, never sent).
 RequestOutcome = Literal["ok", "dropped", "ignored"]
 
-#: ``concurrency: auto``: the most requests in flight (and worker threads) unless ``max_concurrency`` says otherwise.
+#: ``concurrency: auto``: the most requests in flight unless ``max_concurrency`` says otherwise.
 DEFAULT_MAX_CONCURRENCY = 32
 #: Where ``auto`` starts: low enough that a server taking one or two at once is never swamped while it learns.
 INITIAL_LIMIT = 2
