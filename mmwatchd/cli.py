@@ -290,19 +290,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check_endpoint(cfg: Config, args: argparse.Namespace) -> int:
-    """``check --endpoint``: a short table of what the endpoint takes; exit 1 when something the config uses fails."""
+    """``check --endpoint``: a short table of what each endpoint takes, in the order of the config; exit 1 when
+    something the config uses fails at any of them (each is checked for the rules that may send to it)."""
+    from dataclasses import replace
+
     from mmwatchd.doctor import check_endpoint, render
     from mmwatchd.encode.image import probe_pictures
+    from mmwatchd.endpoint import members
 
     log_mod.setup(args.log_level or "warning", fmt=args.log_format)
+    every = members(cfg)
+    failed = False
     with _state(cfg) as state:
-        client = _client(cfg, state)
-        try:
-            rows = check_endpoint(cfg, client, pictures=probe_pictures)
-        finally:
-            client.close()
-    print(render(cfg.endpoint.base_url, cfg.endpoint.model, rows))
-    return EXIT_FAILED if any(r.ok is False and r.needed for r in rows) else EXIT_OK
+        for i, member in enumerate(every):
+            one = cfg if len(every) == 1 else replace(cfg, endpoint=member.spec)
+            rules = [r for r in cfg.rules if not r.endpoints or member.name in r.endpoints]
+            client = _client(one, state)
+            try:
+                rows = check_endpoint(one, client, pictures=probe_pictures, rules=rules)
+            finally:
+                client.close()
+            name = member.name if len(every) > 1 else None
+            print(("\n" if i else "") + render(member.spec.base_url, member.spec.model, rows, name=name), flush=True)
+            failed |= any(r.ok is False and r.needed for r in rows)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_once(args: argparse.Namespace) -> int:

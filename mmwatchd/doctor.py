@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from mmwatchd.errors import VLMBadReply, VLMError, VLMRejected
-from mmwatchd.model import Config, Part, VLMRequest, data_url_len
+from mmwatchd.model import Config, Part, Rule, VLMRequest, data_url_len
 from mmwatchd.servers import Capabilities, is_video_format_refusal, server_from_url
 from mmwatchd.wire import request_bytes
 
@@ -57,8 +57,13 @@ def _png(total: int) -> bytes:
     return head + (chunk(b"mmWp", b"\x00" * pad) if pad else b"") + tail
 
 
-def check_endpoint(cfg: Config, client: Any, *, pictures: Callable[[int], list[bytes]]) -> list[Row]:
-    """The rows of the check; ``client`` is a :class:`~mmwatchd.vlm.VLMClient`, ``pictures(n)`` makes n JPEGs."""
+def check_endpoint(
+    cfg: Config, client: Any, *, pictures: Callable[[int], list[bytes]], rules: Sequence[Rule] | None = None
+) -> list[Row]:
+    """The rows of the check of ``cfg.endpoint``; ``client`` is a :class:`~mmwatchd.vlm.VLMClient`, ``pictures(n)``
+    makes n JPEGs. ``rules``: those that send to this endpoint (all of the config's by default): what they use
+    (video_url, a schema) is what a failure here matters for."""
+    rules = cfg.rules if rules is None else rules
     endpoint = cfg.endpoint
     model = endpoint.model
     rows: list[Row] = []
@@ -96,7 +101,7 @@ def check_endpoint(cfg: Config, client: Any, *, pictures: Callable[[int], list[b
     rows.append(Row("takes an image", True, "yes"))
 
     # video_url
-    explicit_video = any(r.video is not None and r.video.mode == "video_url" for r in cfg.rules)
+    explicit_video = any(r.video is not None and r.video.mode == "video_url" for r in rules)
     clip = Part(type="video_url", mime="video/jpeg", chunks=tuple(frames), width=56, height=56)
     reply, error = ask(replace(base, parts=(clip,)))
     knowledge = getattr(client, "knowledge", None)
@@ -117,7 +122,7 @@ def check_endpoint(cfg: Config, client: Any, *, pictures: Callable[[int], list[b
 
     # json_schema
     schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
-    uses_schema = any(r.schema for r in cfg.rules)
+    uses_schema = any(r.schema for r in rules)
     reply, error = ask(replace(base, schema=schema, schema_name="check", max_tokens=64))
     if error is None:
         rows.append(Row("json_schema", True, "yes", needed=uses_schema))
@@ -200,9 +205,10 @@ def _largest(ask: Callable[[VLMRequest], tuple[Any, VLMError | None]], base: VLM
     return Row("largest request", False, f"{cap} bytes refused and {bad} too: {said}")
 
 
-def render(base_url: str, model: str, rows: list[Row]) -> str:
+def render(base_url: str, model: str, rows: list[Row], *, name: str | None = None) -> str:
+    """The check's table; ``name``: the endpoint's, in a config with several."""
     width = max(len(r.name) for r in rows)
-    lines = [f"endpoint {base_url}   model {model}"]
+    lines = [f"endpoint {name + ' ' if name else ''}{base_url}   model {model}"]
     for r in rows:
         mark = {True: "ok  ", False: "FAIL" if r.needed else "no  ", None: "    "}[r.ok]
         lines.append(f"{mark}  {r.name.ljust(width)}  {r.result}")

@@ -116,6 +116,33 @@ def test_a_lower_tier_is_used_only_while_the_better_one_is_down_and_work_returns
     assert _sidecar(second)["endpoint"] == "slow" and len(servers["slow"].chat_requests) == 1
 
 
+def test_check_endpoint_asks_every_endpoint(
+    tmp_path: Path, servers: dict[str, FakeVLM], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mmwatchd check --endpoint` prints a table per endpoint, named, and fails when one of them cannot be reached
+    (a fallback that is down is worth knowing before the best tier goes down too)."""
+    from configs import write_config
+
+    from mmwatchd.cli import main
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    eps = _endpoints({"fast": servers["fast"], "slow": servers["slow"]}, slow={"priority": 1})
+    cfg = write_config(tmp_path, base_url=servers["fast"].base_url, endpoints=eps)
+    assert main(["check", "--endpoint", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"endpoint fast {servers['fast'].base_url}   model model-fast" in out
+    assert f"endpoint slow {servers['slow'].base_url}   model model-slow" in out
+    assert out.count("ok    reachable") == 2 and "FAIL" not in out
+    assert servers["slow"].chat_requests  # the fallback was asked too, not only the first endpoint
+
+    servers["slow"].pause()  # connections refused from now on
+    assert main(["check", "--endpoint", "-c", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    fast, slow = out.split("\nendpoint slow ")
+    assert "ok    reachable" in fast and "FAIL" not in fast
+    assert "FAIL  reachable" in slow
+
+
 def test_a_rule_uses_only_the_endpoints_it_names_with_their_own_model(
     pool_runner: Runner, servers: dict[str, FakeVLM]
 ) -> None:
