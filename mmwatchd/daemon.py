@@ -265,6 +265,7 @@ class Daemon:
         self._workers: list[threading.Thread] = []
         self._threads: list[threading.Thread] = []
         self._fallback: dict[Path, str] = {}  # answered by a lower tier under redo_fallback → its rule
+        self._fallback_kept: set[Path] = set()  # those with a row in the state store (until a best-tier answer)
         self._redo: set[Path] = set()  # to describe again although its sidecar is fresh
         self._users: Counter[Pipeline] = Counter()  # jobs running under each processor (config, client)
         self._retired: dict[Pipeline, list[VLMClient]] = {}  # replaced by a reload: closed once no job uses them
@@ -680,6 +681,7 @@ class Daemon:
             self.metrics.serve(self.config)  # first: a port that is taken stops the start with nothing to undo
         watcher = self._watcher(self.config)
         try:
+            self._load_fallbacks()
             self.start()
             log.info("daemon.watching", roots=[str(r.path) for r in self.config.watch])
             self.notifier.ready(self._status_line())
@@ -862,11 +864,35 @@ class Daemon:
         if rule is None or not rule.redo_fallback:
             return
         best = min(e.priority for e in self.pool.allowed(rule.name))
+        path = outcome.path
         with self._lock:
             if answered.priority > best:
-                self._fallback[outcome.path] = rule.name
+                self._fallback[path] = rule.name
+                self._fallback_kept.add(path)
+                keep: bool | None = True
             else:
-                self._fallback.pop(outcome.path, None)
+                self._fallback.pop(path, None)
+                keep = False if path in self._fallback_kept else None
+                self._fallback_kept.discard(path)
+        if self.state is not None and keep is not None:  # in the state store too: the list outlives a restart
+            if keep:
+                self.store("remember a fallback answer", self.state.remember_fallback, path, rule.name)
+            else:
+                self.store("forget a fallback answer", self.state.forget_fallback, path)
+
+    def _load_fallbacks(self) -> None:
+        """The service's start: the files a fallback tier answered before (this run's or a ``scan``'s) that their
+        rule still wants described again at its best tier."""
+        if self.state is None or self.pool.single:
+            return
+        wanted = {r.name for r in self.config.rules if r.redo_fallback}
+        for path, rule in self.store("read the fallback answers", self.state.fallbacks) or []:
+            if rule in wanted:
+                with self._lock:
+                    self._fallback.setdefault(path, rule)
+                    self._fallback_kept.add(path)
+            else:  # the rule is gone, or no longer asks for it: the answer stands
+                self.store("forget a fallback answer", self.state.forget_fallback, path)
 
     def _redo_fallbacks(self) -> None:
         """Once nothing else waits and an endpoint of a remembered file's best tier is up with room, describe the

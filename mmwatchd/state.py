@@ -144,6 +144,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX batch_items_batch ON batch_items (batch)",
     ),
+    (
+        # Files a lower tier answered under a rule with redo_fallback: described again at its best tier, also after
+        # a restart.
+        "CREATE TABLE fallback (path BLOB PRIMARY KEY, rule TEXT NOT NULL, at REAL NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -442,6 +447,7 @@ class State:
         gone."""
         with self._write() as db:
             db.execute("DELETE FROM retry WHERE path = ?", (os.fsencode(path),))
+            db.execute("DELETE FROM fallback WHERE path = ?", (os.fsencode(path),))
             if index:
                 db.execute("DELETE FROM done WHERE path = ?", (os.fsencode(path),))
 
@@ -628,6 +634,27 @@ class State:
         except ValueError:
             return None
         return data if isinstance(data, dict) else None
+
+    def remember_fallback(self, path: Path, rule: str) -> None:
+        """A lower tier than its rule's best answered ``path``, and the rule has ``redo_fallback``: it is to be
+        described again once that tier has room (see :meth:`fallbacks`)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO fallback (path, rule, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET rule = excluded.rule, at = excluded.at",
+                (os.fsencode(path), rule, self.clock()),
+            )
+
+    def forget_fallback(self, path: Path) -> None:
+        """``path`` got its answer from its rule's best tier (or no longer wants one)."""
+        with self._write() as db:
+            db.execute("DELETE FROM fallback WHERE path = ?", (os.fsencode(path),))
+
+    def fallbacks(self) -> list[tuple[Path, str]]:
+        """The files a fallback tier answered that are still to be described again, oldest first, with their rule."""
+        with self._read() as db:
+            rows = db.execute("SELECT path, rule FROM fallback ORDER BY at").fetchall()
+        return [(Path(os.fsdecode(path)), rule) for path, rule in rows]
 
     def remember_endpoint(self, key: str, capabilities: dict[str, Any]) -> None:
         with self._write() as db:

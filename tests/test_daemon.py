@@ -85,6 +85,15 @@ class Runner:
             assert not self._thread.is_alive()
             self._thread = None
 
+    def restart(self, **changes: Any) -> Daemon:
+        """Stop the service and start it again on the same state database, as systemd would."""
+        self.stop()
+        if self.state:
+            self.state.close()
+            self.notifier.close()
+        self._stop = threading.Event()
+        return self.start(**changes)
+
     def close(self) -> None:
         self.stop()
         for c in self._clients:

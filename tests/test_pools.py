@@ -116,6 +116,23 @@ def test_a_lower_tier_is_used_only_while_the_better_one_is_down_and_work_returns
     assert _sidecar(second)["endpoint"] == "slow" and len(servers["slow"].chat_requests) == 1
 
 
+def test_files_a_fallback_answered_are_described_again_after_a_restart(
+    pool_runner: Runner, servers: dict[str, FakeVLM]
+) -> None:
+    """redo_fallback's list is in the state store: a service stopped before the best tier came back describes the
+    file there after its restart, once, and then forgets it."""
+    servers["fast"].pause()
+    eps = _endpoints({"fast": servers["fast"], "slow": servers["slow"]}, slow={"priority": 1})
+    pool_runner.start(endpoints=eps, rule={"redo_fallback": True}, rescan_interval_s=0)
+    photo = make_jpeg(pool_runner.inbox / "1.jpg", (48, 32), seed=1)
+    assert pool_runner.wait_sidecar(photo)["endpoint"] == "slow"
+    pool_runner.restart(endpoints=eps, rule={"redo_fallback": True}, rescan_interval_s=0)  # the best tier still down
+    servers["fast"].resume()
+    wait_until(lambda: _sidecar(photo)["endpoint"] == "fast", timeout=30)
+    wait_until(lambda: pool_runner.state is not None and pool_runner.state.fallbacks() == [], timeout=10)
+    assert len(servers["fast"].chat_requests) == 1 and len(servers["slow"].chat_requests) == 1
+
+
 def test_check_endpoint_asks_every_endpoint(
     tmp_path: Path, servers: dict[str, FakeVLM], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
