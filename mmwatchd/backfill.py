@@ -42,7 +42,7 @@ from mmwatchd.metrics import endpoint_name
 from mmwatchd.model import Config, EndpointConfig
 from mmwatchd.pipeline import Outcome, Prepared
 from mmwatchd.servers import is_image_refusal, is_video_format_refusal
-from mmwatchd.state import BatchItem, BatchRow
+from mmwatchd.state import OPEN_SHARDS, BatchItem, BatchRow
 
 if TYPE_CHECKING:
     from mmwatchd.daemon import Daemon
@@ -56,8 +56,7 @@ URL = "/v1/chat/completions"
 #: The API's statuses after which nothing more happens to a batch (its files are there, or never will be).
 REMOTE_DONE = frozenset({"completed", "failed", "expired", "cancelled"})
 #: Shard statuses that still hold files (their answers are to come): those files are not batched again.
-OPEN = ("written", "exported", "submitted", "validating", "in_progress", "finalizing", "cancelling",
-        "completed", "failed", "expired", "cancelled")  # fmt: skip
+OPEN = OPEN_SHARDS
 #: A shard whose answers have been applied (or that was given up before it was sent).
 CLOSED = ("applied", "dropped")
 

@@ -81,7 +81,7 @@ from mmwatchd.retry import RetryPolicy
 from mmwatchd.rules import rel_to_roots
 from mmwatchd.settle import StabilityTracker
 from mmwatchd.sidecar import temp_writer as sidecar_temp_writer
-from mmwatchd.state import State
+from mmwatchd.state import BatchRow, State
 from mmwatchd.walk import log_scan_error, wanted
 
 if TYPE_CHECKING:
@@ -1001,6 +1001,13 @@ class Daemon:
         return self.store("read a retry count", self.state.attempts, path) or 0
 
     def _run_job(self, path: Path, *, explicit: bool, force: bool) -> Outcome:
+        shard = None if force else self._shard_of(path)
+        if shard is not None:
+            return Outcome(
+                path=path, status="skipped",
+                reason=f"in batch backfill shard {shard.id} ({shard.status}): `mmwatchd backfill` applies its answer; "
+                       "`mmwatchd backfill --cancel` gives it back to the online path",
+            )  # fmt: skip
         with self._lock:
             processor = self.processor
             self._users[processor] += 1
@@ -1022,6 +1029,14 @@ class Daemon:
                     del self._users[processor]
             for client in retired:
                 _close(client)
+
+    def _shard_of(self, path: Path) -> BatchRow | None:
+        """The open batch-backfill shard that holds ``path`` (its answer is on its way there: describing it here
+        would pay for it twice), or None."""
+        if self.state is None:
+            return None
+        row: BatchRow | None = self.store("look for the file in a batch backfill", self.state.shard_of, path)
+        return row
 
     def store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """A state-store call that must not stop the work: the store is a cache beside the sidecars. A failure

@@ -149,8 +149,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # a restart.
         "CREATE TABLE fallback (path BLOB PRIMARY KEY, rule TEXT NOT NULL, at REAL NOT NULL)",
     ),
+    (
+        # The service and scan look up each file's shard before they describe it (State.shard_of).
+        "CREATE INDEX batch_items_path ON batch_items (path)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+#: Shard statuses that still hold files (their answers are to come, or are yet to be applied by ``mmwatchd
+#: backfill``): those files are not batched again, and the online path leaves them to the backfill.
+OPEN_SHARDS = ("written", "exported", "submitted", "validating", "in_progress", "finalizing", "cancelling",
+               "completed", "failed", "expired", "cancelled")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,6 +596,18 @@ class State:
                 wanted,
             ).fetchall()
         return {os.fsdecode(r[0]) for r in rows}
+
+    def shard_of(self, path: Path) -> BatchRow | None:
+        """The open shard (:data:`OPEN_SHARDS`) that holds a line for ``path``; None when none does."""
+        with self._read() as db:
+            row = db.execute(
+                f"""SELECT {", ".join("b." + c.strip() for c in self._BATCH_COLUMNS.split(","))}
+                    FROM batch_items i JOIN batches b ON b.id = i.batch
+                    WHERE i.path = ? AND b.status IN ({", ".join("?" * len(OPEN_SHARDS))})
+                    ORDER BY b.created LIMIT 1""",
+                (os.fsencode(path), *OPEN_SHARDS),
+            ).fetchone()
+        return BatchRow(*row) if row is not None else None
 
     def forget_batch_items(self, batch_id: str) -> None:
         """Drop a finished shard's lines (the shard's row stays, for ``backfill --status``)."""

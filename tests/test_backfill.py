@@ -207,6 +207,27 @@ class TestResume:
         assert all(_sidecar(p)["status"] == "ok" for p in photos)
         assert fake.chat_requests == []
 
+    def test_a_scan_meanwhile_leaves_the_batched_files_to_the_backfill(
+        self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The service or a scan running while a shard is out does not pay for its files a second time: they are
+        skipped, saying which shard has them, until the backfill applies the answers."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        with _Run(cfg) as first:
+            first.run(wait=False)
+        assert len(fake.batches) == 1  # sent, not answered yet
+        assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
+        assert f"0 described, 0 failed, 0 not reached, {len(photos)} skipped" in capsys.readouterr().out
+        assert main(["once", "-c", str(cfg), "--log-level", "error", str(photos[0])]) == 0
+        out = capsys.readouterr().out
+        assert "in batch backfill shard mmw-" in out and "mmwatchd backfill --cancel" in out
+        assert fake.chat_requests == []
+
+        with _Run(cfg) as second:
+            assert second.run().outcomes == {"ok": len(photos)}
+        assert all(_sidecar(p)["status"] == "ok" for p in photos) and fake.chat_requests == []
+
     def test_a_failed_poll_is_asked_again_at_the_next_interval(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
         cfg = _config(tmp_path, fake)
         photos = _photos(tmp_path / "inbox", 1)
