@@ -296,7 +296,7 @@ def _check_endpoint(cfg: Config, args: argparse.Namespace) -> int:
 
     from mmwatchd.doctor import check_endpoint, render
     from mmwatchd.encode.image import probe_pictures
-    from mmwatchd.endpoint import members
+    from mmwatchd.endpoint import members, rule_uses
 
     log_mod.setup(args.log_level or "warning", fmt=args.log_format)
     every = members(cfg)
@@ -304,7 +304,7 @@ def _check_endpoint(cfg: Config, args: argparse.Namespace) -> int:
     with _state(cfg) as state:
         for i, member in enumerate(every):
             one = cfg if len(every) == 1 else replace(cfg, endpoint=member.spec)
-            rules = [r for r in cfg.rules if not r.endpoints or member.name in r.endpoints]
+            rules = [r for r in cfg.rules if rule_uses(r, member.name)]
             client = _client(one, state)
             try:
                 rows = check_endpoint(one, client, pictures=probe_pictures, rules=rules)

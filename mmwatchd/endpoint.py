@@ -162,6 +162,12 @@ def members(config: Config) -> tuple[Member, ...]:
     return tuple(Member(e.name, e, e.priority) for e in named)
 
 
+def rule_uses(rule: Any, name: str) -> bool:
+    """May ``rule`` send to the endpoint called ``name``? Every endpoint, unless the rule names its own."""
+    names: Sequence[str] = getattr(rule, "endpoints", ()) or ()
+    return not names or name in names
+
+
 def _seconds_to_midnight() -> float:
     now = datetime.now()
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time())
@@ -558,9 +564,8 @@ class Pool:
         return next((e for e in self.endpoints if e.name == name), None)
 
     def serves(self, rule: Any, endpoint: Endpoint) -> bool:
-        """May ``rule`` use ``endpoint``? (Every endpoint, unless the rule names its own.)"""
-        names: Sequence[str] = getattr(rule, "endpoints", ()) or ()
-        return not names or endpoint.name in names
+        """May ``rule`` use ``endpoint``? (see :func:`rule_uses`)"""
+        return rule_uses(rule, endpoint.name)
 
     def allowed(self, rule_name: str | None) -> list[Endpoint]:
         rule = next((r for r in self.config.rules if r.name == rule_name), None)
