@@ -55,8 +55,6 @@ log = get_logger()
 URL = "/v1/chat/completions"
 #: The API's statuses after which nothing more happens to a batch (its files are there, or never will be).
 REMOTE_DONE = frozenset({"completed", "failed", "expired", "cancelled"})
-#: Shard statuses that still hold files (their answers are to come): those files are not batched again.
-OPEN = OPEN_SHARDS
 #: A shard whose answers have been applied (or that was given up before it was sent).
 CLOSED = ("applied", "dropped")
 
@@ -254,7 +252,7 @@ class Backfill:
         noted in the summary, files found up to date are recorded as a scan would record them."""
         # Files in a shard still out, and files this run already hands to the online path (a batch that expired
         # or was cancelled before answering them), are not batched again.
-        busy = self.state.batched_paths(OPEN) | {str(p) for p in self.summary.online}
+        busy = self.state.batched_paths(OPEN_SHARDS) | {str(p) for p in self.summary.online}
         writer = _ShardWriter(self, folder, mode)
         try:
             todo = (path for path in self.daemon.needing_work() if str(path) not in busy)
@@ -426,7 +424,7 @@ class Backfill:
     # -- reading -------------------------------------------------------------------------------------------------
 
     def _open(self, *statuses: str) -> list[BatchRow]:
-        wanted = statuses or OPEN
+        wanted = statuses or OPEN_SHARDS
         return [row for row in self.state.batches() if row.status in wanted]
 
 

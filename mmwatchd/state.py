@@ -601,10 +601,10 @@ class State:
         """The open shard (:data:`OPEN_SHARDS`) that holds a line for ``path``; None when none does."""
         with self._read() as db:
             row = db.execute(
-                f"""SELECT {", ".join("b." + c.strip() for c in self._BATCH_COLUMNS.split(","))}
-                    FROM batch_items i JOIN batches b ON b.id = i.batch
-                    WHERE i.path = ? AND b.status IN ({", ".join("?" * len(OPEN_SHARDS))})
-                    ORDER BY b.created LIMIT 1""",
+                f"""SELECT {self._BATCH_COLUMNS} FROM batches
+                    WHERE id IN (SELECT batch FROM batch_items WHERE path = ?)
+                    AND status IN ({", ".join("?" * len(OPEN_SHARDS))})
+                    ORDER BY created LIMIT 1""",
                 (os.fsencode(path), *OPEN_SHARDS),
             ).fetchone()
         return BatchRow(*row) if row is not None else None
