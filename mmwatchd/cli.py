@@ -296,7 +296,8 @@ def _check_endpoint(cfg: Config, args: argparse.Namespace) -> int:
 
     from mmwatchd.doctor import check_endpoint, render
     from mmwatchd.encode.image import probe_pictures
-    from mmwatchd.endpoint import members, rule_uses
+    from mmwatchd.endpoint import rule_uses
+    from mmwatchd.model import members
 
     log_mod.setup(args.log_level or "warning", fmt=args.log_format)
     every = members(cfg)

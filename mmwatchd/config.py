@@ -27,6 +27,7 @@ from mmwatchd.model import (
     check_globs,
     dotted,
     locate,
+    members,
 )
 from mmwatchd.templates import check_template, template_fields
 
@@ -345,7 +346,7 @@ def _cross_checks(cfg: Config, source: Path | None, positions: Mapping[KeyPath, 
                 problems.append(
                     f"{locate(source, positions, ('rules', i, 'reference_images', j))}: {ref} is not a readable file"
                 )
-    names = list(dict.fromkeys(e.name for e in cfg.endpoints)) or ["default"]
+    names = list(dict.fromkeys(m.name for m in members(cfg)))
     for i, rule in enumerate(cfg.rules):
         for j, name in enumerate(rule.endpoints):
             if name not in names:

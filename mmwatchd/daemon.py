@@ -53,14 +53,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from mmwatchd import endpoint as endpoint_mod, limiter as limiter_mod, live, search, sidecar as sidecar_mod
-from mmwatchd.endpoint import (
-    Endpoint,
-    EndpointRefuses,
-    Member,
-    Pool,
-    PoolClient,
-    members,
-)
+from mmwatchd.endpoint import Endpoint, EndpointRefuses, Pool, PoolClient
 from mmwatchd.errors import (
     ConfigError,
     SidecarError,
@@ -73,7 +66,7 @@ from mmwatchd.index import DoneIndex
 from mmwatchd.isolate import DECODER_PRELOAD, Isolator
 from mmwatchd.log import get_logger
 from mmwatchd.metrics import Metrics, Unmetered, endpoint_name
-from mmwatchd.model import Config
+from mmwatchd.model import Config, Member, members
 from mmwatchd.notify import Notifier
 from mmwatchd.pipeline import Outcome, Pipeline
 from mmwatchd.progress import Snapshot

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mmwatchd import limiter as limiter_mod
 from mmwatchd.errors import VLMBadReply, VLMError, VLMMisconfigured, VLMRejected, VLMUnavailable
 from mmwatchd.log import get_logger
+from mmwatchd.model import Member, members
 
 if TYPE_CHECKING:
     from mmwatchd.metrics import Metrics, Unmetered
@@ -56,8 +57,6 @@ REFUSALS_TO_PAUSE = 3
 DYING_STATUSES = frozenset({502, 503, 504})
 #: A file none of whose endpoints is up tries again after this long (the gates open as soon as a prober sees one).
 NO_ENDPOINT_WAIT_S = 10.0
-#: The label of the single ``endpoint:`` in metrics, status and logs.
-DEFAULT_NAME = "default"
 
 
 class QuotaReached(VLMUnavailable):
@@ -143,23 +142,6 @@ class Host(Protocol):
     def current_path(self) -> Path | None: ...
 
     def waiting_for_a_slot(self, waiting: bool) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One endpoint of the config: its name, its settings and its priority tier (lower is better)."""
-
-    name: str
-    spec: EndpointConfig
-    priority: int = 0
-
-
-def members(config: Config) -> tuple[Member, ...]:
-    """The config's endpoints: the named ``endpoints:``, or the single ``endpoint:`` as one named "default"."""
-    named = getattr(config, "endpoints", ())
-    if not named:
-        return (Member(DEFAULT_NAME, config.endpoint),)
-    return tuple(Member(e.name, e, e.priority) for e in named)
 
 
 def rule_uses(rule: Any, name: str) -> bool:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmwatchd import __version__
 from mmwatchd.errors import ConfigError
-from mmwatchd.model import split_listen
+from mmwatchd.model import members, split_listen
 
 if TYPE_CHECKING:
     from mmwatchd.model import Config, Reply
@@ -37,8 +37,7 @@ NO_ANSWER = "none"
 def endpoint_name(config: Config) -> str:
     """The ``endpoint`` label of the first endpoint: the single ``endpoint:`` is "default", named ``endpoints:``
     go by their names (each endpoint reports under its own through :meth:`Metrics.for_endpoint`)."""
-    named = getattr(config, "endpoints", ())
-    return str(named[0].name) if named else "default"
+    return members(config)[0].name
 
 
 class Metrics:

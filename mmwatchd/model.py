@@ -633,6 +633,27 @@ class Config:
         return locate(self.source, self.positions, path)
 
 
+#: The name of the single ``endpoint:`` (in metrics, status, logs, and what a rule's ``endpoints:`` may name).
+DEFAULT_NAME = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One endpoint of the config: its name, its settings and its priority tier (lower is better)."""
+
+    name: str
+    spec: EndpointConfig
+    priority: int = 0
+
+
+def members(config: Config) -> tuple[Member, ...]:
+    """The config's endpoints: the named ``endpoints:``, or the single ``endpoint:`` as one named "default"."""
+    named = getattr(config, "endpoints", ())
+    if not named:
+        return (Member(DEFAULT_NAME, config.endpoint),)
+    return tuple(Member(e.name, e, e.priority) for e in named)
+
+
 def dotted(path: KeyPath) -> str:
     """``rules[0].prompt`` for ``("rules", 0, "prompt")``."""
     out = ""
