@@ -229,14 +229,13 @@ class TestFlood:
 def processor(tmp_path: Path, fake_vlm: FakeVLM):  # type: ignore[no-untyped-def]
     from configs import load_config
 
-    from mmwatchd.isolate import Isolator
+    from mmwatchd.isolate import DECODER_PRELOAD, Isolator
     from mmwatchd.pipeline import Pipeline
     from mmwatchd.vlm import VLMClient
 
     def make(cls: type[Pipeline] = Pipeline, **limits: object) -> Pipeline:
         cfg = load_config(tmp_path, base_url=fake_vlm.base_url, limits=limits)
-        isolator = Isolator(workers=1, timeout_s=cfg.limits.decode_timeout_s,
-                            memory_bytes=cfg.limits.decode_memory_mb << 20, preload=("mmwatchd.encode",))  # fmt: skip
+        isolator = Isolator(workers=1, preload=DECODER_PRELOAD, **cfg.limits.decoders)  # as the daemon makes them
         client = VLMClient(cfg.endpoint, api_key=None)
         made.append((isolator, client))
         return cls(cfg, client, isolator=isolator)
