@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion
 from media import make_jpeg
-from running import NotifySocket, session_processes, spawn_run, stop_run, wait_until
+from running import NotifySocket, exited_leaving, session_processes, spawn_run, stop_run, wait_until
+
+from mmwatchd.sidecar import LOCK_MARK
 
 BACKLOG = 150
 LATENCY_S = 0.3
@@ -281,6 +284,32 @@ class TestSignals:
             assert done.wait(10)
         assert seen == [(signal.SIGHUP, "mmwatchd-signals")]
         assert signal.getsignal(signal.SIGHUP) == before
+
+    def test_sigterm_sends_none_of_the_requests_encoded_ahead(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        """The service encodes the next files while every slot is on the wire. SIGTERM then: the requests on the
+        wire finish and get their sidecars, and the ready ones never leave, although their slots free up."""
+        inbox = tmp_path / "inbox"
+        _backlog(inbox, 10)
+        held = threading.Event()
+        for i in range(CONCURRENCY):
+            fake_vlm.enqueue(json=chat_completion(f"answer {i}"), hold=held, path="/v1/chat/completions")
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": CONCURRENCY},
+                           rescan_interval_s=0)  # fmt: skip
+        proc = spawn_run(cfg, tmp_path)
+        try:
+            fake_vlm.wait_for_requests(1 + CONCURRENCY, timeout=60)  # GET /models, then every slot held
+            # Files the service is working on hold a claim: those on the wire, and those encoded and waiting.
+            wait_until(lambda: len([n for n in os.listdir(inbox) if n.endswith(LOCK_MARK)]) > CONCURRENCY, timeout=60)
+            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: b"daemon.stopping" in (tmp_path / "run.log").read_bytes())
+        finally:
+            held.set()  # the requests on the wire are answered now, after the stop
+        left = exited_leaving(proc, timeout=30)
+        proc.wait()
+        assert not left and proc.returncode == 0
+        assert len(fake_vlm.chat_requests) == CONCURRENCY  # none of the ready requests was sent
+        assert _whole_sidecars(inbox) == CONCURRENCY
+        assert not [n for n in os.listdir(inbox) if n.endswith(LOCK_MARK)]  # every claim released
 
     def test_a_second_sigterm_stops_at_once(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
         inbox = tmp_path / "inbox"
