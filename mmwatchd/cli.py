@@ -23,6 +23,7 @@ from mmwatchd import config as config_mod, log as log_mod, sidecar
 from mmwatchd.errors import ConfigError, MmwatchdError, StateError
 from mmwatchd.model import Config
 from mmwatchd.pipeline import Outcome, Pipeline
+from mmwatchd.servers import EndpointKnowledge, endpoint_knowledge
 
 if TYPE_CHECKING:
     from mmwatchd.daemon import Daemon
@@ -208,8 +209,9 @@ def _load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _client(cfg: Config, state: State | None = None) -> VLMClient:
-    """The VLM client; ``state`` keeps what it learns about the endpoint (video.mode: auto) across runs."""
+def _client(cfg: Config, state: State | None = None, knowledge: EndpointKnowledge | None = None) -> VLMClient:
+    """The VLM client; ``state`` keeps what it learns about the endpoint (video.mode: auto) across runs, in
+    ``knowledge`` when that was made before it."""
     from mmwatchd.vlm import VLMClient
 
     if insecure_endpoint(cfg.endpoint.base_url):
@@ -218,7 +220,7 @@ def _client(cfg: Config, state: State | None = None) -> VLMClient:
             url=cfg.endpoint.base_url,
             note="photos and the API key cross the network unencrypted; use https:// for hosts other than this one",
         )
-    return VLMClient(cfg.endpoint, api_key=api_key(cfg), store=state)
+    return VLMClient(cfg.endpoint, api_key=api_key(cfg), store=state, knowledge=knowledge)
 
 
 def insecure_endpoint(base_url: str) -> bool:
@@ -676,7 +678,11 @@ def _start_one_shot(daemon: Daemon, files: Iterator[Path], submit: Callable[[Ite
 
 class _LazyClient:
     """The VLM client, made on first use: making it loads the openai SDK (about half a second), which a scan that
-    finds everything up to date never needs. Attribute access goes to the real client."""
+    finds everything up to date never needs. Attribute access goes to the real client.
+
+    What the endpoint takes (:attr:`knowledge`) is here from the start, and the client is made with it: each file's
+    plan asks it which image types may go as they are, and that must not wait for the SDK (the first files are
+    encoded while the endpoint check loads it). Only a clip's first ``video_url`` question makes the client."""
 
     #: As the real client: every HTTP request is reported to ``before_request`` and ``observer`` (set before or after
     #: it is made).
@@ -689,6 +695,7 @@ class _LazyClient:
         self._before_request: Callable[[], None] | None = None
         self._observer: RequestObserver | None = None
         self._lock = threading.Lock()
+        self.knowledge = endpoint_knowledge(cfg.endpoint, identify=lambda: self.identify(), store=state)
 
     @property
     def before_request(self) -> Callable[[], None] | None:
@@ -715,7 +722,7 @@ class _LazyClient:
     def __getattr__(self, name: str) -> Any:
         with self._lock:
             if self._client is None:
-                self._client = _client(self._cfg, self._state)
+                self._client = _client(self._cfg, self._state, self.knowledge)
                 self._client.before_request = self._before_request
                 self._client.observer = self._observer
         return getattr(self._client, name)

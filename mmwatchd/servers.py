@@ -23,17 +23,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from mmwatchd.errors import StateError
 from mmwatchd.log import get_logger
+
+if TYPE_CHECKING:
+    from mmwatchd.model import EndpointConfig
 
 __all__ = [
     "Capabilities",
     "EndpointKnowledge",
     "KnowledgeStore",
     "VideoDecision",
+    "endpoint_knowledge",
     "image_mimes_for",
     "is_image_refusal",
     "is_video_format_refusal",
@@ -97,6 +101,12 @@ _IMAGE_WORDS = re.compile(
 def is_image_refusal(status: int | None, message: str) -> bool:
     """True when a request was refused over an image's data (so the same image re-encoded may go through)."""
     return status in (400, 415, 422) and bool(_IMAGE_WORDS.search(message))
+
+
+def safe_url(url: str) -> str:
+    """The base URL as messages show it: without user:password or query."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def root_url(base_url: str) -> str:
@@ -326,3 +336,16 @@ class EndpointKnowledge:
             caps = replace(caps, video_url=previous.video_url, reason=previous.reason)
         self._put(model, caps)
         return caps
+
+
+def endpoint_knowledge(
+    endpoint: EndpointConfig, *, identify: Identify | None, store: KnowledgeStore | None
+) -> EndpointKnowledge:
+    """What ``endpoint`` takes, for its client: a request waiting for another's ``video_url`` probe waits as long as
+    that request may take (each of its retries) and half a minute more. Cheap: nothing is asked until a clip is."""
+    return EndpointKnowledge(
+        safe_url(endpoint.base_url),
+        identify=identify,
+        store=store,
+        wait_s=endpoint.timeout_s * (endpoint.max_retries + 1) + 30,
+    )

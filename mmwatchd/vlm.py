@@ -23,13 +23,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
 from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable, clip
 from .model import EndpointConfig, Reply, VLMRequest
-from .servers import EndpointKnowledge, KnowledgeStore, root_url
+from .servers import EndpointKnowledge, KnowledgeStore, endpoint_knowledge, root_url, safe_url
 from .wire import build_body, plain, redact_text, request_bytes
 
 __all__ = ["NO_KEY", "VLMClient"]
@@ -117,12 +116,6 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _safe_url(url: str) -> str:
-    """The base URL as messages show it: without user:password or query."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The client
 
@@ -145,11 +138,13 @@ class VLMClient:
         api_key: str | None,
         openai_client: openai.OpenAI | None = None,
         store: KnowledgeStore | None = None,
+        knowledge: EndpointKnowledge | None = None,
     ) -> None:
-        """``store``: where what the endpoint takes is remembered across restarts (the state database)."""
+        """``store``: where what the endpoint takes is remembered across restarts (the state database);
+        ``knowledge``: what it takes, when it was made before the client (see :func:`endpoint_knowledge`)."""
         self.endpoint = endpoint
         self._api_key = api_key or None
-        self._url = _safe_url(endpoint.base_url)
+        self._url = safe_url(endpoint.base_url)
         #: Called before every POST the SDK sends: each of its own retries and the JSON re-ask too, which is what a
         #: request cap must count. What it raises (an MmwatchdError) stops that request from leaving and comes out of
         #: :meth:`describe` as is. Only for a client made here: an injected SDK client has its own HTTP client.
@@ -171,12 +166,7 @@ class VLMClient:
             ),
         )
         #: What this endpoint takes (``video.mode: auto``, passthrough types), asked for and learned.
-        self.knowledge = EndpointKnowledge(
-            self._url,
-            identify=self.identify,
-            store=store,
-            wait_s=endpoint.timeout_s * (endpoint.max_retries + 1) + 30,
-        )
+        self.knowledge = knowledge or endpoint_knowledge(endpoint, identify=self.identify, store=store)
 
     def __repr__(self) -> str:
         return f"VLMClient({self._url!r}, model={self.endpoint.model!r})"

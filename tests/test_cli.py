@@ -168,6 +168,40 @@ class TestOnce:
             daemon.close()
         assert daemon.counts["ok"] == len(photos) and len(fake_vlm.chat_requests) == len(photos)
 
+    def test_the_first_files_are_encoded_before_the_client_is_made(
+        self, tmp_path: Path, fake_vlm: FakeVLM, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Making the client loads the SDK, about half a second in a fresh process (this one has it loaded, so
+        that half second is a wait here). A photo's plan asks what the endpoint takes, which must not wait for it:
+        the first requests are ready before the client exists, and leave once it does."""
+        from mmwatchd import cli, config
+
+        real_client = cli._client
+        made, loading = threading.Event(), threading.Event()
+
+        def slow_client(*args: object, **kwargs: object) -> object:
+            loading.wait(30)
+            client = real_client(*args, **kwargs)  # type: ignore[arg-type]
+            made.set()
+            return client
+
+        monkeypatch.setattr(cli, "_client", slow_client)
+        cfg = config.load(write_config(tmp_path, base_url=fake_vlm.base_url, endpoint={"concurrency": 2}))
+        photos = [make_jpeg(tmp_path / "inbox" / f"{i}.jpg", (64, 48), seed=i) for i in range(4)]
+        daemon = cli._one_shot_daemon(cfg, decoders=2)
+        try:
+            starting = threading.Thread(target=cli._start_one_shot, args=(daemon, iter(photos), daemon.submit_all))
+            starting.start()
+            wait_until(lambda: daemon.pool.ready >= 2, timeout=30)
+            assert not made.is_set()
+            loading.set()
+            starting.join(30)
+            daemon.wait_idle()
+        finally:
+            loading.set()
+            daemon.close()
+        assert made.is_set() and daemon.counts["ok"] == len(photos)
+
     def test_once_describes_and_reports(
         self, tmp_path: Path, fake_vlm: FakeVLM, capsys: pytest.CaptureFixture[str]
     ) -> None:
