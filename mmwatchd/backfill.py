@@ -18,6 +18,7 @@ and, per line, the file, the version and hash its request was made from, and the
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
@@ -42,7 +43,7 @@ from mmwatchd.metrics import endpoint_name
 from mmwatchd.model import Config, EndpointConfig
 from mmwatchd.pipeline import Outcome, Prepared
 from mmwatchd.servers import is_image_refusal, is_video_format_refusal
-from mmwatchd.state import OPEN_SHARDS, BatchItem, BatchRow
+from mmwatchd.state import OPEN_SHARDS, WRITING, BatchItem, BatchRow, shard_being_written
 
 if TYPE_CHECKING:
     from mmwatchd.daemon import Daemon
@@ -88,27 +89,33 @@ class Summary:
 
 
 class _ShardWriter:
-    """Cuts lines into shards of at most ``max_requests`` lines and ``max_file_bytes`` bytes, recording each shard
-    with its lines in the state store as it closes (a shard on disk that the store does not know is never sent)."""
+    """Cuts lines into shards of at most ``max_requests`` lines and ``max_file_bytes`` bytes.
+
+    A shard is recorded in the state store as it opens (:data:`~mmwatchd.state.WRITING`, its file locked while this
+    process writes it) and each line as it is written, while the line's file is still claimed: from then on the
+    online path elsewhere (the service, a scan) leaves that file to the backfill. A closed shard gets its status
+    (``written``, ``exported``) and may be sent; one whose writer died is dropped by the next backfill.
+    """
 
     def __init__(self, backfill: Backfill, folder: Path, mode: str) -> None:
         self.backfill = backfill
+        self.state = backfill.state
         self.folder = folder
         self.mode = mode
         self.limits = backfill.config.batch
         self.closed: list[BatchRow] = []
         self._file: BinaryIO | None = None
         self._row: BatchRow | None = None
-        self._items: list[BatchItem] = []
+        self._lines = 0
         self._bytes = 0
 
     def add(self, prepared: Prepared) -> bool:
-        """Write one request; False when it is too large for any shard (the online path takes it)."""
-        if self._row is not None and len(self._items) >= self.limits.max_requests:
+        """Write and record one request; False when it is too large for any shard (the online path takes it)."""
+        if self._row is not None and self._lines >= self.limits.max_requests:
             self.close()
-        custom_id = f"{self._open().id}-{len(self._items):05d}"
+        custom_id = f"{self._open().id}-{self._lines:05d}"
         line = _line(custom_id, prepared.body)
-        if self._bytes + len(line) > self.limits.max_file_bytes and self._items:
+        if self._bytes + len(line) > self.limits.max_file_bytes and self._lines:
             self.close()
             custom_id = f"{self._open().id}-00000"
             line = _line(custom_id, prepared.body)
@@ -117,11 +124,12 @@ class _ShardWriter:
         assert self._file is not None and self._row is not None
         self._file.write(line)
         self._bytes += len(line)
+        self._lines += 1
         size, mtime_ns, ino, ctime_ns = prepared.identity
-        self._items.append(BatchItem(
+        self.state.add_batch_items(self._row.id, [BatchItem(
             custom_id, self._row.id, prepared.path, size, mtime_ns, ino, ctime_ns, prepared.sha256,
             prepared.fingerprint, prepared.record(),
-        ))  # fmt: skip
+        )])  # fmt: skip
         return True
 
     def _open(self) -> BatchRow:
@@ -132,29 +140,35 @@ class _ShardWriter:
             shard = self.folder / f"{batch_id}.jsonl"
             self.folder.mkdir(parents=True, exist_ok=True)
             self._file = open(shard, "xb")  # noqa: SIM115 -- closed by close(), once the shard is full or done
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)  # held until closed: see state.shard_being_written
             self._row = BatchRow(
                 id=batch_id, mode=self.mode, endpoint=self.backfill.endpoint_label, shard=str(shard), requests=0,
-                bytes=0, status="written" if self.mode == "api" else "exported", remote_id=None, input_file_id=None,
-                output_file_id=None, error_file_id=None, message=None, created=now, updated=now,
+                bytes=0, status=WRITING, remote_id=None, input_file_id=None, output_file_id=None, error_file_id=None,
+                message=None, created=now, updated=now,
             )  # fmt: skip
+            self.state.add_batch(self._row, [])
         return self._row
 
     def close(self) -> None:
         if self._row is None or self._file is None:
             return
-        if not self._items:  # every line so far was too large for any shard
-            self._file.close()
-            Path(self._row.shard).unlink()
-            self._file, self._row = None, None
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        row = replace(self._row, requests=len(self._items), bytes=self._bytes)
-        self.backfill.state.add_batch(row, self._items)
+        row, shard = self._row, self._file
+        self._file, self._row = None, None
+        lines, self._lines, nbytes, self._bytes = self._lines, 0, self._bytes, 0
+        try:
+            if not lines:  # every line so far was too large for any shard
+                self.state.drop_batch(row.id)
+                Path(row.shard).unlink()
+                return
+            shard.flush()
+            os.fsync(shard.fileno())
+            status = "written" if self.mode == "api" else "exported"
+            self.state.close_shard(row.id, status=status, requests=lines, nbytes=nbytes)
+        finally:
+            shard.close()  # and its lock
+        row = replace(row, status=status, requests=lines, bytes=nbytes)
         log.info("batch.shard_written", batch=row.id, shard=row.shard, requests=row.requests, bytes=row.bytes)
         self.closed.append(row)
-        self._file, self._row, self._items, self._bytes = None, None, [], 0
 
 
 class Backfill:
@@ -228,9 +242,10 @@ class Backfill:
         """``backfill --cancel``: cancel every batch under way (what they answered before is still applied by the
         next ``backfill --batch``), and drop exported shards not imported yet; their files are free for the next
         backfill or scan."""
+        self._drop_abandoned()
         done = []
         for row in self.state.batches():
-            if row.status in CLOSED:
+            if row.status in CLOSED or row.status == WRITING:  # another backfill is writing it: not ours to cancel
                 continue
             if row.mode == "api" and row.remote_id is not None and row.status not in REMOTE_DONE:
                 batch = self.client.cancel_batch(row.remote_id)
@@ -250,9 +265,10 @@ class Backfill:
     def write_shards(self, folder: Path, *, mode: str) -> list[BatchRow]:
         """Prepare every file a scan would send and write them into shards; files the online path must take are
         noted in the summary, files found up to date are recorded as a scan would record them."""
-        # Files in a shard still out, and files this run already hands to the online path (a batch that expired
-        # or was cancelled before answering them), are not batched again.
-        busy = self.state.batched_paths(OPEN_SHARDS) | {str(p) for p in self.summary.online}
+        self._drop_abandoned()
+        # Files in a shard still out (or being written by another backfill), and files this run already hands to
+        # the online path (a batch that expired or was cancelled before answering them), are not batched again.
+        busy = self.state.batched_paths((*OPEN_SHARDS, WRITING)) | {str(p) for p in self.summary.online}
         writer = _ShardWriter(self, folder, mode)
         try:
             todo = (path for path in self.daemon.needing_work() if str(path) not in busy)
@@ -260,11 +276,15 @@ class Backfill:
                 path = prepared.path
                 if isinstance(prepared, Outcome):
                     self._prepared_outcome(prepared)
-                elif writer.add(prepared):
-                    self.summary.batched += 1
-                else:
-                    log.info("batch.too_large", path=str(path), request_bytes=prepared.request_bytes)
-                    self.summary.online.append(path)
+                    continue
+                try:
+                    if writer.add(prepared):
+                        self.summary.batched += 1
+                    else:
+                        log.info("batch.too_large", path=str(path), request_bytes=prepared.request_bytes)
+                        self.summary.online.append(path)
+                finally:
+                    prepared.release()  # recorded in its shard, or left to the online path
         finally:
             writer.close()
         self.summary.shards += [Path(row.shard) for row in writer.closed]
@@ -277,12 +297,28 @@ class Backfill:
         workers = max(1, self.daemon.isolator.workers)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmwatchd-prepare") as pool:
             window: deque[Future[Prepared | Outcome]] = deque()
-            for path in paths:
-                window.append(pool.submit(processor.prepare, path))
-                if len(window) >= 2 * workers:
+            try:
+                for path in paths:
+                    window.append(pool.submit(processor.prepare, path))
+                    if len(window) >= 2 * workers:
+                        yield window.popleft().result()
+                while window:
                     yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
+            finally:  # left early (an error, a stop): the files prepared meanwhile are not claimed any longer
+                for future in window:
+                    if future.cancel() or future.exception() is not None:
+                        continue
+                    if isinstance(result := future.result(), Prepared):
+                        result.release()
+
+    def _drop_abandoned(self) -> None:
+        """Shards a backfill was writing when it was killed: incomplete, never sent, holding nothing (the online
+        path already ignores them); forgotten, with their files."""
+        for row in self._open(WRITING):
+            if not shard_being_written(row):
+                log.info("batch.abandoned_shard_dropped", batch=row.id, shard=row.shard)
+                self.state.drop_batch(row.id)
+                Path(row.shard).unlink(missing_ok=True)
 
     def _prepared_outcome(self, outcome: Outcome) -> None:
         if outcome.status == "retry":
@@ -485,6 +521,8 @@ def render_status(rows: Iterable[BatchRow], items: Callable[[str], int]) -> Iter
             parts.append(f"{waiting} files waiting")
         if row.message:
             parts.append(row.message)
+        if row.status == WRITING and not shard_being_written(row):
+            parts.append("abandoned (its backfill stopped while writing it): the next backfill drops it")
         yield "  ".join(parts)
         if row.mode == "export" and row.status == "exported":
             yield f"    run it: vllm run-batch -i {row.shard} -o OUT.jsonl --model MODEL; then backfill --import OUT.jsonl"

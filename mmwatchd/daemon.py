@@ -271,7 +271,9 @@ class Daemon:
 
     def _processor(self, config: Config) -> Pipeline:
         client = PoolClient(self.pool)
-        return Pipeline(config, client, clock=self.clock, isolator=self.isolator)  # type: ignore[arg-type]
+        pipeline = Pipeline(config, client, clock=self.clock, isolator=self.isolator)  # type: ignore[arg-type]
+        pipeline.batched = self._batched
+        return pipeline
 
     def _client_for(self, config: Config, member: Member) -> VLMClient:
         """The first endpoint uses the client the daemon was given; the others get one made for them."""
@@ -994,13 +996,6 @@ class Daemon:
         return self.store("read a retry count", self.state.attempts, path) or 0
 
     def _run_job(self, path: Path, *, explicit: bool, force: bool) -> Outcome:
-        shard = None if force else self._shard_of(path)
-        if shard is not None:
-            return Outcome(
-                path=path, status="skipped",
-                reason=f"in batch backfill shard {shard.id} ({shard.status}): `mmwatchd backfill` applies its answer; "
-                       "`mmwatchd backfill --cancel` gives it back to the online path",
-            )  # fmt: skip
         with self._lock:
             processor = self.processor
             self._users[processor] += 1
@@ -1023,13 +1018,19 @@ class Daemon:
             for client in retired:
                 _close(client)
 
-    def _shard_of(self, path: Path) -> BatchRow | None:
-        """The open batch-backfill shard that holds ``path`` (its answer is on its way there: describing it here
-        would pay for it twice), or None."""
+    def _batched(self, path: Path) -> str | None:
+        """Why ``path`` is left to a batch backfill: the open shard that holds it (its answer is on its way there,
+        and describing it here would pay for it twice); None when none does (the processor asks, see
+        :attr:`Pipeline.batched`)."""
         if self.state is None:
             return None
-        row: BatchRow | None = self.store("look for the file in a batch backfill", self.state.shard_of, path)
-        return row
+        shard: BatchRow | None = self.store("look for the file in a batch backfill", self.state.shard_of, path)
+        if shard is None:
+            return None
+        return (
+            f"in batch backfill shard {shard.id} ({shard.status}): `mmwatchd backfill` applies its answer; "
+            "`mmwatchd backfill --cancel` gives it back to the online path"
+        )
 
     def store(self, what: str, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """A state-store call that must not stop the work: the store is a cache beside the sidecars. A failure

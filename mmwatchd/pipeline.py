@@ -169,6 +169,13 @@ class Prepared:
     #: The sidecar's ``media`` record of the request, and the prompt values the rule's actions take.
     media: dict[str, Any] = field(repr=False)
     values: dict[str, object] = field(repr=False)
+    #: Held from :meth:`Pipeline.prepare` until the line is recorded in its shard (then the online path elsewhere
+    #: finds the file there); released by whoever takes the line, or drops it.
+    claim: sidecar.Claim | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        if self.claim is not None:
+            self.claim.release()
 
     def record(self) -> dict[str, Any]:
         """What the state store keeps of it (everything but the body): JSON."""
@@ -206,6 +213,9 @@ class Pipeline:
         self.clock = clock
         self.isolator = isolator
         self._roots = [r.path for r in config.watch]
+        #: Why a batch backfill has ``path`` (its open shard), or None: asked once the sidecar is claimed, so a
+        #: backfill that records the file while holding its claim is never raced (the daemon sets it).
+        self.batched: Callable[[Path], str | None] = lambda path: None
         self._vocabularies = _vocabularies(config)
         self._record = JsonSidecar(config)
         #: What is written from the answer besides the JSON record (the XMP sidecar), in this order.
@@ -269,6 +279,8 @@ class Pipeline:
             claim = sidecar.claim(side)
             if claim is None:
                 return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
+            if not force and (shard := self.batched(path)) is not None:
+                return Outcome(path=path, status="skipped", reason=shard, rule=rule.name)
             # Another process may have written the sidecar between the look above and the claim.
             again = sidecar.read(side)
             if not force and again != existing and self._fresh(path, again, before, fingerprint):
@@ -306,7 +318,8 @@ class Pipeline:
 
     def prepare(self, path: Path) -> Prepared | Outcome:
         """The first half of :meth:`process` for a batch: the request the online path would send, planned under the
-        same budget, without sending it or claiming the sidecar.
+        same budget, without sending it. The sidecar is claimed, as the online path claims it, and the claim goes
+        with the result (:attr:`Prepared.claim`): a file another process is describing is ``skipped``.
 
         An Outcome instead says why not: ``skipped`` (up to date, not media, no rule, gone), or ``retry``: the
         online path must take this file, because it has a problem the online path records as an error sidecar,
@@ -319,6 +332,7 @@ class Pipeline:
             return ctx
         before, values = ctx.before, ctx.values
         rule: Rule | None = None
+        claim: sidecar.Claim | None = None
         try:
             matched = self._match(ctx, explicit=False)
             if isinstance(matched, Outcome):
@@ -331,6 +345,9 @@ class Pipeline:
                 return self._up_to_date(path, existing, before, rule, kind, fingerprint)
             if problem is not None:
                 raise problem
+            claim = sidecar.claim(ctx.side)
+            if claim is None:
+                return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
             planned = self._plan(path, kind, rule, values, fingerprint)
             decision, knowledge = planned.decision, self._knowledge()
             if decision is not None and decision.probe:
@@ -343,6 +360,16 @@ class Pipeline:
                 return Outcome(path=path, status="skipped", reason=GONE, rule=rule.name, gone=True)
             if after != before:
                 return Outcome(path=path, status="retry", reason=CHANGED, rule=rule.name)
+            prepared = Prepared(
+                path=path, body=build_body(planned.request), request_bytes=request_bytes(planned.request),
+                identity=before.identity, sha256=sha, kind=kind, rule=rule.name, model=planned.request.model,
+                fingerprint=fingerprint, media=self._media_doc(planned),
+                # The vocabulary is the rule's, not the file's: apply() renders it again rather than keep a copy per
+                # line.
+                values={k: v for k, v in {**values, **ctx.raw}.items() if k != "vocabulary"}, claim=claim,
+            )  # fmt: skip
+            claim = None  # it goes with the line now
+            return prepared
         except ForeignSidecar as exc:
             return Outcome(
                 path=path, status="skipped", reason=exc.message, rule=rule.name if rule is not None else None, error=exc
@@ -354,13 +381,9 @@ class Pipeline:
         except (MediaError, VLMError, SidecarError, OSError) as exc:
             reason = exc.message if isinstance(exc, MmwatchdError) else f"cannot read the file: {exc.strerror or exc}"
             return Outcome(path=path, status="retry", reason=reason, rule=rule.name if rule is not None else None)
-        return Prepared(
-            path=path, body=build_body(planned.request), request_bytes=request_bytes(planned.request),
-            identity=before.identity, sha256=sha, kind=kind, rule=rule.name, model=planned.request.model,
-            fingerprint=fingerprint, media=self._media_doc(planned),
-            # The vocabulary is the rule's, not the file's: apply() renders it again rather than keep a copy per line.
-            values={k: v for k, v in {**values, **ctx.raw}.items() if k != "vocabulary"},
-        )  # fmt: skip
+        finally:
+            if claim is not None:
+                claim.release()
 
     def apply(self, prepared: Prepared, answer: Reply | MmwatchdError, *, last_attempt: bool = False) -> Outcome:
         """The second half: give the file the answer to its batched request, as :meth:`process` would have (the

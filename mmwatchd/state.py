@@ -21,6 +21,7 @@ so a connection per thread would only add lock waits between our own connections
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -159,6 +160,25 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: backfill``): those files are not batched again, and the online path leaves them to the backfill.
 OPEN_SHARDS = ("written", "exported", "submitted", "validating", "in_progress", "finalizing", "cancelling",
                "completed", "failed", "expired", "cancelled")  # fmt: skip
+#: A shard its backfill is still writing: each line is recorded as it is written, so the online path leaves the file
+#: from then on. Its writer holds a lock on the shard file (:func:`shard_being_written`); once that is gone (the
+#: backfill was killed) the shard holds nothing, and the next backfill drops it.
+WRITING = "writing"
+
+
+def shard_being_written(row: BatchRow) -> bool:
+    """``row`` (a :data:`WRITING` shard) is still being written: a live process holds the lock on its file."""
+    try:
+        fd = os.open(row.shard, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, when it was taken
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,12 +562,35 @@ class State:
                  batch.remote_id, batch.input_file_id, batch.output_file_id, batch.error_file_id, batch.message,
                  batch.created, batch.updated),
             )  # fmt: skip
-            db.executemany(
-                """INSERT INTO batch_items (custom_id, batch, path, size, mtime_ns, ino, ctime_ns, sha256, fingerprint,
-                   record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                ((i.custom_id, batch.id, os.fsencode(i.path), i.size, i.mtime_ns, i.ino, i.ctime_ns, i.sha256,
-                  i.fingerprint, json.dumps(i.record)) for i in items),
-            )  # fmt: skip
+            self._insert_items(db, batch.id, items)
+
+    @staticmethod
+    def _insert_items(db: sqlite3.Connection, batch_id: str, items: Iterable[BatchItem]) -> None:
+        db.executemany(
+            """INSERT INTO batch_items (custom_id, batch, path, size, mtime_ns, ino, ctime_ns, sha256, fingerprint,
+               record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            ((i.custom_id, batch_id, os.fsencode(i.path), i.size, i.mtime_ns, i.ino, i.ctime_ns, i.sha256,
+              i.fingerprint, json.dumps(i.record)) for i in items),
+        )  # fmt: skip
+
+    def add_batch_items(self, batch_id: str, items: Iterable[BatchItem]) -> None:
+        """Record lines of a shard being written (:data:`WRITING`) as they are written."""
+        with self._write() as db:
+            self._insert_items(db, batch_id, items)
+
+    def close_shard(self, batch_id: str, *, status: str, requests: int, nbytes: int) -> None:
+        """A shard is complete: its size, and the status that lets it be sent (or run, exported)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE batches SET status = ?, requests = ?, bytes = ?, updated = ? WHERE id = ?",
+                (status, requests, nbytes, self.clock(), batch_id),
+            )
+
+    def drop_batch(self, batch_id: str) -> None:
+        """Forget a shard and its lines altogether (one that was never complete)."""
+        with self._write() as db:
+            db.execute("DELETE FROM batch_items WHERE batch = ?", (batch_id,))
+            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
 
     _BATCH_FIELDS = frozenset({"status", "remote_id", "input_file_id", "output_file_id", "error_file_id", "message"})
 
@@ -598,16 +641,19 @@ class State:
         return {os.fsdecode(r[0]) for r in rows}
 
     def shard_of(self, path: Path) -> BatchRow | None:
-        """The open shard (:data:`OPEN_SHARDS`) that holds a line for ``path``; None when none does."""
+        """The open shard (:data:`OPEN_SHARDS`, or :data:`WRITING` while its writer lives) that holds a line for
+        ``path``; None when none does."""
+        statuses = (*OPEN_SHARDS, WRITING)
         with self._read() as db:
-            row = db.execute(
+            rows = db.execute(
                 f"""SELECT {self._BATCH_COLUMNS} FROM batches
                     WHERE id IN (SELECT batch FROM batch_items WHERE path = ?)
-                    AND status IN ({", ".join("?" * len(OPEN_SHARDS))})
-                    ORDER BY created LIMIT 1""",
-                (os.fsencode(path), *OPEN_SHARDS),
-            ).fetchone()
-        return BatchRow(*row) if row is not None else None
+                    AND status IN ({", ".join("?" * len(statuses))})
+                    ORDER BY created""",
+                (os.fsencode(path), *statuses),
+            ).fetchall()
+        shards = (BatchRow(*row) for row in rows)
+        return next((row for row in shards if row.status != WRITING or shard_being_written(row)), None)
 
     def forget_batch_items(self, batch_id: str) -> None:
         """Drop a finished shard's lines (the shard's row stays, for ``backfill --status``)."""

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +21,30 @@ from fakebatch import Batch, FakeBatchVLM
 from fakevlm import FakeVLM, Recorded, error_body
 from media import make_jpeg, make_png
 
-from mmwatchd.backfill import Backfill
+from mmwatchd import sidecar
+from mmwatchd.backfill import Backfill, _ShardWriter
 from mmwatchd.cli import _one_shot_daemon, main
 from mmwatchd.config import load
+from mmwatchd.pipeline import Prepared
 from mmwatchd.state import FILENAME, State
 
 #: Only what differs from one run to the next: when it was written and how long it took.
 VOLATILE = ("created", "elapsed_s")
+#: A backfill that writes one line into a new shard and is killed before the shard is complete.
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from mmwatchd.backfill import Backfill, _ShardWriter
+from mmwatchd.cli import _one_shot_daemon
+from mmwatchd.config import load
+if __name__ == "__main__":
+    daemon = _one_shot_daemon(load(Path(sys.argv[1])))
+    backfill = Backfill(daemon)
+    writer = _ShardWriter(backfill, backfill.shard_dir, "api")
+    prepared = daemon.processor.prepare(Path(sys.argv[2]))
+    assert writer.add(prepared)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 @pytest.fixture
@@ -228,6 +248,72 @@ class TestResume:
             assert second.run().outcomes == {"ok": len(photos)}
         assert all(_sidecar(p)["status"] == "ok" for p in photos) and fake.chat_requests == []
 
+    def test_a_file_another_process_is_describing_is_left_to_it(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        """The service has claimed a file's sidecar (its request is on the wire) when the backfill reaches it: the
+        backfill leaves it to the service instead of batching it too."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        held = sidecar.claim(photos[0].with_name(photos[0].name + ".json"))  # as the service's worker holds it
+        assert held is not None
+        try:
+            with _Run(cfg) as backfill:
+                summary = backfill.run()
+        finally:
+            held.release()
+        (batch,) = fake.batches.values()
+        batched = json.dumps([line["body"] for line in fake.input_lines(batch.id)])
+        assert photos[0].name not in batched and photos[1].name in batched
+        assert summary.batched == len(photos) - 1 and summary.online == [] and fake.chat_requests == []
+        assert not photos[0].with_name(photos[0].name + ".json").exists()  # the service writes it
+
+    def test_a_shard_holds_each_file_from_the_moment_its_line_is_written(
+        self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A scan (or the service) that reaches a file the backfill has just written into a shard it is still
+        filling leaves it to the backfill: the line is recorded while the file is claimed, not when the shard is
+        full, which can take hours."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        with _Run(cfg) as backfill:
+            writer = _ShardWriter(backfill, backfill.shard_dir, "api")
+            prepared = backfill.daemon.processor.prepare(photos[0])
+            assert isinstance(prepared, Prepared)
+            try:
+                assert writer.add(prepared)
+            finally:
+                prepared.release()
+            assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
+            assert f"{len(photos) - 1} described, 0 failed, 0 not reached, 1 skipped" in capsys.readouterr().out
+            assert [r for r in fake.chat_requests if photos[0].name.encode() in r.body] == []
+            writer.close()
+            (row,) = backfill.state.batches()
+            assert (row.status, row.requests) == ("written", 1)
+            backfill.run()
+        assert _sidecar(photos[0])["status"] == "ok" and len(fake.chat_requests) == len(photos) - 1
+
+    def test_a_shard_whose_backfill_was_killed_holds_nothing(
+        self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A backfill killed (SIGKILL) while it writes a shard leaves lines recorded for an incomplete shard that is
+        never sent: the online path describes those files, and the next backfill drops the shard."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 1)
+        child = subprocess.run(
+            [sys.executable, "-c", _KILLED_WRITER, str(cfg), str(photos[0])], capture_output=True, text=True, timeout=60
+        )
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        with State(tmp_path / "state" / FILENAME) as state:
+            (row,) = state.batches()
+        assert row.status == "writing" and Path(row.shard).exists()
+        assert main(["backfill", "-c", str(cfg), "--status"]) == 0
+        assert "abandoned (its backfill stopped while writing it)" in capsys.readouterr().out
+        assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
+        assert f"{len(photos)} described" in capsys.readouterr().out
+        with _Run(cfg) as backfill:
+            backfill.run()
+            assert backfill.state.batches() == [] and not Path(row.shard).exists()
+        assert fake.batches == {} and len(fake.chat_requests) == len(photos)
+
     def test_a_failed_poll_is_asked_again_at_the_next_interval(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
         cfg = _config(tmp_path, fake)
         photos = _photos(tmp_path / "inbox", 1)
@@ -305,7 +391,10 @@ class TestShards:
         photos = [make_jpeg(inbox / f"p{i}.jpg", (64, 48), seed=i) for i in range(5)]
         cfg = _config(tmp_path, fake)
         with _Run(cfg) as probe:  # how long one line is
-            line = len(json.dumps({"body": probe.daemon.processor.prepare(photos[0]).body}))  # type: ignore[union-attr]
+            prepared = probe.daemon.processor.prepare(photos[0])
+            assert isinstance(prepared, Prepared)
+            prepared.release()
+            line = len(json.dumps({"body": prepared.body}))
         limit = int(line * 2.6)  # two lines fit, three do not
         cfg = _config(tmp_path, fake, batch={"max_file_bytes": limit})
         with _Run(cfg) as backfill:
