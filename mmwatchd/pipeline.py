@@ -348,6 +348,8 @@ class Pipeline:
             claim = sidecar.claim(ctx.side)
             if claim is None:
                 return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
+            if (shard := self.batched(path)) is not None:  # another backfill wrote its line meanwhile
+                return Outcome(path=path, status="skipped", reason=shard, rule=rule.name)
             planned = self._plan(path, kind, rule, values, fingerprint)
             decision, knowledge = planned.decision, self._knowledge()
             if decision is not None and decision.probe:

@@ -25,7 +25,7 @@ from mmwatchd import sidecar
 from mmwatchd.backfill import Backfill, _ShardWriter
 from mmwatchd.cli import _one_shot_daemon, main
 from mmwatchd.config import load
-from mmwatchd.pipeline import Prepared
+from mmwatchd.pipeline import Outcome, Prepared
 from mmwatchd.state import FILENAME, State
 
 #: Only what differs from one run to the next: when it was written and how long it took.
@@ -290,6 +290,28 @@ class TestResume:
             assert (row.status, row.requests) == ("written", 1)
             backfill.run()
         assert _sidecar(photos[0])["status"] == "ok" and len(fake.chat_requests) == len(photos) - 1
+
+    def test_two_backfills_at_once_batch_each_file_once(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        """A second backfill started while the first is still filling its shard does not batch what the first
+        has written meanwhile, after the second had listed the folders."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        with _Run(cfg) as first, _Run(cfg) as second:
+            writer = _ShardWriter(first, first.shard_dir, "api")
+            prepared = first.daemon.processor.prepare(photos[0])
+            assert isinstance(prepared, Prepared)
+            try:
+                assert writer.add(prepared)
+            finally:
+                prepared.release()
+            late = second.daemon.processor.prepare(photos[0])  # as if listed before the first wrote the line
+            assert isinstance(late, Outcome) and late.status == "skipped"
+            assert late.reason is not None and late.reason.startswith(f"in batch backfill shard {writer._open().id}")
+            second.run()
+            writer.close()
+            first.run()
+        lines = [line for batch in fake.batches for line in fake.input_lines(batch)]
+        assert len(lines) == len(photos) and all(_sidecar(p)["status"] == "ok" for p in photos)
 
     def test_a_shard_whose_backfill_was_killed_holds_nothing(
         self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
