@@ -167,11 +167,15 @@ WRITING = "writing"
 
 
 def shard_being_written(row: BatchRow) -> bool:
-    """``row`` (a :data:`WRITING` shard) is still being written: a live process holds the lock on its file."""
+    """``row`` (a :data:`WRITING` shard) is still being written: a live process holds the lock on its file. A file
+    this process may not open (another user's export folder) is taken as being written: a file is left to the
+    backfill rather than paid for twice, and that backfill, or the next, settles it."""
     try:
         fd = os.open(row.shard, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

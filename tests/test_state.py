@@ -431,3 +431,34 @@ def test_killed_mid_write_loses_nothing_committed(tmp_path: Path) -> None:
         assert done >= prev_done
         prev_requests, prev_done = requests, done
     assert not any(".corrupt-" in p.name for p in tmp_path.iterdir())
+
+
+class TestShardBeingWritten:
+    """Whether a shard a backfill records as ``writing`` still has its writer: the lock on the shard file."""
+
+    @staticmethod
+    def _row(shard: Path) -> state.BatchRow:
+        return state.BatchRow("mmw-1", "api", "default", str(shard), 0, 0, state.WRITING, None, None, None, None, None,
+                              0.0, 0.0)  # fmt: skip
+
+    def test_locked_by_a_live_process_gone_with_it(self, tmp_path: Path) -> None:
+        shard = tmp_path / "mmw-1.jsonl"
+        shard.write_bytes(b"")
+        writer = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
+             "print('locked', flush=True); sys.stdin.read()", str(shard)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert writer.stdout is not None and writer.stdout.readline() == "locked\n"
+            assert state.shard_being_written(self._row(shard))
+        finally:
+            writer.kill()
+            writer.wait()
+        assert not state.shard_being_written(self._row(shard))  # the kernel dropped the lock with the process
+        assert not state.shard_being_written(self._row(tmp_path / "gone.jsonl"))
+
+    def test_a_shard_that_cannot_be_opened_is_taken_as_being_written(self, tmp_path: Path) -> None:
+        """Rather leave its files to the backfill than pay for them twice (another user's export folder, say)."""
+        (tmp_path / "not-a-folder").write_bytes(b"")
+        assert state.shard_being_written(self._row(tmp_path / "not-a-folder" / "mmw-1.jsonl"))
