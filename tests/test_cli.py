@@ -16,7 +16,7 @@ import pytest
 from configs import write_config
 from fakevlm import FakeVLM, chat_completion, error_body
 from media import make_jpeg, make_named_text
-from running import spawn_run, stop_run, wait_until
+from running import session_processes, spawn_run, stop_run, wait_until
 
 from mmwatchd import __version__
 from mmwatchd.cli import main
@@ -93,6 +93,33 @@ class TestBasics:
         finally:
             os.close(write_end)
         assert run.returncode == 1 and run.stderr.decode() == ""
+
+    def test_the_console_scripts_decoders_do_not_run_the_command_again(self, tmp_path: Path, fake_vlm: FakeVLM) -> None:
+        """The ``mmwatchd`` console script (what the systemd units start) is a script ``__main__``, which
+        multiprocessing would import again in every decoder process, and with it the whole command: its decoders
+        must carry only the encoders, as under ``python -m mmwatchd``."""
+        script = tmp_path / "mmwatchd"  # as pip writes console scripts
+        script.write_text(
+            "import re\nimport sys\nfrom mmwatchd.cli import entry\nif __name__ == '__main__':\n"
+            "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n    sys.exit(entry())\n"
+        )
+        cfg = write_config(tmp_path, base_url=fake_vlm.base_url)
+        with open(tmp_path / "run.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(script), "run", "-c", str(cfg), "--log-format", "json"],
+                cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+            )  # fmt: skip
+        try:
+            photo = make_jpeg(tmp_path / "inbox" / "a.jpg", (64, 48))
+            wait_until(lambda: photo.with_name("a.jpg.json").exists(), timeout=60)  # a decoder has done a call
+            maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid, _ in session_processes(proc.pid)}
+            decoders = [pid for pid, text in maps.items() if "_imaging" in text and pid != proc.pid]
+            assert decoders, maps.keys()
+            assert "pydantic_core" in maps[proc.pid]  # what the command loads, and the decoders need not
+            assert all("pydantic_core" not in maps[pid] for pid in decoders)
+        finally:
+            stop_run(proc, tmp_path)
 
 
 class TestOnce:
