@@ -190,7 +190,10 @@ def _env() -> dict[str, str]:
 
 
 def mmwatchd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mmwatchd", *args]
+    """The command as users run it: the ``mmwatchd`` console script installed beside this interpreter (what the
+    README and the systemd units start), else ``python -m mmwatchd`` from this checkout."""
+    script = Path(sys.executable).with_name("mmwatchd")
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "mmwatchd", *args]
 
 
 def run_child(cmd: Sequence[str], *, cwd: Path, timeout: float, tree: bool = False) -> Child:
