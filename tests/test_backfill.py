@@ -92,6 +92,18 @@ class _Run:
         self.daemon.close()
 
 
+def _writing(backfill: Backfill, photo: Path) -> _ShardWriter:
+    """A shard ``backfill`` is still filling, with ``photo``'s line written (and recorded) in it."""
+    writer = _ShardWriter(backfill, backfill.shard_dir, "api")
+    prepared = backfill.daemon.processor.prepare(photo)
+    assert isinstance(prepared, Prepared)
+    try:
+        assert writer.add(prepared)
+    finally:
+        prepared.release()
+    return writer
+
+
 def _where(fake: FakeBatchVLM, batch: Batch, name: str) -> str:
     """The custom_id of the line about the file ``name`` (its prompt names it)."""
     for line in fake.input_lines(batch.id):
@@ -275,13 +287,7 @@ class TestResume:
         cfg = _config(tmp_path, fake)
         photos = _photos(tmp_path / "inbox", 2)
         with _Run(cfg) as backfill:
-            writer = _ShardWriter(backfill, backfill.shard_dir, "api")
-            prepared = backfill.daemon.processor.prepare(photos[0])
-            assert isinstance(prepared, Prepared)
-            try:
-                assert writer.add(prepared)
-            finally:
-                prepared.release()
+            writer = _writing(backfill, photos[0])
             assert main(["scan", "-c", str(cfg), "--log-level", "error"]) == 0
             assert f"{len(photos) - 1} described, 0 failed, 0 not reached, 1 skipped" in capsys.readouterr().out
             assert [r for r in fake.chat_requests if photos[0].name.encode() in r.body] == []
@@ -297,13 +303,7 @@ class TestResume:
         cfg = _config(tmp_path, fake)
         photos = _photos(tmp_path / "inbox", 2)
         with _Run(cfg) as first, _Run(cfg) as second:
-            writer = _ShardWriter(first, first.shard_dir, "api")
-            prepared = first.daemon.processor.prepare(photos[0])
-            assert isinstance(prepared, Prepared)
-            try:
-                assert writer.add(prepared)
-            finally:
-                prepared.release()
+            writer = _writing(first, photos[0])
             late = second.daemon.processor.prepare(photos[0])  # as if listed before the first wrote the line
             assert isinstance(late, Outcome) and late.status == "skipped"
             assert late.reason is not None and late.reason.startswith(f"in batch backfill shard {writer._open().id}")
