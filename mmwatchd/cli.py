@@ -95,7 +95,7 @@ def _as_package_main() -> None:
 
     multiprocessing runs a script that is ``__main__`` again in every process it starts from the forkserver, the
     decoder processes included: for the ``mmwatchd`` console script that is the command's whole import (the config's
-    pydantic models, structlog, the pipeline), about 0.3 s of CPU and 20 MB in each decoder, at every start and every
+    pydantic models, structlog, the pipeline), about 0.3 s of CPU and 25 MB in each decoder, at every start and every
     replacement, on the cores the command's own start-up needs. A package's ``__main__`` is never run again, and the
     decoders need nothing from it: what they run lives in ``mmwatchd.encode``.
     """
