@@ -11,10 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from mmwatchd.state import DoneRow
+from typing import Any, Literal, Protocol
 
 #: What a file's record says it got: a description, or an error sidecar (a file that failed for good).
 Answer = Literal["ok", "error"]
@@ -45,7 +42,8 @@ class FileVersion:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Record:
-    """What a sidecar or a done-index row says was answered, for which file version and under which fingerprint."""
+    """What a sidecar says was answered, for which file version and under which fingerprint (a done-index row,
+    :class:`~mmwatchd.state.DoneRow`, is a :class:`Recorded` itself)."""
 
     answer: Answer | None
     fingerprint: str | None
@@ -54,8 +52,8 @@ class Record:
     ino: object = None
     ctime_ns: object = None
     sha256: object = None
-    #: A done-index row made before inodes and ctimes were kept: it vouches for size and mtime alone (it has no hash
-    #: to settle the rest), as it did when it was made.
+    #: Vouches for size and mtime alone, as a done-index row made before inodes and ctimes were kept does (it has no
+    #: hash to settle the rest); a sidecar has its hash for that.
     size_and_mtime_only: bool = False
 
     @classmethod
@@ -71,17 +69,29 @@ class Record:
             sha256=src.get("sha256"),
         )
 
-    @classmethod
-    def of_row(cls, row: DoneRow) -> Record:
-        answer: Answer | None = "error" if row.answer == "error" else "ok" if row.answer == "ok" else None
-        return cls(
-            answer=answer, fingerprint=row.fingerprint, size=row.size, mtime_ns=row.mtime_ns, ino=row.ino,
-            ctime_ns=row.ctime_ns, size_and_mtime_only=row.ino is None and row.ctime_ns is None,
-        )  # fmt: skip
+
+class Recorded(Protocol):
+    """What :func:`is_done` reads of a record: a :class:`Record`, or a done-index row as it is (a rescan asks for
+    100,000 of them, and makes no Record for each)."""
+
+    @property
+    def fingerprint(self) -> str | None: ...
+    @property
+    def size(self) -> object: ...
+    @property
+    def mtime_ns(self) -> object: ...
+    @property
+    def ino(self) -> object: ...
+    @property
+    def ctime_ns(self) -> object: ...
+    @property
+    def sha256(self) -> object: ...
+    @property
+    def size_and_mtime_only(self) -> bool: ...
 
 
 def is_done(
-    record: Record | None,
+    record: Recorded | None,
     now: FileVersion | os.stat_result,
     fingerprint: str | None,
     *,
@@ -99,12 +109,15 @@ def is_done(
     """
     if record is None or (fingerprint is not None and record.fingerprint != fingerprint):
         return False
-    version = now if isinstance(now, FileVersion) else FileVersion.of(now)
-    if record.size != version.size:
+    if isinstance(now, FileVersion):
+        size, mtime_ns, ino, ctime_ns = now.identity
+    else:  # a stat: no FileVersion made for it (the done-index asks this for every file of a rescan)
+        size, mtime_ns, ino, ctime_ns = now.st_size, now.st_mtime_ns, now.st_ino, now.st_ctime_ns
+    if record.size != size:
         return False
-    same = record.mtime_ns == version.mtime_ns
+    same = record.mtime_ns == mtime_ns
     if exact and not record.size_and_mtime_only:
-        same = same and record.ino == version.ino and record.ctime_ns == version.ctime_ns
+        same = same and record.ino == ino and record.ctime_ns == ctime_ns
     if same:
         return True
     return sha256 is not None and bool(record.sha256) and record.sha256 == sha256()

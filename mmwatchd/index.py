@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmwatchd import outputs
-from mmwatchd.done import Record, is_done
+from mmwatchd.done import Answer, is_done
 from mmwatchd.model import Config, WatchRoot
 from mmwatchd.rules import fingerprint, match as match_rule
 from mmwatchd.sidecar import locate as sidecar_locate, sidecar_path
@@ -80,12 +80,11 @@ class DoneIndex:
         key = (rule.name, row.media_kind)
         if key not in self._fingerprints:
             self._fingerprints[key] = fingerprint(rule, cfg.endpoint, row.media_kind)
-        record = Record.of_row(row)
-        if not is_done(record, st, self._fingerprints[key], exact=True):
+        if not is_done(row, st, self._fingerprints[key], exact=True):
             return None  # its rule changed, or it was rewritten (or replaced) with its size and mtime kept
-        answer = record.answer or "ok"
+        answer: Answer = "error" if row.answer == "error" else "ok"
         if any(o.wants(answer) and not o.present(Path(path)) for o in self._outputs):
             return None  # turned on since, or its write failed: the pipeline writes it from the answer on record
-        if record.size_and_mtime_only:
+        if row.size_and_mtime_only:
             self.adopted[path] = (st.st_ino, st.st_ctime_ns)
         return row

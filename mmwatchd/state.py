@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from mmwatchd import __version__
 from mmwatchd.errors import StateError, clip
@@ -213,6 +213,13 @@ class DoneRow:
     #: Inode and ctime of the version answered; None for entries made by an older mmwatchd.
     ino: int | None = None
     ctime_ns: int | None = None
+    #: The index keeps no hash (a row is settled by its version, see :func:`mmwatchd.done.is_done`).
+    sha256: ClassVar[None] = None
+
+    @property
+    def size_and_mtime_only(self) -> bool:
+        """Made before inodes and ctimes were kept: it vouches for size and mtime alone."""
+        return self.ino is None and self.ctime_ns is None
 
 
 @dataclass(frozen=True, slots=True)

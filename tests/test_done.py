@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -64,22 +65,35 @@ class TestSidecar:
 
 
 class TestIndexRow:
+    """A done-index row is a record as it is (a rescan asks for every file's)."""
+
     def test_a_row_for_this_version_and_rule(self) -> None:
         row = DoneRow(3, 10, "image", "f", "error", 7, 20)
-        assert is_done(Record.of_row(row), NOW, "f", exact=True)
-        assert Record.of_row(row).answer == "error"
-        assert not is_done(Record.of_row(row), NOW, "g", exact=True)
+        assert is_done(row, NOW, "f", exact=True)
+        assert not is_done(row, NOW, "g", exact=True)
 
     @pytest.mark.parametrize("changed", [{"ino": 8}, {"ctime_ns": 21}, {"mtime_ns": 11}, {"size": 4}])
     def test_a_row_has_no_hash_so_any_change_is_not_done(self, changed: dict[str, int]) -> None:
         row = DoneRow(3, 10, "image", "f", "ok", 7, 20)
-        assert not is_done(Record.of_row(row), _now(**changed), "f", exact=True, sha256=lambda: "abc")
+        assert not is_done(row, _now(**changed), "f", exact=True, sha256=lambda: "abc")
+
+    def test_a_row_against_the_files_stat(self, tmp_path: Path) -> None:
+        """What a rescan asks for each file: the row against an ``os.stat`` of it."""
+        photo = tmp_path / "a.jpg"
+        photo.write_bytes(b"abc")
+        st = os.stat(photo)
+        row = DoneRow(st.st_size, st.st_mtime_ns, "image", "f", "ok", st.st_ino, st.st_ctime_ns)
+        assert is_done(row, st, "f", exact=True)
+        (tmp_path / "b.jpg").write_bytes(b"abc")
+        os.utime(tmp_path / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp_path / "b.jpg", photo)  # same size and mtime, another file
+        assert not is_done(row, os.stat(photo), "f", exact=True)
 
     def test_a_row_from_before_inodes_were_kept_vouches_for_size_and_mtime(self) -> None:
-        record = Record.of_row(DoneRow(3, 10, "image", "f", None))
-        assert record.size_and_mtime_only and record.answer is None
-        assert is_done(record, _now(ino=8, ctime_ns=99), "f", exact=True)
-        assert not is_done(record, _now(mtime_ns=11), "f", exact=True)
+        row = DoneRow(3, 10, "image", "f", None)
+        assert row.size_and_mtime_only
+        assert is_done(row, _now(ino=8, ctime_ns=99), "f", exact=True)
+        assert not is_done(row, _now(mtime_ns=11), "f", exact=True)
 
 
 def test_only_the_done_module_compares_a_record_with_a_file() -> None:
