@@ -519,6 +519,8 @@ def row_throughput(report: Report, size: Size, work: Path) -> None:
                    fmt_s(first), f"{fmt_s(sdk_s)} (a process that imports openai and makes its client)",
                    first / sdk_s, 1.0, "<= 1.0x"))  # fmt: skip
     child, hits, _ = runs[-1]
+    full_rounds = -(-n // concurrency)  # the last one partly full
+    least = sdk_s + full_rounds * (LATENCY_S + extra)
     busy = sum(h.answered - h.started for h in hits)
     names = {h.name for h in hits}
     last = max(h.answered for h in hits)
@@ -530,9 +532,8 @@ def row_throughput(report: Report, size: Size, work: Path) -> None:
         f"server self-check: {parallel} requests at once, median {extra * 1000:.1f} ms beyond the delay. "
         f"Importing mmwatchd's command modules before the SDK takes {fmt_s(med(own))} "
         f"({fmt_ratio(med(own) / sdk_s)} of the bare SDK): 3c's floor with one interpreter. "
-        f"The least a scan can take is the bare SDK and {-(-n // concurrency)} rounds of the server's delay and "
-        f"self-check time: {fmt_s(sdk_s + -(-n // concurrency) * (LATENCY_S + extra))} "
-        f"({fmt_ratio((sdk_s + -(-n // concurrency) * (LATENCY_S + extra)) / ideal)} of 3a's ideal)"
+        f"The least a scan can take is the bare SDK and {full_rounds} rounds of the server's delay and self-check "
+        f"time: {fmt_s(least)} ({fmt_ratio(least / ideal)} of 3a's ideal)"
     )
 
 
