@@ -266,6 +266,15 @@ class Endpoint:
             return False
         return self.status == "up" or (self._paused is not None and self._granted)
 
+    def take_trial(self) -> bool:
+        """Take the trial a paused endpoint's prober offers, when it offers one (called with the pool's lock held):
+        routing then lets one request through to it."""
+        if self._paused is None or not self._trial:
+            return False
+        self._trial = False
+        self._granted = True
+        return True
+
     def comes_back(self) -> bool:
         """Not usable now, but its prober (or a paused endpoint's trial) will make it so: worth waiting for
         (called with the pool's lock held). Not when today's requests are used up: that may take hours."""
@@ -580,11 +589,8 @@ class Pool:
                 # waits in routing for the check's answer.
                 if any(e.status in ("up", "checking") and e._paused is None for e in self.endpoints):
                     return True
-                for e in self.endpoints:
-                    if e._paused is not None and e._trial:
-                        e._trial = False
-                        e._granted = True
-                        return True
+                if any(e.take_trial() for e in self.endpoints):
+                    return True
                 self.cond.wait(0.5)
 
     def trial_finished(self) -> None:
@@ -627,9 +633,7 @@ class Pool:
         if self.host.stopping.is_set():
             raise Stopping("mmwatchd is stopping: the request was not sent")
         for e in candidates:  # a paused endpoint's trial may go to a request that is ready
-            if e._paused is not None and e._trial:
-                e._trial = False
-                e._granted = True
+            e.take_trial()
         usable = [e for e in candidates if e.usable()]
         if not usable:
             return None, any(e.status == "checking" for e in candidates) or (
