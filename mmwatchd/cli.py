@@ -668,7 +668,8 @@ def _one_shot_daemon(cfg: Config, *, metrics: bool = False, decoders: int | None
     :func:`_start_one_shot`.
 
     ``metrics``: keep Prometheus metrics (for ``--metrics-textfile``). ``decoders``: the number of files, when known:
-    no more decoder processes than that start (each costs 0.2-0.4 s of CPU at start-up, next to the SDK's import).
+    no more decoder processes than that start (each is forked from the forkserver, about 10 ms of CPU, and holds its
+    memory until the command ends).
     """
     from mmwatchd.daemon import Daemon
 
