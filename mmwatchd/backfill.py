@@ -43,7 +43,7 @@ from mmwatchd.metrics import endpoint_name
 from mmwatchd.model import Config, EndpointConfig
 from mmwatchd.pipeline import Outcome, Prepared
 from mmwatchd.servers import is_image_refusal, is_video_format_refusal
-from mmwatchd.state import OPEN_SHARDS, WRITING, BatchItem, BatchRow, shard_being_written
+from mmwatchd.state import CLOSED_SHARDS, OPEN_SHARDS, WRITING, BatchItem, BatchRow, shard_being_written
 
 if TYPE_CHECKING:
     from mmwatchd.daemon import Daemon
@@ -56,8 +56,6 @@ log = get_logger()
 URL = "/v1/chat/completions"
 #: The API's statuses after which nothing more happens to a batch (its files are there, or never will be).
 REMOTE_DONE = frozenset({"completed", "failed", "expired", "cancelled"})
-#: A shard whose answers have been applied (or that was given up before it was sent).
-CLOSED = ("applied", "dropped")
 
 
 def choose_endpoint(config: Config, name: str | None) -> EndpointConfig:
@@ -83,6 +81,8 @@ class Summary:
     online: list[Path] = field(default_factory=list)
     #: Lines of an imported output file that belong to no shard this state store knows.
     unknown: int = 0
+    #: Shards ``--import`` or ``--cancel`` left alone: another backfill was acting on them at the time.
+    busy: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> None:
         self.outcomes[status] = self.outcomes.get(status, 0) + 1
@@ -233,9 +233,14 @@ class Backfill:
         self.summary.unknown = sum(1 for line in lines if str(line.get("custom_id")) not in known)
         batches = {item.batch for item in known.values()}
         for row in self.state.batches():
-            if row.id in batches and row.status not in CLOSED:
-                items = self.state.batch_items(row.id)
-                self._apply(row, items, [line for line in lines if line.get("custom_id") in items], "imported")
+            if row.id not in batches or row.status in CLOSED_SHARDS:
+                continue
+            with self.state.batch_lease(row.id) as now:
+                if now is None:
+                    self._busy(row)
+                elif now.status not in CLOSED_SHARDS:  # not applied meanwhile
+                    items = self.state.batch_items(now.id)
+                    self._apply(now, items, [line for line in lines if line.get("custom_id") in items], "imported")
         return self.summary
 
     def cancel(self) -> list[BatchRow]:
@@ -245,20 +250,35 @@ class Backfill:
         self._drop_abandoned()
         done = []
         for row in self.state.batches():
-            if row.status in CLOSED or row.status == WRITING:  # another backfill is writing it: not ours to cancel
+            if row.status in CLOSED_SHARDS or row.status == WRITING:  # WRITING: another backfill's, not ours
                 continue
-            if row.mode == "api" and row.remote_id is not None and row.status not in REMOTE_DONE:
-                batch = self.client.cancel_batch(row.remote_id)
-                self.state.update_batch(row.id, status=str(batch.get("status") or "cancelling"))
-            elif row.remote_id is None:
-                self.state.update_batch(row.id, status="dropped", message="cancelled before it was sent")
-                self.state.forget_batch_items(row.id)
-                if row.mode == "api":
-                    Path(row.shard).unlink(missing_ok=True)
-            else:
-                continue
-            done.append(row)
+            with self.state.batch_lease(row.id) as now:
+                if now is None:
+                    self._busy(row)
+                elif self._cancel(now):
+                    done.append(now)
         return done
+
+    def _cancel(self, row: BatchRow) -> bool:
+        """Cancel one shard as it is recorded now; False when there is nothing left to cancel (it was applied or
+        cancelled meanwhile, or its batch has finished)."""
+        if row.status in CLOSED_SHARDS:
+            return False
+        if row.remote_id is None:
+            self.state.update_batch(row.id, status="dropped", message="cancelled before it was sent")
+            self.state.forget_batch_items(row.id)
+            if row.mode == "api":
+                Path(row.shard).unlink(missing_ok=True)
+            return True
+        if row.mode == "api" and row.status not in REMOTE_DONE:
+            batch = self.client.cancel_batch(row.remote_id)
+            self.state.update_batch(row.id, status=str(batch.get("status") or "cancelling"))
+            return True
+        return False
+
+    def _busy(self, row: BatchRow) -> None:
+        log.info("batch.busy", batch=row.id, note="another backfill is sending, applying or cancelling it")
+        self.summary.busy.append(row.id)
 
     # -- planning ------------------------------------------------------------------------------------------------
 
@@ -331,7 +351,15 @@ class Backfill:
 
     def _submit(self, row: BatchRow) -> None:
         """Upload a shard and create its batch, recording each step as it is taken (an upload whose batch was not
-        created is uploaded again after a restart; the orphan file expires on the API's side)."""
+        created is uploaded again after a restart; the orphan file expires on the API's side). Not while another
+        backfill does, nor after: each shard becomes one batch."""
+        with self.state.batch_lease(row.id) as now:
+            if now is None:  # being sent by another backfill; once it is, the polls below see it
+                log.info("batch.busy", batch=row.id, note="another backfill is sending it")
+            elif now.status == "written":
+                self._send(now)
+
+    def _send(self, row: BatchRow) -> None:
         file_id = self.client.upload_batch(Path(row.shard))
         self.state.update_batch(row.id, input_file_id=file_id)
         batch = self.client.create_batch(file_id, metadata={"mmwatchd_batch": row.id})
@@ -346,27 +374,34 @@ class Backfill:
             for row in self._open():
                 if row.mode != "api" or row.remote_id is None or row.endpoint != self.endpoint_label:
                     continue
-                try:
-                    batch = self.client.get_batch(row.remote_id)
-                except VLMUnavailable as exc:  # a blip in a wait of hours: ask again at the next interval
-                    log.warning("batch.poll_failed", batch=row.id, remote_id=row.remote_id, reason=exc.message)
-                    pending += 1
-                    continue
-                status = str(batch.get("status"))
-                if status != row.status:
-                    log.info("batch.status", batch=row.id, remote_id=row.remote_id, status=status,
-                             counts=batch.get("request_counts"))  # fmt: skip
-                    self.state.update_batch(
-                        row.id, status=status, output_file_id=batch.get("output_file_id"),
-                        error_file_id=batch.get("error_file_id"), message=_errors(batch),
-                    )  # fmt: skip
-                if status in REMOTE_DONE:
-                    self._collect(row, batch, status)
-                else:
-                    pending += 1
+                with self.state.batch_lease(row.id) as now:
+                    if now is None:  # another backfill is looking at it or applying it: ask again next time
+                        pending += 1
+                    elif now.status in OPEN_SHARDS and now.remote_id is not None:  # not applied meanwhile
+                        pending += self._look(now, now.remote_id)
             if not wait or not pending:
                 return
             self.sleep(self.config.batch.poll_interval_s)
+
+    def _look(self, row: BatchRow, remote_id: str) -> bool:
+        """Ask how one batch is doing, and apply it once it is done; True while it is still under way."""
+        try:
+            batch = self.client.get_batch(remote_id)
+        except VLMUnavailable as exc:  # a blip in a wait of hours: ask again at the next interval
+            log.warning("batch.poll_failed", batch=row.id, remote_id=remote_id, reason=exc.message)
+            return True
+        status = str(batch.get("status"))
+        if status != row.status:
+            log.info("batch.status", batch=row.id, remote_id=remote_id, status=status,
+                     counts=batch.get("request_counts"))  # fmt: skip
+            self.state.update_batch(
+                row.id, status=status, output_file_id=batch.get("output_file_id"),
+                error_file_id=batch.get("error_file_id"), message=_errors(batch),
+            )  # fmt: skip
+        if status not in REMOTE_DONE:
+            return True
+        self._collect(row, batch, status)
+        return False
 
     def _collect(self, row: BatchRow, batch: dict[str, Any], status: str) -> None:
         """Download a finished batch's output and error files and apply them."""
@@ -517,7 +552,7 @@ def render_status(rows: Iterable[BatchRow], items: Callable[[str], int]) -> Iter
         remote = row.remote_id or "-"
         parts = [f"{row.id}  {row.mode:<6} {row.status:<11} {row.requests:>6} requests  {row.bytes:>11} bytes",
                  f"created {created}Z", f"remote {remote}"]  # fmt: skip
-        if waiting and row.status not in CLOSED:
+        if waiting and row.status not in CLOSED_SHARDS:
             parts.append(f"{waiting} files waiting")
         if row.message:
             parts.append(row.message)

@@ -412,6 +412,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_FAILED if c["error"] or c["retry"] else EXIT_OK
 
 
+def _print_busy(batch_ids: list[str], then: str) -> None:
+    """The shards a backfill left alone because another backfill was acting on them."""
+    for batch_id in dict.fromkeys(batch_ids):
+        print(f"mmwatchd: {batch_id}: another backfill was sending, applying or cancelling it; left to that one "
+              f"({then})", file=sys.stderr)  # fmt: skip
+
+
 def _write_textfile(daemon: Daemon, path: Path) -> bool:
     """``--metrics-textfile``: the run's metrics for node_exporter; False (and said) when it cannot be written."""
     from mmwatchd.metrics import Metrics
@@ -446,9 +453,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             cancelled = backfill.cancel()
             for row in cancelled:
                 print(f"cancelled {row.id} ({row.requests} requests{', ' + row.remote_id if row.remote_id else ''})")
-            if not cancelled:
+            _print_busy(backfill.summary.busy, "run backfill --cancel again")
+            if not cancelled and not backfill.summary.busy:
                 print("no batch under way")
-            return EXIT_OK
+            return EXIT_FAILED if backfill.summary.busy else EXIT_OK
         if args.export is not None:
             summary = backfill.export(args.export)
         elif args.import_:
@@ -470,6 +478,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if summary.unknown:
         print(f"mmwatchd: {summary.unknown} output line(s) belong to no batch of this state store (imported before, "
               "or from another state directory): ignored", file=sys.stderr)  # fmt: skip
+    _print_busy(summary.busy, "backfill --status shows how it ends")
     online = len(dict.fromkeys(summary.online))
     c, o = daemon.counts, summary.outcomes
     if args.export is not None:

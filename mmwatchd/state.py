@@ -164,6 +164,8 @@ OPEN_SHARDS = ("written", "exported", "submitted", "validating", "in_progress", 
 #: from then on. Its writer holds a lock on the shard file (:func:`shard_being_written`); once that is gone (the
 #: backfill was killed) the shard holds nothing, and the next backfill drops it.
 WRITING = "writing"
+#: Shard statuses that hold nothing any more: answered and applied, or given up before it was sent.
+CLOSED_SHARDS = ("applied", "dropped")
 
 
 def shard_being_written(row: BatchRow) -> bool:
@@ -615,6 +617,42 @@ class State:
             db.execute(
                 f"UPDATE batches SET {sets}, updated = ? WHERE id = ?", (*fields.values(), self.clock(), batch_id)
             )
+
+    def batch(self, batch_id: str) -> BatchRow | None:
+        """One shard as it is recorded now; None once it is forgotten."""
+        with self._read() as db:
+            row = db.execute(f"SELECT {self._BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else BatchRow(*row)
+
+    @contextlib.contextmanager
+    def batch_lease(self, batch_id: str) -> Iterator[BatchRow | None]:
+        """The shard ``batch_id`` as recorded now, while this process alone acts on it (sends it, collects and
+        applies its answers, cancels it); None while another process does, or once it is forgotten.
+
+        Two backfills at once (a cron job while a ``--batch`` still waits) would otherwise both upload a shard
+        that is ``written`` (two batches, paid twice) or both download and apply a finished batch. The lease is an
+        ``flock`` on a file of the shard's own under the state directory, so it goes with a killed process; the
+        row is read once it is held, so what the last holder did is seen. The file is removed with the lease
+        once the shard is closed (applied or dropped).
+        """
+        folder = self.path.parent / "batch-locks"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        lock = folder / f"{batch_id}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            try:
+                yield self.batch(batch_id)
+            finally:
+                after = self.batch(batch_id)
+                if after is None or after.status in CLOSED_SHARDS:
+                    lock.unlink(missing_ok=True)  # one that opened it meanwhile reads the shard closed, as above
+        finally:
+            os.close(fd)  # and with it the lock
 
     def batches(self) -> list[BatchRow]:
         """Every shard, oldest first."""

@@ -4,6 +4,7 @@ path, resumable from the state store, files changed since they were batched sent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -45,6 +46,38 @@ if __name__ == "__main__":
     assert writer.add(prepared)
     os.kill(os.getpid(), signal.SIGKILL)
 """
+
+
+#: Another backfill acting on a shard: holds the shard's lease until its stdin closes or it is killed.
+_LEASE_HOLDER = """
+import sys
+from pathlib import Path
+from mmwatchd.state import State
+if __name__ == "__main__":
+    with State(Path(sys.argv[1])) as state, state.batch_lease(sys.argv[2]) as row:
+        print("held" if row is not None else "busy", flush=True)
+        sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _held(tmp_path: Path, batch_id: str) -> Iterator[None]:
+    """A real process holds ``batch_id``'s lease meanwhile, and is then killed (SIGKILL): its lock goes with it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LEASE_HOLDER, str(tmp_path / "state" / FILENAME), batch_id],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+
+
+def _batch_requests(fake: FakeBatchVLM) -> list[str]:
+    """The Files and Batches API requests so far (method and path)."""
+    return [f"{r.method} {r.path}" for r in fake.requests if "/files" in r.path or "/batches" in r.path]
 
 
 @pytest.fixture
@@ -335,6 +368,81 @@ class TestResume:
             backfill.run()
             assert backfill.state.batches() == [] and not Path(row.shard).exists()
         assert fake.batches == {} and len(fake.chat_requests) == len(photos)
+
+    def test_a_shard_another_backfill_is_sending_is_sent_once(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        """Two backfills at once (a cron job while another still runs): a written shard the other is uploading is
+        neither uploaded nor made a batch a second time (it would be paid for twice)."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        with _Run(cfg) as first, _Run(cfg) as second:
+            (row,) = first.write_shards(first.shard_dir, mode="api")
+            with _held(tmp_path, row.id):
+                second.run(wait=False)
+                assert _batch_requests(fake) == []
+            second.run()
+        assert [r for r in _batch_requests(fake) if r.startswith("POST")] == ["POST /v1/files", "POST /v1/batches"]
+        assert all(_sidecar(p)["status"] == "ok" for p in photos)
+
+    def test_a_batch_another_backfill_is_applying_is_left_to_it(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
+        """While another process holds a batch (looks at it, downloads and applies its answers), this backfill
+        does not even ask about it; once that process is gone (killed here), the batch is this one's to finish."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        with _Run(cfg) as backfill:
+            backfill.run(wait=False)
+            (row,) = backfill.state.batches()
+            asked = len(_batch_requests(fake))
+            with _held(tmp_path, row.id):
+                backfill.poll(wait=False)
+                assert len(_batch_requests(fake)) == asked
+            backfill.poll(wait=True)
+        assert all(_sidecar(p)["status"] == "ok" for p in photos)
+        assert not (tmp_path / "state" / "batch-locks" / f"{row.id}.lock").exists()  # gone with the closed shard
+
+    def test_a_batch_applied_meanwhile_is_not_applied_again(
+        self, tmp_path: Path, fake: FakeBatchVLM, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A backfill that listed the shards before another (a real ``mmwatchd backfill`` process) applied one
+        reads it again under its lease: it neither downloads nor applies it a second time, and the record the
+        other left (its message) stays."""
+        cfg = _config(tmp_path, fake)
+        photos = _photos(tmp_path / "inbox", 2)
+        with _Run(cfg) as backfill:
+            backfill.run(wait=False)
+            listed = backfill._open()
+            other = subprocess.run(
+                [sys.executable, "-m", "mmwatchd", "backfill", "-c", str(cfg), "--batch", "--log-level", "error"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert other.returncode == 0, other.stderr
+            (applied,) = backfill.state.batches()
+            assert applied.status == "applied"
+            written = {p: p.with_name(p.name + ".json").stat().st_mtime_ns for p in photos}
+            asked = len(_batch_requests(fake))
+            monkeypatch.setattr(backfill, "_open", lambda *statuses: listed)
+            backfill.poll(wait=False)
+            assert len(_batch_requests(fake)) == asked
+            assert backfill.state.batch(applied.id) == applied
+            assert backfill.daemon.counts["ok"] == 0
+        assert {p: p.with_name(p.name + ".json").stat().st_mtime_ns for p in photos} == written
+
+    def test_cancel_leaves_a_batch_another_backfill_holds_and_says_so(
+        self, tmp_path: Path, fake: FakeBatchVLM, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        cfg = _config(tmp_path, fake)
+        _photos(tmp_path / "inbox", 1)
+        with _Run(cfg) as first:
+            first.run(wait=False)
+            (row,) = first.state.batches()
+        (batch,) = fake.batches.values()
+        status = batch.status
+        with _held(tmp_path, row.id):
+            assert main(["backfill", "-c", str(cfg), "--cancel", "--log-level", "error"]) == 1
+            err = capsys.readouterr().err
+            assert f"{row.id}: another backfill was sending, applying or cancelling it" in err
+            assert "run backfill --cancel again" in err and batch.status == status
+        assert main(["backfill", "-c", str(cfg), "--cancel", "--log-level", "error"]) == 0
+        assert batch.status == "cancelling" and f"cancelled {row.id}" in capsys.readouterr().out
 
     def test_a_failed_poll_is_asked_again_at_the_next_interval(self, tmp_path: Path, fake: FakeBatchVLM) -> None:
         cfg = _config(tmp_path, fake)
