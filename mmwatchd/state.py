@@ -636,9 +636,15 @@ class State:
         once the shard is closed (applied or dropped).
         """
         folder = self.path.parent / "batch-locks"
-        folder.mkdir(mode=0o700, exist_ok=True)
         lock = folder / f"{batch_id}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"{lock}: cannot lock the shard {batch_id}: {exc.strerror or exc} (check the permissions of "
+                f"{folder}: run backfill as the user the state directory belongs to)"
+            ) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -458,6 +458,13 @@ class TestShardBeingWritten:
         assert not state.shard_being_written(self._row(shard))  # the kernel dropped the lock with the process
         assert not state.shard_being_written(self._row(tmp_path / "gone.jsonl"))
 
+    def test_a_shard_lease_that_cannot_be_made_says_where_and_why(self, tmp_path: Path) -> None:
+        with state.State(tmp_path / state.FILENAME) as store:
+            (tmp_path / "batch-locks").write_bytes(b"")  # in the way of the lock folder
+            problem = r"batch-locks/mmw-1\.lock: cannot lock the shard mmw-1: .*permissions"
+            with pytest.raises(StateError, match=problem), store.batch_lease("mmw-1"):
+                pass
+
     def test_a_shard_that_cannot_be_opened_is_taken_as_being_written(self, tmp_path: Path) -> None:
         """Rather leave its files to the backfill than pay for them twice (another user's export folder, say)."""
         (tmp_path / "not-a-folder").write_bytes(b"")
