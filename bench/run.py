@@ -542,7 +542,9 @@ def row_throughput(report: Report, size: Size, work: Path) -> None:
         f"first request after {', '.join(fmt_s(f) for _, _, f in runs)}, bare SDK {', '.join(fmt_s(b) for b in bare)}; "
         f"server self-check: {parallel} requests at once, median {extra * 1000:.1f} ms beyond the delay. "
         f"Importing mmwatchd's command modules before the SDK takes {fmt_s(med(own))} "
-        f"({fmt_ratio(med(own) / sdk_s)} of the bare SDK): 3c's floor with one interpreter. "
+        f"({fmt_ratio(med(own) / sdk_s)} of the bare SDK), about where the first request leaves with one "
+        "interpreter (that process's exit takes about as long as the command's steps that do not overlap the SDK's "
+        "import: the config, the daemon's start, the endpoint check). "
         f"The least a scan can take is the bare SDK and {full_rounds} rounds of the server's delay and self-check "
         f"time: {fmt_s(least)} ({fmt_ratio(least / ideal)} of 3a's ideal)"
     )
