@@ -24,6 +24,8 @@ Every class has a short ``kind`` that sidecars and logs record.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 
 class MmwatchdError(Exception):
     """An error a person can act on; its message is shown as is, without a traceback."""
@@ -146,3 +148,9 @@ def clip(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` characters, with an ellipsis where it was cut: a message stays a message
     whatever a server or a file system said into it."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def safe_url(url: str) -> str:
+    """A base URL as messages (and keys kept in the state database) show it: without user:password or query."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

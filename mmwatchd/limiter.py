@@ -35,7 +35,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, Protocol
-from urllib.parse import urlsplit, urlunsplit
+
+from mmwatchd.errors import safe_url
 
 if TYPE_CHECKING:
     from mmwatchd.model import EndpointConfig
@@ -237,8 +238,7 @@ def workers(endpoint: EndpointConfig) -> int:
 
 def state_key(endpoint: EndpointConfig) -> str:
     """Where the service keeps the limit it found, for ``mmwatchd status`` (the state database's endpoint table)."""
-    parts = urlsplit(endpoint.base_url)
-    return "concurrency " + urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    return "concurrency " + safe_url(endpoint.base_url)
 
 
 def for_endpoint(endpoint: EndpointConfig, *, clock: Callable[[], float] = time.monotonic) -> FixedLimit | AutoLimiter:

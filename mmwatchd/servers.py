@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from mmwatchd.errors import StateError
+from mmwatchd.errors import StateError, safe_url
 from mmwatchd.log import get_logger
 
 if TYPE_CHECKING:
@@ -101,12 +101,6 @@ _IMAGE_WORDS = re.compile(
 def is_image_refusal(status: int | None, message: str) -> bool:
     """True when a request was refused over an image's data (so the same image re-encoded may go through)."""
     return status in (400, 415, 422) and bool(_IMAGE_WORDS.search(message))
-
-
-def safe_url(url: str) -> str:
-    """The base URL as messages show it: without user:password or query."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def root_url(base_url: str) -> str:

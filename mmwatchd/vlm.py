@@ -26,9 +26,9 @@ from typing import Any, Protocol, TypeVar
 
 import openai
 
-from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable, clip
+from .errors import VLMBadReply, VLMMisconfigured, VLMRejected, VLMUnavailable, clip, safe_url
 from .model import EndpointConfig, Reply, VLMRequest
-from .servers import EndpointKnowledge, KnowledgeStore, endpoint_knowledge, root_url, safe_url
+from .servers import EndpointKnowledge, KnowledgeStore, endpoint_knowledge, root_url
 from .wire import build_body, plain, redact_text, request_bytes
 
 __all__ = ["NO_KEY", "VLMClient"]
