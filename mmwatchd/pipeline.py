@@ -213,8 +213,8 @@ class Pipeline:
         self.clock = clock
         self.isolator = isolator
         self._roots = [r.path for r in config.watch]
-        #: Why a batch backfill has ``path`` (its open shard), or None: asked once the sidecar is claimed, so a
-        #: backfill that records the file while holding its claim is never raced (the daemon sets it).
+        #: Why a batch backfill has ``path`` (its open shard), or None: asked once the sidecar is claimed (see
+        #: :meth:`_claim`; the daemon sets it).
         self.batched: Callable[[Path], str | None] = lambda path: None
         self._vocabularies = _vocabularies(config)
         self._record = JsonSidecar(config)
@@ -276,11 +276,10 @@ class Pipeline:
                     return self._outputs_for_described(path, side, existing, before, rule, kind, fingerprint)
                 sidecar.clear_leftover_lock(side)
                 return self._up_to_date(path, existing, before, rule, kind, fingerprint)
-            claim = sidecar.claim(side)
-            if claim is None:
-                return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
-            if not force and (shard := self.batched(path)) is not None:
-                return Outcome(path=path, status="skipped", reason=shard, rule=rule.name)
+            claimed = self._claim(path, side, rule, force=force)
+            if isinstance(claimed, Outcome):
+                return claimed
+            claim = claimed
             # Another process may have written the sidecar between the look above and the claim.
             again = sidecar.read(side)
             if not force and again != existing and self._fresh(path, again, before, fingerprint):
@@ -345,11 +344,10 @@ class Pipeline:
                 return self._up_to_date(path, existing, before, rule, kind, fingerprint)
             if problem is not None:
                 raise problem
-            claim = sidecar.claim(ctx.side)
-            if claim is None:
-                return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
-            if (shard := self.batched(path)) is not None:  # another backfill wrote its line meanwhile
-                return Outcome(path=path, status="skipped", reason=shard, rule=rule.name)
+            claimed = self._claim(path, ctx.side, rule)
+            if isinstance(claimed, Outcome):
+                return claimed
+            claim = claimed
             planned = self._plan(path, kind, rule, values, fingerprint)
             decision, knowledge = planned.decision, self._knowledge()
             if decision is not None and decision.probe:
@@ -565,6 +563,18 @@ class Pipeline:
         if outcome.status == "error" and rule is not None:
             return self._act(outcome, rule.on_error, side, ctx.root, {**ctx.values, **ctx.raw})
         return outcome
+
+    def _claim(self, path: Path, side: Path, rule: Rule, *, force: bool = False) -> sidecar.Claim | Outcome:
+        """The sidecar's claim, or why the file is skipped: another process is describing it, or (unless ``force``)
+        a batch backfill holds it. The backfill is asked only once the claim is held: it records each file's line
+        while holding that file's claim, so whichever side claims first has the file."""
+        claim = sidecar.claim(side)
+        if claim is None:
+            return Outcome(path=path, status="skipped", reason=IN_PROGRESS, rule=rule.name)
+        if not force and (shard := self.batched(path)) is not None:
+            claim.release()
+            return Outcome(path=path, status="skipped", reason=shard, rule=rule.name)
+        return claim
 
     @staticmethod
     def _fresh(path: Path, doc: dict[str, Any] | None, st: FileVersion, fingerprint: str) -> bool:
