@@ -43,7 +43,7 @@ from mmwatchd.metrics import endpoint_name
 from mmwatchd.model import Config, EndpointConfig
 from mmwatchd.pipeline import Outcome, Prepared
 from mmwatchd.servers import is_image_refusal, is_video_format_refusal
-from mmwatchd.state import CLOSED_SHARDS, OPEN_SHARDS, WRITING, BatchItem, BatchRow, shard_being_written
+from mmwatchd.state import CLOSED_SHARDS, HOLDING_SHARDS, OPEN_SHARDS, WRITING, BatchItem, BatchRow, abandoned
 
 if TYPE_CHECKING:
     from mmwatchd.daemon import Daemon
@@ -288,7 +288,7 @@ class Backfill:
         self._drop_abandoned()
         # Files in a shard still out (or being written by another backfill), and files this run already hands to
         # the online path (a batch that expired or was cancelled before answering them), are not batched again.
-        busy = self.state.batched_paths((*OPEN_SHARDS, WRITING)) | {str(p) for p in self.summary.online}
+        busy = self.state.batched_paths(HOLDING_SHARDS) | {str(p) for p in self.summary.online}
         writer = _ShardWriter(self, folder, mode)
         try:
             todo = (path for path in self.daemon.needing_work() if str(path) not in busy)
@@ -335,7 +335,7 @@ class Backfill:
         """Shards a backfill was writing when it was killed: incomplete, never sent, holding nothing (the online
         path already ignores them); forgotten, with their files."""
         for row in self._open(WRITING):
-            if not shard_being_written(row):
+            if abandoned(row):
                 log.info("batch.abandoned_shard_dropped", batch=row.id, shard=row.shard)
                 self.state.drop_batch(row.id)
                 Path(row.shard).unlink(missing_ok=True)
@@ -556,7 +556,7 @@ def render_status(rows: Iterable[BatchRow], items: Callable[[str], int]) -> Iter
             parts.append(f"{waiting} files waiting")
         if row.message:
             parts.append(row.message)
-        if row.status == WRITING and not shard_being_written(row):
+        if abandoned(row):
             parts.append("abandoned (its backfill stopped while writing it): the next backfill drops it")
         yield "  ".join(parts)
         if row.mode == "export" and row.status == "exported":

@@ -164,6 +164,8 @@ OPEN_SHARDS = ("written", "exported", "submitted", "validating", "in_progress", 
 #: from then on. Its writer holds a lock on the shard file (:func:`shard_being_written`); once that is gone (the
 #: backfill was killed) the shard holds nothing, and the next backfill drops it.
 WRITING = "writing"
+#: Shard statuses that hold their files: the open ones, and a shard being written (while its writer lives).
+HOLDING_SHARDS = (*OPEN_SHARDS, WRITING)
 #: Shard statuses that hold nothing any more: answered and applied, or given up before it was sent.
 CLOSED_SHARDS = ("applied", "dropped")
 
@@ -185,6 +187,11 @@ def shard_being_written(row: BatchRow) -> bool:
     finally:
         os.close(fd)  # and with it the shared lock, when it was taken
     return False
+
+
+def abandoned(row: BatchRow) -> bool:
+    """``row`` is a shard whose backfill was killed while writing it: incomplete, never sent, holding nothing."""
+    return row.status == WRITING and not shard_being_written(row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -702,19 +709,18 @@ class State:
         return {os.fsdecode(r[0]) for r in rows}
 
     def shard_of(self, path: Path) -> BatchRow | None:
-        """The open shard (:data:`OPEN_SHARDS`, or :data:`WRITING` while its writer lives) that holds a line for
-        ``path``; None when none does."""
-        statuses = (*OPEN_SHARDS, WRITING)
+        """The shard (:data:`HOLDING_SHARDS`, not :func:`abandoned`) that holds a line for ``path``; None when none
+        does."""
         with self._read() as db:
             rows = db.execute(
                 f"""SELECT {self._BATCH_COLUMNS} FROM batches
                     WHERE id IN (SELECT batch FROM batch_items WHERE path = ?)
-                    AND status IN ({", ".join("?" * len(statuses))})
+                    AND status IN ({", ".join("?" * len(HOLDING_SHARDS))})
                     ORDER BY created""",
-                (os.fsencode(path), *statuses),
+                (os.fsencode(path), *HOLDING_SHARDS),
             ).fetchall()
         shards = (BatchRow(*row) for row in rows)
-        return next((row for row in shards if row.status != WRITING or shard_being_written(row)), None)
+        return next((row for row in shards if not abandoned(row)), None)
 
     def forget_batch_items(self, batch_id: str) -> None:
         """Drop a finished shard's lines (the shard's row stays, for ``backfill --status``)."""
