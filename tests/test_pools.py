@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 import structlog
+from configs import write_config
 from fakevlm import FakeVLM
 from media import make_jpeg
-from running import wait_until
+from running import spawn_run, stop_run, wait_until
 from test_daemon import Runner
 
 from mmwatchd import config, status
 from mmwatchd.errors import ConfigError, VLMUnavailable
+from mmwatchd.state import FILENAME, State
 
 
 @pytest.fixture
@@ -130,6 +132,37 @@ def test_files_a_fallback_answered_are_described_again_after_a_restart(
     servers["fast"].resume()
     wait_until(lambda: _sidecar(photo)["endpoint"] == "fast", timeout=30)
     wait_until(lambda: pool_runner.state is not None and pool_runner.state.fallbacks() == [], timeout=10)
+    assert len(servers["fast"].chat_requests) == 1 and len(servers["slow"].chat_requests) == 1
+
+
+def test_a_real_service_stopped_by_sigterm_describes_its_fallback_answers_again_once_restarted(
+    tmp_path: Path, servers: dict[str, FakeVLM]
+) -> None:
+    """The same with a real ``mmwatchd run``, stopped by SIGTERM as systemd stops it and started again as a new
+    process: the list lives in the state database, not in the process."""
+    servers["fast"].pause()
+    eps = _endpoints({"fast": servers["fast"], "slow": servers["slow"]}, slow={"priority": 1})
+    cfg = write_config(tmp_path, base_url=servers["fast"].base_url, endpoints=eps, rule={"redo_fallback": True},
+                       rescan_interval_s=0)  # fmt: skip
+    photo = make_jpeg(tmp_path / "inbox" / "1.jpg", (48, 32), seed=1)
+
+    def fallbacks() -> list[tuple[Path, str]]:
+        with State(tmp_path / "state" / FILENAME) as state:
+            return state.fallbacks()
+
+    proc = spawn_run(cfg, tmp_path)
+    try:
+        wait_until(lambda: fallbacks() == [(photo, "photos")], timeout=60)
+    finally:
+        stop_run(proc, tmp_path)
+    assert _sidecar(photo)["endpoint"] == "slow"
+    servers["fast"].resume()
+    proc = spawn_run(cfg, tmp_path)
+    try:
+        wait_until(lambda: _sidecar(photo)["endpoint"] == "fast", timeout=60)
+        wait_until(lambda: fallbacks() == [], timeout=30)
+    finally:
+        stop_run(proc, tmp_path)
     assert len(servers["fast"].chat_requests) == 1 and len(servers["slow"].chat_requests) == 1
 
 
